@@ -1,0 +1,405 @@
+"""Validated ACT configuration shared by every part of the project.
+
+An :class:`ACTConfig` says *how* to calibrate (``beta``, ``threshold``) and *where*
+(``heads``: decoder layer index -> global query-head indices, 0-based). It loads from
+YAML/JSON/dicts, dumps back, hashes stably, and is checked against a concrete model with
+:meth:`ACTConfig.validate_for` before anything runs.
+
+Compact head specs (for hand-written configs and command lines)::
+
+    heads: {2: [0, 3], "5": "all", "10-12": [1, "4-6"]}
+    heads: "2-28:*"                 # all heads of layers 2..28
+    heads: "2-27:0,3;30:1-2"         # ';' separates layer groups
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["ACTConfig", "ACTEngineConfig", "ACTConfigError", "ModelShape", "model_shape", "parse_index_spec", "ALL_HEADS"]
+
+ALL_HEADS = "all"
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
+
+
+class ACTConfigError(ValueError):
+    """A configuration that cannot be used, with a message naming the problem."""
+
+
+def parse_index_spec(spec: Any, what: str) -> list[int] | Literal["all"]:
+    """``3``, ``"3"``, ``"2-5"``, ``"1,4-6"``, ``[1, "4-6"]``, ``"*"``/``"all"`` -> sorted ints or 'all'."""
+    if isinstance(spec, bool):
+        raise ACTConfigError(f"{what}: expected an index, a range like '2-5' or 'all', got {spec!r}")
+    if isinstance(spec, int):
+        items: list[Any] = [spec]
+    elif isinstance(spec, str):
+        if spec.strip().lower() in ("*", "all"):
+            return ALL_HEADS
+        items = [s for s in spec.split(",") if s.strip()]
+    elif isinstance(spec, (list, tuple)):
+        items = list(spec)
+    else:
+        raise ACTConfigError(f"{what}: expected an index, a list or a range like '2-5', got {spec!r}")
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise ACTConfigError(f"{what}: {item!r} is not an index")
+        if isinstance(item, int):
+            if item < 0:
+                raise ACTConfigError(f"{what}: negative index {item}")
+            out.add(item)
+            continue
+        if isinstance(item, str):
+            if item.strip().lower() in ("*", "all"):
+                return ALL_HEADS
+            m = _RANGE.match(item)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+                if hi < lo:
+                    raise ACTConfigError(f"{what}: range {item!r} runs backwards")
+                out.update(range(lo, hi + 1))
+                continue
+        raise ACTConfigError(f"{what}: cannot read {item!r} (use 3, '2-5', '1,4-6' or 'all')")
+    return sorted(out)
+
+
+def _parse_heads(value: Any) -> dict[int, list[int] | Literal["all"]]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        groups: dict[str, str] = {}
+        for part in value.split(";"):
+            if not part.strip():
+                continue
+            if ":" not in part:
+                raise ACTConfigError(f"heads: {part.strip()!r} needs the form 'LAYERS:HEADS', e.g. '2-28:*'")
+            layers, heads = part.split(":", 1)
+            groups[layers] = heads
+        value = groups
+    if not isinstance(value, Mapping):
+        raise ACTConfigError(f"heads: expected a mapping layer -> heads or a string like '2-28:*', got {type(value).__name__}")
+    heads: dict[int, set[int] | str] = {}
+    for layer_spec, head_spec in value.items():
+        layers = parse_index_spec(layer_spec, f"heads: layer key {layer_spec!r}")
+        if layers == ALL_HEADS:
+            raise ACTConfigError("heads: layer keys must be explicit indices or ranges, not 'all'")
+        parsed = parse_index_spec(head_spec, f"heads of layer {layer_spec!r}")
+        for layer in layers:
+            prev = heads.get(layer)
+            if parsed == ALL_HEADS or prev == ALL_HEADS:
+                heads[layer] = ALL_HEADS
+            else:
+                heads[layer] = (prev or set()) | set(parsed)
+    return {
+        layer: (h if h == ALL_HEADS else sorted(h))
+        for layer, h in sorted(heads.items())
+        if h == ALL_HEADS or len(h) > 0
+    }
+
+
+class ModelShape(BaseModel):
+    """What :meth:`ACTConfig.validate_for` needs to know of a model."""
+
+    model_config = ConfigDict(frozen=True)
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    name: str = "model"
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} has {self.num_layers} layers (0..{self.num_layers - 1}) with "
+            f"{self.num_heads} query heads each (0..{self.num_heads - 1}), {self.num_kv_heads} KV heads"
+        )
+
+
+def model_shape(model_config: Any) -> ModelShape:
+    """Shape of a transformers ``PretrainedConfig``, a vLLM ``ModelConfig`` or a dict."""
+    if isinstance(model_config, ModelShape):
+        return model_config
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None) or model_config
+    if hasattr(hf, "get_text_config"):
+        hf = hf.get_text_config()
+    get = hf.get if isinstance(hf, Mapping) else lambda key, default=None: getattr(hf, key, default)
+    layers = get("num_hidden_layers") or get("n_layer") or get("num_layers")
+    heads = get("num_attention_heads") or get("n_head")
+    kv = get("num_key_value_heads") or heads
+    if not layers or not heads:
+        raise ACTConfigError(f"cannot read num_hidden_layers / num_attention_heads from {type(hf).__name__}")
+    name = get("_name_or_path") or getattr(model_config, "model", None) or "model"
+    return ModelShape(num_layers=int(layers), num_heads=int(heads), num_kv_heads=int(kv), name=str(name) or "model")
+
+
+class ACTConfig(BaseModel):
+    """How and where to calibrate attention (``../shared/ACT_SPEC.md``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    beta: float = Field(0.4, description="scale of the attention on hidden sinks, in [0, 1]")
+    threshold: float = Field(0.1, description="sink threshold tau on mean received attention, in (0, 1)")
+    heads: dict[int, Union[list[int], Literal["all"]]] = Field(
+        default_factory=dict, description="layer -> global query-head indices ('all' for every head)"
+    )
+    name: str | None = Field(None, description="a short label for reports")
+    source: str | None = Field(None, description="where this head set comes from (attribution)")
+    model: str | None = Field(None, description="the model the head set was found for (informational)")
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _beta(cls, v: Any) -> float:
+        v = _number(v, "beta")
+        if not 0.0 <= v <= 1.0:
+            raise ACTConfigError(f"beta must be in [0, 1] (1 = no change, 0 = sinks removed), got {v}")
+        return v
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any) -> float:
+        v = _number(v, "threshold")
+        if not 0.0 < v < 1.0:
+            raise ACTConfigError(f"threshold must be in (0, 1) (mean attention a key receives), got {v}")
+        return v
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _heads(cls, v: Any) -> dict:
+        return _parse_heads(v)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_any(cls, obj: Any) -> "ACTConfig":
+        """An ACTConfig from an ACTConfig, a dict, a JSON/YAML string or a file path."""
+        if isinstance(obj, ACTConfig):
+            return obj
+        if isinstance(obj, Path) or (isinstance(obj, str) and _looks_like_path(obj)):
+            return cls.from_file(obj)
+        if isinstance(obj, str):
+            obj = _load_text(obj, "ACT config")
+        if not isinstance(obj, Mapping):
+            raise ACTConfigError(f"an ACT config must be a mapping, got {type(obj).__name__}")
+        try:
+            return cls.model_validate(dict(obj))
+        except ValidationError as e:
+            raise ACTConfigError(_explain(e)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ACTConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ACTConfigError(f"ACT config file not found: {p}")
+        data = _load_text(p.read_text(), str(p))
+        if isinstance(data, Mapping) and "act" in data and len(data) == 1:
+            data = data["act"]
+        try:
+            return cls.from_any(data)
+        except ACTConfigError as e:
+            raise ACTConfigError(f"{p}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(exclude_none=True)
+        d["heads"] = {str(k): v for k, v in self.heads.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.to_json() if p.suffix == ".json" else self.to_yaml())
+        return p
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def hash(self) -> str:
+        """Stable content hash of what changes results (beta, threshold, heads)."""
+        payload = json.dumps(
+            {"beta": self.beta, "threshold": self.threshold, "heads": {str(k): v for k, v in self.heads.items()}},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @property
+    def is_identity(self) -> bool:
+        """True when this config cannot change any output."""
+        return self.beta == 1.0 or not self.heads
+
+    def resolve(self, num_layers: int, num_heads: int) -> dict[int, tuple[int, ...]]:
+        """Concrete layer -> heads mapping ('all' expanded); call after :meth:`validate_for`."""
+        return {
+            layer: tuple(range(num_heads)) if h == ALL_HEADS else tuple(h)
+            for layer, h in self.heads.items()
+            if layer < num_layers
+        }
+
+    def num_heads_selected(self, num_heads: int) -> int:
+        return sum(num_heads if h == ALL_HEADS else len(h) for h in self.heads.values())
+
+    def validate_for(self, model_config: Any) -> dict[int, tuple[int, ...]]:
+        """Reject layers/heads the model does not have; return the resolved head map."""
+        shape = model_shape(model_config)
+        for layer, heads in self.heads.items():
+            if layer >= shape.num_layers:
+                raise ACTConfigError(
+                    f"ACT config{self._label()} names layer {layer}, but {shape.describe()}"
+                )
+            if heads != ALL_HEADS:
+                bad = [h for h in heads if h >= shape.num_heads]
+                if bad:
+                    raise ACTConfigError(
+                        f"ACT config{self._label()} names head(s) {bad} of layer {layer}, but {shape.describe()}"
+                    )
+        return self.resolve(shape.num_layers, shape.num_heads)
+
+    def with_(self, **changes: Any) -> "ACTConfig":
+        """A validated copy with some fields changed."""
+        return ACTConfig.from_any({**self.model_dump(), **changes})
+
+    def _label(self) -> str:
+        return f" '{self.name}'" if self.name else ""
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ACTConfigError(f"{what} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except ValueError:
+        raise ACTConfigError(f"{what} must be a number, got {v!r}") from None
+
+
+def _looks_like_path(s: str) -> bool:
+    s = s.strip()
+    return "\n" not in s and not s.startswith(("{", "[")) and (s.endswith((".yaml", ".yml", ".json")) or Path(s).is_file())
+
+
+def _load_text(text: str, where: str) -> Any:
+    import yaml  # YAML is a superset of JSON
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ACTConfigError(f"{where}: not valid YAML/JSON: {e}") from None
+
+
+def _explain(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"unknown key '{loc}' (allowed: {', '.join(ACTConfig.model_fields)})")
+        else:
+            msg = err["msg"]
+            msg = msg.removeprefix("Value error, ")
+            msgs.append(f"{loc}: {msg}")
+    return "invalid ACT config: " + "; ".join(msgs)
+
+
+# ---------------------------------------------------------------------------- engine level
+# Per-request values of ``SamplingParams.extra_args["act"]`` (``vllm_xargs`` on the OpenAI
+# server): off, the engine's default profile, or a named profile the engine holds.
+REQUEST_OFF = (False, "off", "none", "baseline")
+REQUEST_DEFAULT = (True, "on", "default")
+
+
+class ACTEngineConfig(BaseModel):
+    """What an engine holds: named ACT profiles and the one requests get by default.
+
+    Accepted forms (``additional_config={"act": X}``, ``ACT_CONFIG=file``):
+
+    * a single ACT config (``{"beta": 0.4, "heads": {...}}``): one profile, ``default``;
+    * ``{"profiles": {"cls": {...}, "mc": "path.yaml"}, "default": "cls"}``; ``default``
+      may be ``null``: requests are then uncalibrated unless they name a profile.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profiles: dict[str, ACTConfig] = Field(default_factory=dict)
+    default: str | None = None
+
+    @classmethod
+    def from_any(cls, obj: Any) -> "ACTEngineConfig":
+        if isinstance(obj, ACTEngineConfig):
+            return obj
+        if isinstance(obj, ACTConfig):
+            return cls(profiles={"default": obj}, default="default")
+        if isinstance(obj, Path) or (isinstance(obj, str) and _looks_like_path(obj)):
+            p = Path(obj)
+            if not p.is_file():
+                raise ACTConfigError(f"ACT config file not found: {p}")
+            data = _load_text(p.read_text(), str(p))
+            if isinstance(data, Mapping) and set(data) == {"act"}:
+                data = data["act"]
+            try:
+                return cls.from_any(data)
+            except ACTConfigError as e:
+                raise ACTConfigError(f"{p}: {e}") from None
+        if isinstance(obj, str):
+            obj = _load_text(obj, "ACT engine config")
+        if obj is None:
+            return cls()
+        if not isinstance(obj, Mapping):
+            raise ACTConfigError(f"the 'act' engine config must be a mapping, got {type(obj).__name__}")
+        if "profiles" not in obj:
+            return cls.from_any(ACTConfig.from_any(obj))
+        extra = set(obj) - {"profiles", "default"}
+        if extra:
+            raise ACTConfigError(f"unknown key(s) {sorted(extra)} in the 'act' engine config (allowed: profiles, default)")
+        profiles_in = obj.get("profiles") or {}
+        if not isinstance(profiles_in, Mapping):
+            raise ACTConfigError("'profiles' must map a name to an ACT config")
+        profiles = {}
+        for name, spec in profiles_in.items():
+            try:
+                profiles[str(name)] = ACTConfig.from_any(spec)
+            except ACTConfigError as e:
+                raise ACTConfigError(f"profile '{name}': {e}") from None
+        default = obj.get("default")
+        if default is not None and default not in profiles:
+            raise ACTConfigError(f"default profile '{default}' is not among the profiles {sorted(profiles)}")
+        return cls(profiles=profiles, default=default)
+
+    def validate_for(self, model_config: Any) -> None:
+        for name, prof in self.profiles.items():
+            try:
+                prof.validate_for(model_config)
+            except ACTConfigError as e:
+                raise ACTConfigError(f"profile '{name}': {e}") from None
+
+    def resolve_request(self, value: Any) -> str | None:
+        """Profile name for a request's ``extra_args['act']`` value (None = uncalibrated)."""
+        if value is None:
+            return self.default
+        if isinstance(value, str):
+            key = value.strip()
+            if key.lower() in REQUEST_OFF:
+                return None
+            if key.lower() in REQUEST_DEFAULT:
+                return self.default
+            if key in self.profiles:
+                return key
+            raise ACTConfigError(
+                f"unknown ACT profile {value!r} in the request (engine has {sorted(self.profiles)}; "
+                f"or use 'off' / 'default')"
+            )
+        if value is False:
+            return None
+        if value is True:
+            return self.default
+        raise ACTConfigError(
+            f"request value for 'act' must be a profile name, 'off', 'default', true or false; got {value!r}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profiles": {n: p.to_dict() for n, p in self.profiles.items()}, "default": self.default}
