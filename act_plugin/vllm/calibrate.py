@@ -1,0 +1,156 @@
+"""Backend-independent orchestration of ACT inside a vLLM attention layer.
+
+The native kernel computes every head of the layer first; for the configured heads the
+calibrator then recomputes the output with :func:`act_plugin.core.act_attention_blocked`
+from the queries and the paged KV cache and overwrites those heads. Uncalibrated heads and
+layers keep the native result bit for bit.
+
+Work is organised per step, not per token: the first calibrated layer of a forward pass
+builds a :class:`StepPlan` (which rows asked for which profile; decode rows and prefill
+rows in separate padded groups) and caches it on that step's attention-metadata object,
+which every layer of the KV-cache group shares. Each group is one batched call into the
+core maths: no Python loop over tokens, and requests never see each other's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from act_plugin.core import act_attention_blocked
+from act_plugin.vllm.kv_layout import KVSplit, gather_kv
+from act_plugin.vllm.runtime import WorkerState
+
+_PLAN_ATTR = "_act_step_plan"
+
+
+@dataclass
+class SeqGroup:
+    """A padded group of sequences of one profile (all decode rows, or all prefill rows)."""
+
+    profile: str
+    token_index: torch.Tensor  # [G, Lq] rows of the flat query tensor (clamped)
+    row_valid: torch.Tensor  # [G, Lq] bool
+    q_pos: torch.Tensor  # [G, Lq] absolute positions, -1 for padding
+    k_pos: torch.Tensor  # [G, Lk] 0..len-1, -1 past each sequence's length
+    block_table: torch.Tensor  # [G, blocks]
+    max_k: int
+
+
+@dataclass
+class StepPlan:
+    version: int
+    groups: list[SeqGroup]
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def build_plan(state: WorkerState, metadata, device: torch.device) -> StepPlan:
+    qsl = _host(metadata.query_start_loc)
+    seq_lens_dev = metadata.seq_lens
+    seq_lens = _host(seq_lens_dev)  # one small copy per step on accelerators
+    num_reqs = seq_lens.shape[0]
+    q_lens = (qsl[1 : num_reqs + 1] - qsl[:num_reqs]).tolist()
+    profiles = state.row_profiles(num_reqs)
+    by_key: dict[tuple[str, bool], list[int]] = {}
+    for i, (prof, ql) in enumerate(zip(profiles, q_lens)):
+        if prof is None or ql <= 0:
+            continue
+        by_key.setdefault((prof, ql == 1), []).append(i)
+    groups = []
+    for (prof, _is_decode), idx_list in by_key.items():
+        idx = torch.tensor(idx_list, dtype=torch.long)
+        ql = torch.tensor([q_lens[i] for i in idx_list], dtype=torch.long)
+        kl = seq_lens[idx].long()
+        max_q, max_k = int(ql.max()), int(kl.max())
+        ar_q = torch.arange(max_q)
+        row_valid = ar_q[None, :] < ql[:, None]
+        token_index = (qsl[idx].long()[:, None] + ar_q[None, :]).masked_fill(~row_valid, 0)
+        q_pos = ((kl - ql)[:, None] + ar_q[None, :]).masked_fill(~row_valid, -1)
+        ar_k = torch.arange(max_k)
+        k_pos = ar_k.expand(len(idx_list), max_k).masked_fill(ar_k[None, :] >= kl[:, None], -1)
+        groups.append(
+            SeqGroup(
+                profile=prof,
+                token_index=token_index.to(device, non_blocking=True),
+                row_valid=row_valid.to(device, non_blocking=True),
+                q_pos=q_pos.to(device, non_blocking=True),
+                k_pos=k_pos.to(device, non_blocking=True),
+                block_table=metadata.block_table.index_select(0, idx.to(metadata.block_table.device)),
+                max_k=max_k,
+            )
+        )
+    return StepPlan(version=state.version, groups=groups)
+
+
+class LayerCalibrator:
+    """ACT for one attention layer; owned by the wrapped backend's ``Impl``."""
+
+    def __init__(
+        self,
+        *,
+        state: WorkerState,
+        num_heads: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None,
+        kv_split: KVSplit,
+        unsupported: str | None = None,
+    ) -> None:
+        self.state = state
+        self.num_heads = num_heads
+        self.queries_per_kv = num_heads // num_kv_heads
+        self.scale = scale
+        self.window = sliding_window if sliding_window and sliding_window > 0 else None
+        self.kv_split = kv_split
+        self.unsupported = unsupported
+        self.layer_index: int | None = None
+
+    def _layer_index(self, layer) -> int:
+        if self.layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self.layer_index = extract_layer_index(layer.layer_name)
+        return self.layer_index
+
+    def apply(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> None:
+        """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT."""
+        if metadata is None or kv_cache.numel() == 0:
+            return
+        state = self.state
+        layer_idx = self._layer_index(layer)
+        if layer_idx not in state.calibrated_layers():
+            return
+        plan = getattr(metadata, _PLAN_ATTR, None)
+        if plan is None or plan.version != state.version:
+            plan = build_plan(state, metadata, query.device)
+            setattr(metadata, _PLAN_ATTR, plan)
+        if not plan.groups:
+            return
+        key_cache, value_cache = self.kv_split(kv_cache)
+        out = output.view(output.shape[0], self.num_heads, -1)
+        for group in plan.groups:
+            heads = state.local_heads(group.profile, layer_idx, self.num_heads, query.device)
+            if heads is None:
+                continue
+            if self.unsupported:
+                raise RuntimeError(f"ACT cannot calibrate layer {layer_idx}: {self.unsupported}")
+            prof = state.profile(group.profile)
+            kv_heads = torch.unique_consecutive(heads // self.queries_per_kv)
+            # Query heads -> position of their KV head among the gathered ones.
+            kv_slot = torch.searchsorted(kv_heads, heads // self.queries_per_kv)
+            k = gather_kv(key_cache, group.block_table, group.max_k, kv_heads).index_select(1, kv_slot)
+            v = gather_kv(value_cache, group.block_table, group.max_k, kv_heads).index_select(1, kv_slot)
+            G, Lq = group.token_index.shape
+            q = query.index_select(0, group.token_index.reshape(-1)).view(G, Lq, self.num_heads, -1)
+            q = q.index_select(2, heads).permute(0, 2, 1, 3)  # [G, Hs, Lq, D]
+            res = act_attention_blocked(
+                q, k, v, group.q_pos, group.k_pos,
+                scale=self.scale, beta=prof.beta, threshold=prof.threshold, window=self.window,
+            )
+            cal = res.out.permute(0, 2, 1, 3).to(out.dtype)  # [G, Lq, Hs, D]
+            rows = group.token_index[group.row_valid]
+            out[rows.unsqueeze(1), heads.unsqueeze(0)] = cal[group.row_valid]
