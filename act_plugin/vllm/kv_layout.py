@@ -16,11 +16,53 @@ KVSplit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def cpu_attn_split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU_ATTN: ``[blocks, kv_heads, block, 2*D]`` whose per-(block, head) memory holds
-    the block's keys first, then its values (vLLM views it as ``[.., 2*block, D]``)."""
+    """CPU_ATTN (``vec``/``vec16`` ISAs): ``[blocks, kv_heads, block, 2*D]`` whose memory per
+    (block, head) holds the block's keys first, *transposed* (``[D, block]``, so the kernel
+    streams one dimension across tokens), then its values (``[block, D]``).
+
+    Other CPU ISAs (AMX, NEON, ...) pack keys differently; :func:`verify_cpu_layout` checks
+    the layout against the real kernel before the first use.
+    """
     nb, hkv, bs, d2 = kv_cache.shape
-    view = kv_cache.view(nb, hkv, 2 * bs, d2 // 2)
-    return view[:, :, :bs], view[:, :, bs:]
+    d = d2 // 2
+    halves = kv_cache.view(nb, hkv, 2, bs * d)
+    keys = halves[:, :, 0].view(nb, hkv, d, bs).transpose(-1, -2)
+    values = halves[:, :, 1].view(nb, hkv, bs, d)
+    return keys, values
+
+
+_verified: dict = {}
+
+
+def verify_cpu_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int) -> None:
+    """Write known keys/values with vLLM's own CPU cache kernel and read them back through
+    :func:`cpu_attn_split`; raise if this ISA stores them in another layout."""
+    key = (isa, dtype, head_size, block_size)
+    if key in _verified:
+        if _verified[key]:
+            raise NotImplementedError(_verified[key])
+        return
+    from vllm import _custom_ops as ops
+
+    gen = torch.Generator().manual_seed(0)
+    nb, hkv, t = 3, 2, block_size + 3
+    kv = torch.zeros(nb, hkv, block_size, 2 * head_size, dtype=dtype)
+    k_view, v_view = kv.view(nb, hkv, 2 * block_size, head_size).chunk(2, dim=2)  # vLLM's own view
+    k = torch.randn(t, hkv, head_size, generator=gen).to(dtype)
+    v = torch.randn(t, hkv, head_size, generator=gen).to(dtype)
+    slots = torch.arange(t) + block_size  # blocks 1 and 2
+    ops.cpu_attn_reshape_and_cache(k, v, k_view, v_view, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    keys, values = cpu_attn_split(kv)
+    table = torch.tensor([[1, 2]])
+    ok = torch.equal(gather_kv(keys, table, t)[0].transpose(0, 1), k) and torch.equal(
+        gather_kv(values, table, t)[0].transpose(0, 1), v
+    )
+    _verified[key] = None if ok else (
+        f"ACT cannot read vLLM's CPU KV cache for the '{isa}' attention ISA ({dtype}, head size {head_size}); "
+        "supported: the 'vec'/'vec16' layouts (x86 AVX2/AVX-512 without AMX)"
+    )
+    if _verified[key]:
+        raise NotImplementedError(_verified[key])
 
 
 def flash_attn_split(kv_cache: torch.Tensor, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,247 @@
+"""The vLLM engine plugin on the real SmolLM2-135M-Instruct model, on CPU.
+
+One engine for the whole module (profiles ``a`` and ``b``, default off), reconfigured at
+runtime where a test needs it; vanilla references come from subprocesses that start their
+own engine (with the plugin disabled, and with the plugin loaded but ACT unconfigured).
+
+Tolerances (float32 weights, float32 KV cache): vLLM's CPU kernels and transformers sum in
+different orders, so next-token log-probabilities agree to ~1e-4 between them without ACT;
+with ACT we allow 2e-3 (a sink decision sits on a threshold, and errors compound over 30
+layers) and require identical greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from act_plugin import ACTConfig, ACTConfigError
+from act_plugin.vllm.env import apply_cpu_defaults, cpu_engine_kwargs
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+vllm = pytest.importorskip("vllm")
+
+HEADS_A = "2-27:0,4"  # 2 of 9 heads in layers 2..27: the paper's density (~1 in 5)
+HEADS_B = {str(layer): [(layer * 5 + 1) % 9, (layer * 7 + 3) % 9] for layer in range(3, 30, 2)}
+PROFILES = {
+    "a": {"beta": 0.4, "threshold": 0.1, "heads": HEADS_A},
+    "b": {"beta": 0.2, "threshold": 0.05, "heads": HEADS_B},
+}
+GREEDY_STEPS = 32
+LOGPROB_TOL = 2e-3
+
+
+def _prompts(shared_data) -> list[str]:
+    wiki = (shared_data / "wikitext-2" / "valid.txt").read_text().split("\n")
+    long_text = " ".join(line.strip() for line in wiki[:60] if line.strip())[:2400]
+    return [
+        "The capital of France is",
+        "Review: an utterly charming, funny film.\nSentiment:",
+        "Q: What is 2 + 2?\nA: 4.\nQ: What is the colour of the sky?\nA: Blue.\nQ: Name a fruit.\nA:",
+        long_text,
+    ]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path):
+    apply_cpu_defaults()
+    llm = vllm.LLM(
+        model=smollm2_path,
+        seed=0,
+        **cpu_engine_kwargs(max_model_len=1024),
+        additional_config={"act": {"profiles": PROFILES, "default": None}},
+    )
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def token_prompts(engine, shared_data):
+    tok = engine.get_tokenizer()
+    return [tok(p)["input_ids"] for p in _prompts(shared_data)]
+
+
+def _run(llm, token_prompts, arm, max_tokens=GREEDY_STEPS, logprobs=20):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = {} if arm is None else {"act": arm}
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, extra_args=extra)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_prompts], sp, use_tqdm=False)
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        first = {tid: lp.logprob for tid, lp in c.logprobs[0].items()}
+        result.append({"tokens": list(c.token_ids), "first_logprobs": first})
+    return result
+
+
+# ----------------------------------------------------------------------------- HF parity
+@pytest.fixture(scope="module")
+def hf_model(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def _hf_reference(model, ids, cfg, steps=GREEDY_STEPS):
+    from act_plugin.hf import act_enabled
+
+    with torch.no_grad(), act_enabled(model, cfg):
+        x = torch.tensor([ids])
+        first = torch.log_softmax(model(x).logits[0, -1].float(), -1)
+        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, do_sample=False)
+    return first, gen[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("profile", ["a", "b"])
+def test_parity_with_hf_reference(engine, token_prompts, hf_model, profile):
+    got = _run(engine, token_prompts, profile)
+    cfg = ACTConfig.from_any(PROFILES[profile])
+    for ids, out in zip(token_prompts, got):
+        ref_first, ref_tokens = _hf_reference(hf_model, ids, cfg)
+        diffs = [abs(lp - ref_first[tid].item()) for tid, lp in out["first_logprobs"].items()]
+        assert max(diffs) < LOGPROB_TOL, f"profile {profile}, prompt of {len(ids)} tokens: max |dlogprob| {max(diffs)}"
+        assert out["tokens"] == ref_tokens, f"profile {profile}: greedy tokens differ from the HF reference"
+
+
+def test_calibration_changes_outputs(engine, token_prompts):
+    off = _run(engine, token_prompts, "off", max_tokens=1)
+    on = _run(engine, token_prompts, "a", max_tokens=1)
+    moved = max(
+        abs(lp - o["first_logprobs"].get(t, lp)) for o, c in zip(off, on) for t, lp in c["first_logprobs"].items()
+    )
+    assert moved > 1e-3, "profile 'a' did not change any log-probability: calibration is not running"
+
+
+# ----------------------------------------------------------------------------- vanilla equality
+_VANILLA = textwrap.dedent(
+    """
+    import json, sys
+    from act_plugin.vllm.env import apply_cpu_defaults, cpu_engine_kwargs
+    if __name__ == "__main__":
+        apply_cpu_defaults()
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        args = json.load(open(sys.argv[1]))
+        llm = LLM(model=args["model"], seed=0, **cpu_engine_kwargs(max_model_len=1024))
+        sp = SamplingParams(max_tokens=args["steps"], temperature=0.0, logprobs=20)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in args["prompts"]], sp, use_tqdm=False)
+        res = [{"tokens": list(o.outputs[0].token_ids),
+                "first_logprobs": {str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()}} for o in outs]
+        json.dump(res, open(sys.argv[2], "w"))
+    """
+)
+
+
+def _vanilla_run(tmp_path, smollm2_path, token_prompts, plugins_env):
+    script = tmp_path / "vanilla.py"
+    script.write_text(_VANILLA)
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"model": smollm2_path, "steps": GREEDY_STEPS, "prompts": token_prompts}))
+    out = tmp_path / "out.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("ACT_CONFIG", "VLLM_PLUGINS")}
+    env.update(plugins_env)
+    proc = subprocess.run([sys.executable, str(script), str(args), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [
+        {"tokens": r["tokens"], "first_logprobs": {int(k): v for k, v in r["first_logprobs"].items()}}
+        for r in json.loads(out.read_text())
+    ]
+
+
+def test_plugin_installed_but_act_off_is_bitwise_vanilla(engine, token_prompts, smollm2_path, tmp_path_factory):
+    # Reference: vLLM with no general plugins at all.
+    vanilla = _vanilla_run(tmp_path_factory.mktemp("noplugin"), smollm2_path, token_prompts, {"VLLM_PLUGINS": ""})
+    # Plugin loaded, no ACT configuration: must be exactly vanilla.
+    inert = _vanilla_run(tmp_path_factory.mktemp("inert"), smollm2_path, token_prompts, {})
+    assert inert == vanilla
+    # And on the ACT engine, a request that turns ACT off is exactly vanilla too.
+    assert _run(engine, token_prompts, "off") == vanilla
+
+
+# ----------------------------------------------------------------------------- batching
+def test_batch_invariance(engine, token_prompts):
+    target = token_prompts[2]
+    alone = _run(engine, [target], "a")[0]
+    others = [token_prompts[3], token_prompts[0], token_prompts[1]]
+    batched = _run(engine, [others[0], target, others[1], others[2]], "a")[1]
+    assert batched["tokens"] == alone["tokens"]
+    for tid, lp in alone["first_logprobs"].items():
+        assert abs(batched["first_logprobs"][tid] - lp) < 1e-4
+
+
+def test_mixed_arms_in_one_batch(engine, token_prompts):
+    """Per-request arms in one batch equal the same arms run on their own."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    arms = ["a", "off", "b", "a"]
+    sps = [SamplingParams(max_tokens=8, temperature=0.0, extra_args={"act": a}) for a in arms]
+    outs = engine.generate([TokensPrompt(prompt_token_ids=t) for t in token_prompts], sps, use_tqdm=False)
+    for ids, arm, o in zip(token_prompts, arms, outs):
+        assert list(o.outputs[0].token_ids) == _run(engine, [ids], arm, max_tokens=8)[0]["tokens"]
+
+
+# ----------------------------------------------------------------------------- runtime control
+def test_runtime_reconfiguration_matches_startup_config(engine, token_prompts):
+    from act_plugin.vllm import control
+
+    before = control.get_act_config(engine)
+    assert set(before.profiles) == {"a", "b"} and before.default is None
+    ref_b = _run(engine, token_prompts, "b", max_tokens=8)
+    try:
+        new = control.set_act_config(engine, {"profiles": {"x": PROFILES["b"]}, "default": "x"})
+        assert control.get_act_config(engine) == new
+        # No per-request value: the new default applies, equal to 'b' at startup.
+        assert _run(engine, token_prompts, None, max_tokens=8) == ref_b
+        # Unknown profile names are now rejected per request.
+        with pytest.raises(ValueError, match="unknown ACT profile 'a'"):
+            _run(engine, token_prompts[:1], "a", max_tokens=1)
+    finally:
+        control.set_act_config(engine, {"profiles": PROFILES, "default": None})
+    assert _run(engine, token_prompts, "b", max_tokens=8) == ref_b
+
+
+def test_runtime_reconfiguration_rejects_bad_config(engine):
+    from act_plugin.vllm import control
+
+    with pytest.raises(ACTConfigError, match="layer 30"):
+        control.set_act_config(engine, {"heads": {"30": [0]}})
+    assert set(control.get_act_config(engine).profiles) == {"a", "b"}
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "value, message",
+    [("nope", "unknown ACT profile 'nope'"), (3, "must be a profile name"), ({"beta": 1}, "must be a profile name")],
+)
+def test_bad_request_value_is_rejected_alone(engine, token_prompts, value, message):
+    with pytest.raises(ValueError, match=message):
+        _run(engine, token_prompts[:1], value, max_tokens=1)
+    # The engine is still serving.
+    assert len(_run(engine, token_prompts[:1], "a", max_tokens=2)[0]["tokens"]) == 2
+
+
+@pytest.mark.parametrize(
+    "act, message",
+    [
+        ({"heads": {"30": [0]}}, r"names layer 30, but .* has 30 layers \(0..29\) with 9 query heads"),
+        ({"heads": {"3": [9]}}, r"names head\(s\) \[9\] of layer 3, but .* 9 query heads each \(0..8\)"),
+        ({"beta": 2.0, "heads": {"3": [1]}}, r"beta must be in \[0, 1\]"),
+        ({"profiles": {"p": {"heads": {"1": [0]}}}, "default": "q"}, "default profile 'q' is not among"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+    ],
+)
+def test_bad_engine_config_fails_fast_with_clear_message(smollm2_path, act, message):
+    apply_cpu_defaults()
+    with pytest.raises(Exception, match=message):
+        vllm.LLM(model=smollm2_path, **cpu_engine_kwargs(max_model_len=512), additional_config={"act": act})
