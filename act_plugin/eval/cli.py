@@ -1,0 +1,55 @@
+"""``act-plugin eval CONFIG.yaml [--output-dir DIR] [--limit N] ...``: run an A/B evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="eval config (YAML), e.g. configs/demo.yaml")
+    parser.add_argument("--output-dir", "-o", default=None, help="results folder (default: the config's "
+                        "output_dir, else runs/<name>-<timestamp>)")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (overrides the config)")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks (overrides the config)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="k in-context examples (overrides)")
+    parser.add_argument("--data-dir", default=None, help="offline data folder (overrides; default $ACT_DATA_DIR "
+                        "or ../shared/data)")
+    parser.add_argument("--no-share-engine", action="store_true", help="one engine per arm")
+    parser.add_argument("--verbose", "-v", action="store_true", help="keep lm-eval's and vLLM's info logs")
+    parser.add_argument("--check", action="store_true", help="validate the config and the data files, run nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from act_plugin.eval.config import load_eval_config
+    from act_plugin.eval.tasks import check_data, resolve_data_dir
+
+    limit = args.limit
+    if limit is not None and float(limit).is_integer():
+        limit = int(limit)
+    overrides = {
+        "limit": limit,
+        "tasks": args.tasks.split(",") if args.tasks else None,
+        "num_fewshot": args.num_fewshot,
+        "data_dir": args.data_dir,
+        "share_engine": False if args.no_share_engine else None,
+    }
+    cfg = load_eval_config(args.config, **overrides)
+    data_dir, how = resolve_data_dir(cfg.data_dir)
+    check_data(cfg.tasks, data_dir)
+    if args.check:
+        print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, data {data_dir} ({how})")
+        return 0
+    from act_plugin.eval.runner import run_eval
+
+    result = run_eval(cfg, output_dir=args.output_dir, verbose=args.verbose)
+    r = result.results
+    print(f"\nresults: {result.output_dir}", file=sys.stderr)
+    for arm, s in r["summary"].items():
+        print(f"{arm} vs baseline: mean delta {100 * s['mean_delta']:+.2f} points "
+              f"[{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] over {len(r['tasks'])} tasks "
+              f"({s['improved']} flips up, {s['worsened']} down)")
+    print(f"report: {result.output_dir / 'report.md'}")
+    return 0

@@ -1,0 +1,215 @@
+"""The eval config: which model, engine, arms, tasks -- validated, with clear messages.
+
+Example (``configs/demo.yaml``)::
+
+    name: demo
+    model: smollm2-135m            # embedded model name or a model folder / hub id
+    engine: {dtype: float32, max_model_len: 2048}
+    arms:
+      baseline: null               # required: no calibration
+      act: {beta: 0.4, heads: "2-27:0,4"}   # or a path to an ACT config file
+    tasks: [sst2, agnews, arc_easy]
+    limit: 50
+
+Paths: calibrated arms given as paths are read relative to the eval config's folder (then
+the current directory); ``data_dir`` and ``output_dir`` are relative to the current
+directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from act_plugin.config import REQUEST_DEFAULT, REQUEST_OFF, ACTConfig, ACTConfigError, _load_text
+
+__all__ = ["EvalConfig", "load_eval_config", "BASELINE"]
+
+BASELINE = "baseline"
+_ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED = {str(x).lower() for x in REQUEST_OFF + REQUEST_DEFAULT} - {BASELINE}
+
+
+class EvalConfig(BaseModel):
+    """An A/B evaluation: ``baseline`` (uncalibrated) against one or more calibrated arms."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str | None = Field(None, description="label for reports (default: the config file's stem)")
+    description: str | None = Field(None, description="free text shown in the report")
+    model: str = Field(..., description="embedded model name (smollm2-135m), model folder or hub id")
+    engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments (LLM(**engine))")
+    arms: dict[str, ACTConfig | None] = Field(
+        ..., description="'baseline' (no calibration) plus calibrated arms: name -> ACT config (inline or path)"
+    )
+    tasks: list[str] = Field(..., description="project tasks (sst2, arc_easy, ...), suites, or lm_eval:<task>")
+    num_fewshot: int = Field(0, ge=0, description="in-context examples per prompt (k)")
+    limit: int | float | None = Field(None, description="documents per task (int) or fraction (<1); null = all")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4],
+                             description="few-shot seeds (k>0 runs once per seed; k=0 uses the first only)")
+    data_dir: str | None = Field(None, description="offline data folder (default: $ACT_DATA_DIR, ../shared/data)")
+    output_dir: str | None = Field(None, description="where results go (default runs/<name>-<timestamp>)")
+    share_engine: bool = Field(True, description="one engine for all arms (per-request switch) or one per arm")
+    next_token: bool = Field(True, description="score single-token answers from one prefill of the prompt")
+    batch_size: int | str = Field("auto", description="requests per engine call ('auto' = all at once)")
+    bootstrap_resamples: int = Field(10000, ge=100, description="paired bootstrap resamples for CIs")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="CI level")
+    stats_seed: int = Field(0, description="seed of the bootstrap")
+
+    # ----------------------------------------------------------------- validators
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise ACTConfigError(f"engine must be a mapping of vLLM engine arguments, got {type(v).__name__}")
+        for key in ("model", "additional_config"):
+            if key in v:
+                raise ACTConfigError(
+                    f"engine.{key} is set by the eval runner (use the top-level 'model' and the 'arms')"
+                )
+        return dict(v)
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arms(cls, v: Any, info) -> Any:
+        if not isinstance(v, Mapping) or not v:
+            raise ACTConfigError("arms must map arm names to ACT configs, with a 'baseline' arm (null)")
+        base_dir = (info.context or {}).get("base_dir") if info.context else None
+        arms: dict[str, ACTConfig | None] = {}
+        for name, spec in v.items():
+            name = str(name)
+            if not _ARM_NAME.match(name):
+                raise ACTConfigError(f"arm name {name!r}: use letters, digits, '_', '-', '.' (it names files)")
+            if name == BASELINE:
+                if spec not in (None, False, "off", {}) and not (isinstance(spec, str) and spec.lower() == "off"):
+                    raise ACTConfigError(
+                        "arm 'baseline' is the uncalibrated model: give it no ACT config (baseline: null)"
+                    )
+                arms[name] = None
+                continue
+            if name.lower() in _RESERVED:
+                raise ACTConfigError(f"arm name {name!r} is reserved (it means on/off/default to the engine)")
+            if spec is None:
+                raise ACTConfigError(f"arm '{name}' has no ACT config (only 'baseline' may be null)")
+            try:
+                arms[name] = _load_arm(spec, base_dir)
+            except ACTConfigError as e:
+                raise ACTConfigError(f"arm '{name}': {e}") from None
+        if BASELINE not in arms:
+            raise ACTConfigError(f"arms must include 'baseline' (the uncalibrated model); got {sorted(arms)}")
+        if len(arms) < 2:
+            raise ACTConfigError("arms: add at least one calibrated arm besides 'baseline'")
+        return arms
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks(cls, v: Any) -> Any:
+        from act_plugin.eval.tasks import resolve_task_names
+
+        if isinstance(v, str):
+            v = [t for t in v.split(",") if t.strip()]
+        if not isinstance(v, list) or not v:
+            raise ACTConfigError("tasks must be a non-empty list (e.g. [sst2, arc_easy] or [classification])")
+        return resolve_task_names(v)
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ACTConfigError(f"limit must be a positive number of documents (or a fraction < 1), got {v!r}")
+        if isinstance(v, float) and v >= 1:
+            if not v.is_integer():
+                raise ACTConfigError(f"limit {v} must be an integer count or a fraction below 1")
+            return int(v)
+        return v
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v]
+        if not isinstance(v, list) or not v or not all(isinstance(s, int) and not isinstance(s, bool) for s in v):
+            raise ACTConfigError(f"seeds must be a non-empty list of integers, got {v!r}")
+        if len(set(v)) != len(v):
+            raise ACTConfigError(f"seeds must be distinct, got {v}")
+        return v
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ACTConfigError(f"batch_size must be 'auto' or a positive integer, got {v!r}")
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def calibrated_arms(self) -> dict[str, ACTConfig]:
+        return {n: c for n, c in self.arms.items() if c is not None}
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """Seeds actually run: all of them with few-shot examples, the first one at k = 0."""
+        return list(self.seeds) if self.num_fewshot > 0 else [self.seeds[0]]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["arms"] = {n: (c.to_dict() if c is not None else None) for n, c in self.arms.items()}
+        return data
+
+
+def _load_arm(spec: Any, base_dir: Path | None) -> ACTConfig:
+    if isinstance(spec, (str, Path)) and not (isinstance(spec, str) and spec.strip().startswith("{")):
+        p = Path(spec).expanduser()
+        candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
+        for c in candidates:
+            if c.is_file():
+                return ACTConfig.from_file(c)
+        raise ACTConfigError(f"ACT config file not found: {spec} (looked in {', '.join(str(c) for c in candidates)})")
+    return ACTConfig.from_any(spec)
+
+
+def _explain(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"unknown key '{loc}' (allowed: {', '.join(EvalConfig.model_fields)})")
+        elif err["type"] == "missing":
+            msgs.append(f"missing required key '{loc}'")
+        else:
+            msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "invalid eval config: " + "; ".join(msgs)
+
+
+def load_eval_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> EvalConfig:
+    """An :class:`EvalConfig` from a YAML/JSON file or a mapping (``overrides`` replace keys;
+    ``None`` values are ignored). Errors raise :class:`ACTConfigError` with one clear message."""
+    base_dir: Path | None = None
+    where = "eval config"
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise ACTConfigError(f"eval config file not found: {p}")
+        data = _load_text(p.read_text(), str(p))
+        if not isinstance(data, Mapping):
+            raise ACTConfigError(f"{p}: an eval config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        base_dir = p.resolve().parent
+        where = str(p)
+        data.setdefault("name", p.stem)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return EvalConfig.model_validate(data, context={"base_dir": base_dir})
+    except ACTConfigError as e:
+        raise ACTConfigError(f"{where}: {e}") from None
+    except ValidationError as e:
+        raise ACTConfigError(f"{where}: {_explain(e)}") from None

@@ -1,0 +1,94 @@
+"""End to end: ``run_eval`` through the real lm-eval harness and a real vLLM engine (one)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from act_plugin.eval.config import load_eval_config
+from act_plugin.eval.report import accuracy_from_samples, read_samples
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+TASKS = ["sst2", "piqa_ll"]  # next-token scoring and lm-eval's full-text path
+ARMS = ["baseline", "act", "identity"]
+
+
+@pytest.fixture(scope="module")
+def run(smollm2_path, shared_data, tmp_path_factory):
+    from act_plugin.eval.runner import run_eval
+
+    cfg = load_eval_config({
+        "name": "e2e",
+        "model": smollm2_path,
+        "engine": {"dtype": "float32", "max_model_len": 1024, "seed": 0},
+        "arms": {"baseline": None, "act": {"beta": 0.4, "heads": "2-27:0,4"},
+                 "identity": {"beta": 1.0, "heads": "2-27:0,4"}},
+        "tasks": TASKS,
+        "limit": 10,
+        "data_dir": str(shared_data),
+        "bootstrap_resamples": 1000,
+    })
+    return run_eval(cfg, output_dir=tmp_path_factory.mktemp("e2e"), progress=False)
+
+
+def test_writes_every_artifact(run):
+    out = run.output_dir
+    for name in ("results.json", "report.md", "deltas.png", "config.yaml", "lm_eval_raw.json"):
+        assert (out / name).is_file(), name
+    assert (out / "deltas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for arm in ARMS:
+        for task in TASKS:
+            assert (out / f"samples_{arm}_{task}.jsonl").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "act-plugin/eval-results" and results["schema_version"] == 1
+    assert list(results["arms"]) == ARMS and list(results["tasks"]) == TASKS
+    assert all(results["arms"][a]["wall_time_s"] > 0 for a in ARMS)
+    report = (out / "report.md").read_text()
+    assert "| sst2 | acc | 10 |" in report and "| piqa_ll | acc_norm | 10 |" in report and "deltas.png" in report
+
+
+def test_accuracies_recompute_from_per_sample_files(run):
+    out = run.output_dir
+    results = json.loads((out / "results.json").read_text())
+    raw = json.loads((out / "lm_eval_raw.json").read_text())
+    for task, info in results["tasks"].items():
+        metric = info["metric"]
+        for arm in ARMS:
+            path = out / info["samples"][arm]
+            rows = read_samples(path)
+            assert len(rows) == info["n"] == 10
+            assert sorted(r["doc_id"] for r in rows) == list(range(10))
+            for r in rows:
+                assert r["correct"] == float(r["pred"] == r["gold"])
+                assert len(r["loglikelihoods"]) == len(r["choices"])
+            acc = accuracy_from_samples(path)
+            assert acc == pytest.approx(info["accuracy"][arm], abs=1e-12)
+            assert acc == pytest.approx(raw[arm]["0"]["results"][info["lm_eval_task"]][f"{metric},none"], abs=1e-12)
+        for arm in ("act", "identity"):
+            c = info["comparisons"][arm]
+            assert c["delta"] == pytest.approx(info["accuracy"][arm] - info["accuracy"]["baseline"])
+            assert c["ci_low"] <= c["delta"] <= c["ci_high"]
+            base = {r["doc_id"]: r["correct"] for r in read_samples(out / info["samples"]["baseline"])}
+            treat = {r["doc_id"]: r["correct"] for r in read_samples(out / info["samples"][arm])}
+            assert c["improved"] == sum(base[d] == 0 and treat[d] == 1 for d in base)
+            assert c["worsened"] == sum(base[d] == 1 and treat[d] == 0 for d in base)
+    s = results["summary"]["act"]
+    assert s["mean_delta"] == pytest.approx(
+        sum(results["tasks"][t]["comparisons"]["act"]["delta"] for t in TASKS) / len(TASKS))
+
+
+def test_beta_one_arm_reproduces_the_baseline(run):
+    out = run.output_dir
+    for task in TASKS:
+        base = read_samples(out / f"samples_baseline_{task}.jsonl")
+        same = read_samples(out / f"samples_identity_{task}.jsonl")
+        assert [r["pred"] for r in base] == [r["pred"] for r in same]
+        for a, b in zip(base, same):
+            assert a["prompt"] == b["prompt"]
+            assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(a["loglikelihoods"], b["loglikelihoods"]))
+    comps = run.results["tasks"]
+    assert all(comps[t]["comparisons"]["identity"]["improved"] == 0 for t in TASKS)
+    assert all(comps[t]["comparisons"]["identity"]["worsened"] == 0 for t in TASKS)
