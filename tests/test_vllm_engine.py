@@ -83,6 +83,18 @@ def _run(llm, token_prompts, arm, max_tokens=GREEDY_STEPS, logprobs=20):
     return result
 
 
+def _assert_same(got, ref, tol=1e-4):
+    """Same greedy tokens; first-step log-probabilities within ``tol``. Calibrated runs are
+    not bitwise reproducible run to run on CPU (float32 GEMMs may pick alignment-dependent
+    kernels), so repeated calibrated runs are compared to 1e-4, not bitwise."""
+    assert len(got) == len(ref)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g["tokens"] == r["tokens"], f"prompt {i}: greedy tokens differ"
+        for tid, lp in r["first_logprobs"].items():
+            if tid in g["first_logprobs"]:
+                assert abs(g["first_logprobs"][tid] - lp) < tol, f"prompt {i}, token {tid}"
+
+
 # ----------------------------------------------------------------------------- HF parity
 @pytest.fixture(scope="module")
 def hf_model(smollm2_path):
@@ -174,9 +186,7 @@ def test_batch_invariance(engine, token_prompts):
     alone = _run(engine, [target], "a")[0]
     others = [token_prompts[3], token_prompts[0], token_prompts[1]]
     batched = _run(engine, [others[0], target, others[1], others[2]], "a")[1]
-    assert batched["tokens"] == alone["tokens"]
-    for tid, lp in alone["first_logprobs"].items():
-        assert abs(batched["first_logprobs"][tid] - lp) < 1e-4
+    _assert_same([batched], [alone])
 
 
 def test_mixed_arms_in_one_batch(engine, token_prompts):
@@ -202,13 +212,15 @@ def test_runtime_reconfiguration_matches_startup_config(engine, token_prompts):
         new = control.set_act_config(engine, {"profiles": {"x": PROFILES["b"]}, "default": "x"})
         assert control.get_act_config(engine) == new
         # No per-request value: the new default applies, equal to 'b' at startup.
-        assert _run(engine, token_prompts, None, max_tokens=8) == ref_b
+        _assert_same(_run(engine, token_prompts, None, max_tokens=8), ref_b)
         # Unknown profile names are now rejected per request.
-        with pytest.raises(ValueError, match="unknown ACT profile 'a'"):
+        from vllm.exceptions import VLLMValidationError
+
+        with pytest.raises((ValueError, VLLMValidationError), match="unknown ACT profile 'a'"):
             _run(engine, token_prompts[:1], "a", max_tokens=1)
     finally:
         control.set_act_config(engine, {"profiles": PROFILES, "default": None})
-    assert _run(engine, token_prompts, "b", max_tokens=8) == ref_b
+    _assert_same(_run(engine, token_prompts, "b", max_tokens=8), ref_b)
 
 
 def test_runtime_reconfiguration_rejects_bad_config(engine):
@@ -225,7 +237,9 @@ def test_runtime_reconfiguration_rejects_bad_config(engine):
     [("nope", "unknown ACT profile 'nope'"), (3, "must be a profile name"), ({"beta": 1}, "must be a profile name")],
 )
 def test_bad_request_value_is_rejected_alone(engine, token_prompts, value, message):
-    with pytest.raises(ValueError, match=message):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises((ValueError, VLLMValidationError), match=message):
         _run(engine, token_prompts[:1], value, max_tokens=1)
     # The engine is still serving.
     assert len(_run(engine, token_prompts[:1], "a", max_tokens=2)[0]["tokens"]) == 2
