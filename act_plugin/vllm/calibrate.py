@@ -139,11 +139,9 @@ class LayerCalibrator:
             if self.unsupported:
                 raise RuntimeError(f"ACT cannot calibrate layer {layer_idx}: {self.unsupported}")
             prof = state.profile(group.profile)
-            kv_heads = torch.unique_consecutive(heads // self.queries_per_kv)
-            # Query heads -> position of their KV head among the gathered ones.
-            kv_slot = torch.searchsorted(kv_heads, heads // self.queries_per_kv)
-            k = gather_kv(key_cache, group.block_table, group.max_k, kv_heads).index_select(1, kv_slot)
-            v = gather_kv(value_cache, group.block_table, group.max_k, kv_heads).index_select(1, kv_slot)
+            kv_heads = heads // self.queries_per_kv  # the KV head each calibrated query head reads
+            k = gather_kv(key_cache, group.block_table, group.max_k, kv_heads)
+            v = gather_kv(value_cache, group.block_table, group.max_k, kv_heads)
             G, Lq = group.token_index.shape
             q = query.index_select(0, group.token_index.reshape(-1)).view(G, Lq, self.num_heads, -1)
             q = q.index_select(2, heads).permute(0, 2, 1, 3)  # [G, Hs, Lq, D]

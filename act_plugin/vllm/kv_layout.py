@@ -77,17 +77,20 @@ def flash_attn_split(kv_cache: torch.Tensor, head_size: int | None = None) -> tu
 def gather_kv(
     cache: torch.Tensor, block_table: torch.Tensor, max_len: int, kv_heads: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Read ``[G, kv_heads, max_len, D]`` keys (or values) of G sequences.
+    """Read ``[G, heads, max_len, D]`` keys (or values) of G sequences.
 
     ``cache``: ``[num_blocks, kv_heads, block, D]`` view; ``block_table``: ``[G, >= ceil(
-    max_len / block)]`` block ids. Positions past a sequence's length are read from whatever
-    block the table holds there and must be masked by the caller (``k_pos = -1``).
+    max_len / block)]`` block ids; ``kv_heads``: which KV head to read for each output head
+    (repeats allowed: one entry per calibrated query head under GQA). One gather touches
+    only the sequences' own blocks and heads, never the whole cache. Positions past a
+    sequence's length hold whatever the block has there and must be masked by the caller.
     """
     bs = cache.shape[2]
     nblk = (max_len + bs - 1) // bs
     blocks = block_table[:, :nblk].long().clamp_min(0)
-    if kv_heads is not None:
-        cache = cache.index_select(1, kv_heads)
-    g = cache[blocks]  # [G, nblk, H, bs, D]
+    if kv_heads is None:
+        g = cache[blocks]  # [G, nblk, H, bs, D]
+    else:
+        g = cache[blocks.unsqueeze(-1), kv_heads.view(1, 1, -1)]  # [G, nblk, Hs, bs, D]
     G, _, H, _, D = g.shape
-    return g.permute(0, 2, 1, 3, 4).reshape(G, H, nblk * bs, D)[:, :, :max_len]
+    return g.transpose(1, 2).reshape(G, H, nblk * bs, D)[:, :, :max_len]
