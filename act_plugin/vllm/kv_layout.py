@@ -82,15 +82,36 @@ def gather_kv(
     ``cache``: ``[num_blocks, kv_heads, block, D]`` view; ``block_table``: ``[G, >= ceil(
     max_len / block)]`` block ids; ``kv_heads``: which KV head to read for each output head
     (repeats allowed: one entry per calibrated query head under GQA). One gather touches
-    only the sequences' own blocks and heads, never the whole cache. Positions past a
-    sequence's length hold whatever the block has there and must be masked by the caller.
+    only the sequences' own blocks and heads, never the whole cache, and copies whole
+    (block, head) tiles in the cache's own memory order: when a backend stores a block's
+    keys transposed (``[D, block]``), the result is returned as a transposed view of a
+    ``[G, heads, D, max_len]`` tensor, which is also what ``q @ k^T`` wants. Positions past
+    a sequence's length hold whatever the block has there and must be masked by the caller.
     """
-    bs = cache.shape[2]
+    nb, hkv, bs, d = cache.shape
     nblk = (max_len + bs - 1) // bs
-    blocks = block_table[:, :nblk].long().clamp_min(0)
-    if kv_heads is None:
-        g = cache[blocks]  # [G, nblk, H, bs, D]
-    else:
-        g = cache[blocks.unsqueeze(-1), kv_heads.view(1, 1, -1)]  # [G, nblk, Hs, bs, D]
-    G, _, H, _, D = g.shape
-    return g.transpose(1, 2).reshape(G, H, nblk * bs, D)[:, :, :max_len]
+    blocks = block_table[:, :nblk].long().clamp_min(0)  # [G, nblk]
+    G = blocks.shape[0]
+    heads = torch.arange(hkv, device=cache.device) if kv_heads is None else kv_heads
+    H = len(heads)
+    transposed = cache.stride(-2) == 1 and cache.stride(-1) != 1  # tiles stored [D, block]
+    source = cache.transpose(-1, -2) if transposed else cache
+    tiles = _gather_tiles(source, blocks, heads)  # [G, H, nblk, a, b] in memory order
+    if transposed:
+        kt = tiles.permute(0, 1, 3, 2, 4).reshape(G, H, d, nblk * bs)[..., :max_len]
+        return kt.transpose(-1, -2)
+    return tiles.reshape(G, H, nblk * bs, d)[:, :, :max_len]
+
+
+def _gather_tiles(source: torch.Tensor, blocks: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    nb, hkv, a, b = source.shape
+    G, nblk = blocks.shape
+    try:
+        # Whole (block, head) tiles are contiguous: copy them as rows (memcpy per tile).
+        flat = source.view(nb * hkv, a * b)
+    except RuntimeError:
+        flat = None
+    if flat is not None and flat.stride(-1) == 1:
+        rows = (blocks.unsqueeze(1) * hkv + heads.view(1, -1, 1)).reshape(-1)
+        return flat.index_select(0, rows).view(G, len(heads), nblk, a, b)
+    return source[blocks.unsqueeze(1), heads.view(1, -1, 1)]
