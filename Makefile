@@ -4,6 +4,7 @@
 #   make model     build the embedded default model (smollm2-135m) into the models cache
 #   make test      run the test suite
 #   make demo      A/B evaluation demo (configs/demo.yaml)
+#   make bench     engine overhead benchmark (vanilla vs ACT)
 #
 # Variables: VENV=.venv PYTHON=python3 EXTRAS=cpu,dev TORCH_VERSION=2.13.0 PYTEST_ARGS=...
 # e.g. `make install VENV=/tmp/venv-check`.
@@ -30,10 +31,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.act-plugin-installed
 
-.PHONY: help install check model test demo clean-venv
+.PHONY: help install check model test demo bench clean-venv
 
 help:
-	@sed -n '3,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 # The stamp makes a repeated `make install` a no-op (plus the import check) until
 # pyproject.toml or this Makefile change or the venv is deleted.
@@ -57,14 +58,19 @@ check:
 	@case "$(EXTRAS)" in *cpu*) $(PY) -c "import torch, sys; \
 	sys.exit(0 if torch.version.cuda is None else 'a CUDA torch was installed: ' + torch.__version__)";; esac
 
-model:
+# `make test` and `make demo` work on a fresh machine on their own: install and model are
+# idempotent (a stamp file, a checksummed model folder) and take seconds when done.
+model: install
 	$(VENV)/bin/act-plugin models pull $(MODEL)
 
-test:
+test: model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-demo:
+demo: model
 	$(VENV)/bin/act-plugin eval $(DEMO_CONFIG)
+
+bench: model
+	$(PY) benchmarks/engine_overhead.py
 
 clean-venv:
 	rm -rf $(VENV)
