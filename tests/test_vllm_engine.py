@@ -259,3 +259,50 @@ def test_bad_engine_config_fails_fast_with_clear_message(smollm2_path, act, mess
     apply_cpu_defaults()
     with pytest.raises(Exception, match=message):
         vllm.LLM(model=smollm2_path, **cpu_engine_kwargs(max_model_len=512), additional_config={"act": act})
+
+
+def test_fp8_kv_cache_is_refused_at_engine_start(smollm2_path):
+    apply_cpu_defaults()
+    with pytest.raises(Exception, match=r"ACT does not support kv_cache_dtype='fp8'"):
+        vllm.LLM(
+            model=smollm2_path, kv_cache_dtype="fp8", **cpu_engine_kwargs(max_model_len=512),
+            additional_config={"act": {"heads": {"3": [1]}}},
+        )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_mla": True}, "does not support MLA"),
+        ({"cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3'"),
+        ({"speculative_config": object()}, "speculative decoding"),
+        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ],
+)
+def test_unsupported_engine_settings_are_named(change, message):
+    from types import SimpleNamespace
+
+    from act_plugin.vllm.engine import ACTEngineError, _check_supported
+
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(use_mla=change.get("use_mla", False)),
+        cache_config=SimpleNamespace(cache_dtype=change.get("cache_dtype", "auto")),
+        speculative_config=change.get("speculative_config"),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=change.get("pipeline_parallel_size", 1)),
+    )
+    with pytest.raises(ACTEngineError, match=message):
+        _check_supported(cfg)
+
+
+def test_engine_is_set_up_for_per_call_statistics(engine):
+    cfg = engine.llm_engine.vllm_config
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.scheduler_config.enable_chunked_prefill is False
+    assert cfg.scheduler_config.max_num_batched_tokens >= cfg.model_config.max_model_len
+
+
+def test_same_prompt_same_answer_every_time(engine, token_prompts):
+    """No cache state can change a calibrated answer (prefix caching is off under ACT)."""
+    first = _run(engine, token_prompts[1:3], "a", max_tokens=8)
+    for _ in range(3):
+        _assert_same(_run(engine, token_prompts[1:3], "a", max_tokens=8), first)
