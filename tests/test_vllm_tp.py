@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import pytest
+import yaml
 
 from act_plugin.config import ACTConfig
 from act_plugin.vllm.runtime import TPSlice
@@ -45,6 +46,8 @@ def test_global_to_local_head_mapping(tp_size, num_heads, num_kv_heads):
     assert sorted(seen) == sorted(set(global_heads))
 
 
+ACT = {"profiles": {"a": {"beta": 0.3, "threshold": 0.05, "heads": "1-3:0,3,4,7"}}, "default": None}
+
 _RUN = textwrap.dedent(
     """
     import json, os, sys
@@ -56,8 +59,10 @@ _RUN = textwrap.dedent(
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
         act = {"profiles": {"a": {"beta": 0.3, "threshold": 0.05, "heads": "1-3:0,3,4,7"}}, "default": None}
-        llm = LLM(model=model, seed=0, tensor_parallel_size=tp, additional_config={"act": act},
-                  **cpu_engine_kwargs(max_model_len=256))
+        # TP=1 reads its ACT config from the ACT_CONFIG file, TP=2 from additional_config:
+        # equal results also show that both ways configure the same calibration.
+        extra = {} if os.environ.get("ACT_CONFIG") else {"additional_config": {"act": act}}
+        llm = LLM(model=model, seed=0, tensor_parallel_size=tp, **extra, **cpu_engine_kwargs(max_model_len=256))
         prompts = [[1, 17, 230, 18, 9, 2048, 77, 13], [5, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43]]
         res = {}
         for arm in ("a", "off"):
@@ -100,6 +105,10 @@ def test_tp2_equals_tp1(tiny_gqa_model, tmp_path):
     for tp in (1, 2):
         out = tmp_path / f"tp{tp}.json"
         env = {k: v for k, v in os.environ.items() if k not in ("ACT_CONFIG", "VLLM_CPU_OMP_THREADS_BIND")}
+        if tp == 1:
+            cfg = tmp_path / "act.yaml"
+            cfg.write_text(yaml.safe_dump({"act": ACT}))
+            env["ACT_CONFIG"] = str(cfg)
         proc = subprocess.run(
             [sys.executable, str(script), tiny_gqa_model, str(tp), str(out)],
             env=env, capture_output=True, text=True, timeout=900,
