@@ -16,7 +16,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("act_plugin.eval.cli", "A/B evaluation (baseline vs calibrated) with lm-eval"),
     "search": ("act_plugin.search.cli", "find which heads to calibrate from a calibration set"),
     "inspect": ("act_plugin.inspect", "show attention maps and detected sinks"),
-    "bench": ("act_plugin.bench", "engine overhead benchmark (vanilla vs calibrated)"),
 }
 
 
