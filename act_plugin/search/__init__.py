@@ -1,0 +1,27 @@
+"""Head search: which (layer, head) pairs to calibrate (``act-plugin search CONFIG.yaml``).
+
+See :mod:`act_plugin.search.run` for the methods and ``docs/search_results.md`` for measured
+results. The pieces:
+
+* :mod:`~act_plugin.search.config` -- the validated search config;
+* :mod:`~act_plugin.search.hf_backend` -- first-order ranking of every head (one backward
+  per batch) and exact scores on the transformers path;
+* :mod:`~act_plugin.search.vllm_backend` -- exact scores in one running vLLM engine;
+* :mod:`~act_plugin.search.combine` -- the combined-set step (never below baseline);
+* :mod:`~act_plugin.search.store` -- resumable partial results;
+* :mod:`~act_plugin.search.run` -- the orchestration and the outputs.
+
+Importing this package is cheap (no torch, transformers or vLLM until a search runs).
+"""
+
+from act_plugin.search.config import SearchConfig, SearchConfigError, load_search_config
+
+__all__ = ["SearchConfig", "SearchConfigError", "load_search_config", "run_search"]
+
+
+def __getattr__(name):
+    if name == "run_search":
+        from act_plugin.search.run import run_search
+
+        return run_search
+    raise AttributeError(name)

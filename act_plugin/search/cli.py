@@ -1,0 +1,75 @@
+"""``act-plugin search CONFIG.yaml [options]``: find which heads to calibrate.
+
+Writes the ACT config (``output``), a JSON of every candidate's scores and a per-head gain
+heatmap; partial results go to ``state_dir`` so an interrupted search resumes on rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="search config (YAML), e.g. configs/search_smollm2.yaml")
+    parser.add_argument("--output", "-o", default=None, help="ACT config to write (overrides 'output')")
+    parser.add_argument("--report", default=None, help="JSON report path (default: <output>.search.json)")
+    parser.add_argument("--heatmap", default=None, help="heatmap PNG path (default: <output>.heatmap.png)")
+    parser.add_argument("--method", choices=["fast", "exact"], default=None, help="overrides 'method'")
+    parser.add_argument("--score", choices=["margin", "accuracy"], default=None, help="overrides 'score'")
+    parser.add_argument("--top-k", type=int, default=None, help="fast: candidates scored exactly (overrides)")
+    parser.add_argument("--verify", choices=["hf", "vllm"], default=None, help="fast: exact-score backend")
+    parser.add_argument("--check-layers", default=None,
+                        help="fast: layers whose heads are all scored exactly to check the ranking, e.g. '4,15,26'")
+    parser.add_argument("--candidates", default=None, help="candidate heads, compact spec (e.g. '2-28:*')")
+    parser.add_argument("--samples-per-task", type=int, default=None, help="calibration budget per task")
+    parser.add_argument("--tasks", default=None, help="comma-separated calibration tasks (overrides)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the calibration draw")
+    parser.add_argument("--no-combine", action="store_true", help="skip the combined-set step")
+    parser.add_argument("--state-dir", default=None, help="partial results folder (overrides 'state_dir')")
+    parser.add_argument("--fresh", action="store_true", help="ignore partial results of an earlier run")
+    parser.add_argument("--data-dir", default=None, help="offline data folder (overrides)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--check", action="store_true", help="validate the config and the data, run nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from act_plugin.search.config import load_search_config
+
+    overrides = {
+        "output": args.output, "report": args.report, "heatmap": args.heatmap, "method": args.method,
+        "score": args.score, "fast.top_k": args.top_k, "fast.verify": args.verify,
+        "fast.check_layers": args.check_layers, "candidates": args.candidates,
+        "samples_per_task": args.samples_per_task, "tasks": args.tasks.split(",") if args.tasks else None,
+        "seed": args.seed, "combine": False if args.no_combine else None, "state_dir": args.state_dir,
+        "data_dir": args.data_dir,
+    }
+    cfg = load_search_config(args.config, **overrides)
+    from act_plugin.eval.tasks import check_data, resolve_data_dir
+
+    data_dir, how = resolve_data_dir(cfg.data_dir)
+    check_data(cfg.tasks, data_dir, splits=("train",))
+    if args.check:
+        print(f"{args.config}: OK -- method {cfg.method}, score {cfg.score}, tasks {cfg.tasks} "
+              f"({cfg.samples_per_task} per task, train splits), data {data_dir} ({how}); output {cfg.output}")
+        return 0
+    from act_plugin.search.run import run_search
+
+    res = run_search(cfg, progress=not args.no_progress, resume=not args.fresh)
+    r = res.report
+    sel = r["selected"]
+    print(f"{sel['count']} heads selected: {res.config.to_dict()['heads']}")
+    print(f"calibration {r['score']}: baseline {r['baseline'][r['score']]:.4f} -> "
+          f"{sel['scores'][r['score']]:.4f} ({sel['delta_score']:+.4f})" + (f"; {sel['note']}" if sel["note"] else ""))
+    if r.get("ranking_check"):
+        c = r["ranking_check"]["vs_exact_margin"]
+        if "spearman" in c:
+            print(f"ranking check on layers {r['ranking_check']['layers']}: Spearman {c['spearman']:.3f} over "
+                  f"{c['n']} heads, top-k overlap {c['topk_overlap']}")
+    print(f"wall time {r['timing']['total_s']:.1f}s")
+    print(f"config: {res.output}\nreport: {res.report_path}\nheatmap: {res.heatmap_path}")
+    print(f"use it: act-plugin eval with an arm '<name>: {res.output}', or "
+          f"vllm serve MODEL --additional-config '{{\"act\": \"{res.output}\"}}'", file=sys.stderr)
+    return 0
