@@ -125,6 +125,17 @@ def test_combine_everything_below_baseline_returns_empty():
     assert "no evaluated head set beats the baseline" in res.note
 
 
+def test_combine_pool_takes_best_kept_by_exact_gain():
+    from act_plugin.search.run import combine_pool
+
+    kept = [(1, 0), (2, 3), (5, 1), (7, 2)]
+    single = {(1, 0): 0.2, (2, 3): 0.5, (5, 1): 0.2, (7, 2): 0.9, (9, 9): 5.0}  # (9, 9) was not kept
+    assert combine_pool(kept, single, 2) == [(2, 3), (7, 2)]
+    assert combine_pool(kept, single, 3) == [(1, 0), (2, 3), (7, 2)]  # tie at 0.2: lower layer first
+    assert combine_pool(kept, single, None) == sorted(kept)
+    assert combine_pool(kept, single, 10) == sorted(kept)
+
+
 def test_combine_never_below_baseline_random():
     rng = random.Random(0)
     for _ in range(300):
@@ -274,6 +285,9 @@ def test_tiny_search_valid_config_and_resume(tmp_path, shared_data, smollm2_path
     assert cfg.beta == 0.4 and cfg.name == "full" and "train splits" in cfg.source and "sst2,agnews" in cfg.source
     report = json.loads(full.report_path.read_text())
     assert full.heatmap_path.stat().st_size > 1000
+    md = full.report_path.with_suffix(".md").read_text()
+    assert "## Ranking check" in md and f"{report['baseline']['margin']:.4f}" in md
+    assert all(f"L20H{h} |" in md for h in range(3))
     assert report["selected"]["scores"]["margin"] >= report["baseline"]["margin"]
     rows = {(r["layer"], r["head"]): r for r in report["candidates"]}
     assert len(rows) == 6 and all("estimate_delta_margin" in r for r in rows.values())

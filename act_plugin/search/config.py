@@ -105,6 +105,9 @@ class SearchConfig(BaseModel):
     fast: FastOptions = Field(default_factory=FastOptions)
     hf: HFOptions = Field(default_factory=HFOptions)
     combine: bool = Field(True, description="combined-set step: greedily drop kept heads whose removal helps")
+    combine_max_heads: int | None = Field(
+        16, ge=1, description="the combined-set step starts from at most this many kept heads, the best by exact "
+        "single-head gain (each removal pass costs one exact evaluation per head); null = every kept head")
     combine_max_evals: int | None = Field(None, ge=1, description="cap on the combined-set step's evaluations")
     output: str = Field("runs/search/act_searched.yaml", description="the ACT config written (YAML)")
     report: str | None = Field(None, description="JSON of every candidate's scores (default: <output>.search.json)")

@@ -41,7 +41,7 @@ from act_plugin.search.config import SearchConfig, SearchConfigError
 from act_plugin.search.scoring import CalibrationSet, Scores, score_logprobs
 from act_plugin.search.store import SearchStore, model_fingerprint, settings_hash
 
-__all__ = ["run_search", "SearchResult", "build_calibration_set", "ranking_agreement"]
+__all__ = ["run_search", "SearchResult", "build_calibration_set", "ranking_agreement", "combine_pool"]
 
 logger = logging.getLogger("act_plugin.search")
 Head = tuple[int, int]
@@ -97,6 +97,14 @@ def ranking_agreement(estimate: dict[Head, float], exact: dict[Head, float], ks=
     overlap = {str(k): len(set(order_e[:k]) & set(order_x[:k])) / k for k in ks if k <= len(common)}
     sign = float(np.mean(np.sign(e) == np.sign(x)))
     return {"n": len(common), "spearman": float(rho), "topk_overlap": overlap, "sign_agreement": sign}
+
+
+def combine_pool(kept: list[Head], single_score: dict[Head, float], max_heads: int | None) -> list[Head]:
+    """The heads the combined-set step starts from: the best ``max_heads`` kept heads by
+    exact single-head score (ties: lower layer/head first), sorted. A greedy removal pass
+    costs one exact evaluation per head, so this bounds the step's cost."""
+    ranked = sorted(kept, key=lambda h: (-single_score[h], h))
+    return sorted(ranked[:max_heads] if max_heads else ranked)
 
 
 class _Timer:
@@ -260,7 +268,11 @@ def run_search(
                     bar.update(1)
                     return Scores.from_dict(rec["scores"]).get(cfg.score)
 
-                comb = combine_heads(kept, evaluate, base_score, singles=exact_score,
+                pool = combine_pool(kept, exact_score, cfg.combine_max_heads)
+                if len(pool) < len(kept):
+                    _log(f"combined-set step starts from the best {len(pool)} of the {len(kept)} kept heads "
+                         f"(combine_max_heads)", quiet)
+                comb = combine_heads(pool, evaluate, base_score, singles=exact_score,
                                      max_evals=cfg.combine_max_evals)
         elif kept:  # combined-set step off: the paper's rule alone (every kept head)
             comb = CombineResult(heads=kept, score=float("nan"), baseline=base_score, start=kept, start_score=None,
@@ -369,6 +381,9 @@ def run_search(
         out.write_text(header + act_cfg.to_yaml())
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=1) + "\n")
+        from act_plugin.search.summary import report_markdown
+
+        report_path.with_suffix(".md").write_text(report_markdown(report))
         from act_plugin.search.plot import gain_heatmap
 
         exact_m = np.full((L, H), np.nan)
@@ -376,7 +391,7 @@ def run_search(
             exact_m[h] = d
         gain_heatmap(heatmap_path, est_matrix if estimates else None, exact_m, kept, selected,
                      f"{cfg.model}: per-head gain of calibrating one head ({len(calib)} train prompts)", cfg.score)
-        _log(f"wrote {out}, {report_path}, {heatmap_path}", quiet)
+        _log(f"wrote {out}, {report_path} (+ .md), {heatmap_path}", quiet)
     _log(f"{len(selected)} heads selected; {cfg.score} {base_score:.4f} -> {sel.get(cfg.score):.4f}; "
          f"{total_s:.1f}s", quiet)
     return SearchResult(config=act_cfg, report=report, output=out, report_path=report_path,
