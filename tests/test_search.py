@@ -321,3 +321,21 @@ def test_tiny_search_valid_config_and_resume(tmp_path, shared_data, smollm2_path
     lines = [json.loads(x) for x in state.read_text().splitlines()]
     sets = [tuple(map(tuple, x["heads"])) for x in lines if x["kind"] == "set"]
     assert len(sets) == len(set(sets)), "a finished score was recomputed after resuming"
+
+
+def test_shipped_search_outputs_are_consistent(smollm2_path):
+    """configs/smollm2_searched.yaml (what the demo and the README's eval use) is a valid head
+    set for the model and is exactly the set its committed search report selected."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = ACTConfig.from_file(root / "configs" / "smollm2_searched.yaml")
+    heads = cfg.validate_for(AutoConfig.from_pretrained(smollm2_path))
+    report = json.loads((root / "docs" / "search" / "smollm2_search.json").read_text())
+    assert {int(k): tuple(v) for k, v in report["selected"]["heads"].items()} == heads
+    assert {k: tuple(v) for k, v in cfg.heads.items()} == heads
+    assert report["config"]["split"] == "train" and cfg.beta == report["beta"]
+    assert report["selected"]["scores"]["margin"] >= report["baseline"]["margin"]
+    assert load_search_config(root / "configs" / "search_smollm2.yaml").output == "configs/smollm2_searched.yaml"

@@ -134,9 +134,12 @@ def write_chart(path: Path, results: dict) -> Path | None:
         lo.append(100 * (s["mean_delta"] - s["ci_low"]))
         hi.append(100 * (s["ci_high"] - s["mean_delta"]))
         pos = x - 0.4 + width * (i + 0.5)
-        colors = ["#2b8a3e" if v > 0 else "#c92a2a" if v < 0 else "#868e96" for v in vals]
+        if len(arms) == 1:  # one arm: colour says the sign
+            colors = ["#2b8a3e" if v > 0 else "#c92a2a" if v < 0 else "#868e96" for v in vals]
+        else:  # several arms: one colour per arm, so the legend reads right (the zero line shows the sign)
+            colors = plt.get_cmap("tab10")(i % 10)
         ax.bar(pos, vals, width * 0.9, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=3, color=colors,
-               edgecolor="black", linewidth=0.5, label=arm, alpha=0.85 if len(arms) == 1 else 0.6 + 0.4 * i / len(arms))
+               edgecolor="black", linewidth=0.5, label=arm, alpha=0.85)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, ha="right")

@@ -39,8 +39,11 @@ def report_markdown(report: dict[str, Any], top: int = 20) -> str:
         + f", exact scores in `{r['exact_backend']}`, score `{score}`",
         f"- wall time {tm['total_s'] / 60:.1f} min"
         + "".join(f"; {k[:-2].replace('_', ' ')} {tm[k]:.0f} s" for k in
-                  ("ranking_s", "baseline_s", "verify_s", "check_s", "combine_s") if tm.get(k))
-        + f" (load average {tm['loadavg_start'][0]:.1f} at start, {tm['cpu_count']} CPUs)",
+                  ("ranking_s", "baseline_s", "verify_s", "check_s", "combine_s") if (tm.get(k) or 0) >= 0.5)
+        + f" (load average {tm['loadavg_start'][0]:.1f} at start, {tm['cpu_count']} CPUs)"
+        + (f"; this run resumed {tm['resumed_records']} stored results of an interrupted run, so its wall time "
+           "covers only the rest (benchmarks/search_speed.py times a search from scratch)"
+           if tm.get("resumed_records") else ""),
         "",
         "## Result",
         "",
