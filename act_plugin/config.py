@@ -186,7 +186,7 @@ class ACTConfig(BaseModel):
         try:
             return cls.model_validate(dict(obj))
         except ValidationError as e:
-            raise ACTConfigError(_explain(e)) from None
+            raise ACTConfigError(explain_validation(e, cls, "ACT config")) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ACTConfig":
@@ -293,17 +293,48 @@ def _load_text(text: str, where: str) -> Any:
         raise ACTConfigError(f"{where}: not valid YAML/JSON: {e}") from None
 
 
-def _explain(e: ValidationError) -> str:
+def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel]:
+    """The (nested) pydantic model that owns the keys at ``path`` (e.g. ``("fast",)``)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    return model
+
+
+def explain_validation(e: ValidationError, model: type[BaseModel], kind: str) -> str:
+    """One readable message for a config's validation errors: unknown keys with the keys
+    allowed where they stand, missing keys, and our validators' own messages."""
     msgs = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         if err["type"] == "extra_forbidden":
-            msgs.append(f"unknown key '{loc}' (allowed: {', '.join(ACTConfig.model_fields)})")
+            allowed = _model_at(model, tuple(err["loc"][:-1])).model_fields
+            msgs.append(f"unknown key '{loc}' (allowed: {', '.join(allowed)})")
+        elif err["type"] == "missing":
+            msgs.append(f"missing required key '{loc}'")
         else:
-            msg = err["msg"]
-            msg = msg.removeprefix("Value error, ")
-            msgs.append(f"{loc}: {msg}")
-    return "invalid ACT config: " + "; ".join(msgs)
+            msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return f"invalid {kind}: " + "; ".join(msgs)
+
+
+def read_config_mapping(
+    source: str | Path | Mapping[str, Any], kind: str, error: type[ACTConfigError] = ACTConfigError
+) -> tuple[dict[str, Any], Path | None]:
+    """The mapping of a config given as a mapping or a YAML/JSON file, and the file's path
+    (``None`` for a mapping). Raises ``error`` naming the file when it is missing or is not
+    a mapping."""
+    if isinstance(source, Mapping):
+        return dict(source), None
+    p = Path(source)
+    if not p.is_file():
+        raise error(f"{kind} file not found: {p}")
+    data = _load_text(p.read_text(), str(p))
+    if not isinstance(data, Mapping):
+        raise error(f"{p}: the {kind} must be a mapping, got {type(data).__name__}")
+    return dict(data), p
 
 
 # ---------------------------------------------------------------------------- engine level

@@ -24,7 +24,14 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from act_plugin.config import REQUEST_DEFAULT, REQUEST_OFF, ACTConfig, ACTConfigError, _load_text
+from act_plugin.config import (
+    REQUEST_DEFAULT,
+    REQUEST_OFF,
+    ACTConfig,
+    ACTConfigError,
+    explain_validation,
+    read_config_mapping,
+)
 
 __all__ = ["EvalConfig", "load_eval_config", "BASELINE"]
 
@@ -175,41 +182,18 @@ def _load_arm(spec: Any, base_dir: Path | None) -> ACTConfig:
     return ACTConfig.from_any(spec)
 
 
-def _explain(e: ValidationError) -> str:
-    msgs = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
-            msgs.append(f"unknown key '{loc}' (allowed: {', '.join(EvalConfig.model_fields)})")
-        elif err["type"] == "missing":
-            msgs.append(f"missing required key '{loc}'")
-        else:
-            msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "invalid eval config: " + "; ".join(msgs)
-
-
 def load_eval_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> EvalConfig:
     """An :class:`EvalConfig` from a YAML/JSON file or a mapping (``overrides`` replace keys;
     ``None`` values are ignored). Errors raise :class:`ACTConfigError` with one clear message."""
-    base_dir: Path | None = None
-    where = "eval config"
-    if isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise ACTConfigError(f"eval config file not found: {p}")
-        data = _load_text(p.read_text(), str(p))
-        if not isinstance(data, Mapping):
-            raise ACTConfigError(f"{p}: an eval config must be a mapping, got {type(data).__name__}")
-        data = dict(data)
-        base_dir = p.resolve().parent
-        where = str(p)
-        data.setdefault("name", p.stem)
+    data, path = read_config_mapping(source, "eval config")
+    base_dir = path.resolve().parent if path else None
+    where = str(path) if path else "eval config"
+    if path:
+        data.setdefault("name", path.stem)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return EvalConfig.model_validate(data, context={"base_dir": base_dir})
     except ACTConfigError as e:
         raise ACTConfigError(f"{where}: {e}") from None
     except ValidationError as e:
-        raise ACTConfigError(f"{where}: {_explain(e)}") from None
+        raise ACTConfigError(f"{where}: {explain_validation(e, EvalConfig, 'eval config')}") from None

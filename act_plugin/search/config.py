@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from act_plugin.config import ACTConfig, ACTConfigError, _load_text, parse_index_spec
+from act_plugin.config import ACTConfig, ACTConfigError, explain_validation, parse_index_spec, read_config_mapping
 
 __all__ = ["SearchConfig", "FastOptions", "HFOptions", "load_search_config", "SearchConfigError"]
 
@@ -223,36 +223,11 @@ def _beside(p: Path, suffix: str) -> Path:
     return p.with_name(p.stem + suffix)
 
 
-def _explain(e: ValidationError) -> str:
-    msgs = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
-            parent = err["loc"][:-1]
-            model = {("fast",): FastOptions, ("hf",): HFOptions}.get(tuple(parent), SearchConfig)
-            msgs.append(f"unknown key '{loc}' (allowed: {', '.join(model.model_fields)})")
-        elif err["type"] == "missing":
-            msgs.append(f"missing required key '{loc}'")
-        else:
-            msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "invalid search config: " + "; ".join(msgs)
-
-
 def load_search_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> SearchConfig:
     """A :class:`SearchConfig` from a YAML/JSON file or a mapping. ``overrides`` replace keys
     (``None`` ignored; ``"fast.top_k"``-style dotted keys reach into ``fast``/``hf``)."""
-    where = "search config"
-    if isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise SearchConfigError(f"search config file not found: {p}")
-        data = _load_text(p.read_text(), str(p))
-        if not isinstance(data, Mapping):
-            raise SearchConfigError(f"{p}: a search config must be a mapping, got {type(data).__name__}")
-        data = dict(data)
-        where = str(p)
+    data, path = read_config_mapping(source, "search config", SearchConfigError)
+    where = str(path) if path else "search config"
     for key, value in overrides.items():
         if value is None:
             continue
@@ -268,4 +243,4 @@ def load_search_config(source: str | Path | Mapping[str, Any], **overrides: Any)
     except ACTConfigError as e:
         raise SearchConfigError(f"{where}: {e}") from None
     except ValidationError as e:
-        raise SearchConfigError(f"{where}: {_explain(e)}") from None
+        raise SearchConfigError(f"{where}: {explain_validation(e, SearchConfig, 'search config')}") from None

@@ -13,7 +13,8 @@ __all__ = ["report_markdown"]
 
 def _heads(heads: dict[str, list[int]] | list) -> str:
     if isinstance(heads, dict):
-        return ", ".join(f"L{lyr}: {','.join(map(str, hs))}" for lyr, hs in sorted(heads.items(), key=lambda kv: int(kv[0])))
+        by_layer = sorted(heads.items(), key=lambda kv: int(kv[0]))
+        return ", ".join(f"L{lyr}: {','.join(map(str, hs))}" for lyr, hs in by_layer)
     return ", ".join(f"L{a}H{b}" for a, b in heads)
 
 
