@@ -126,7 +126,7 @@ def test_combine_everything_below_baseline_returns_empty():
 
 
 def test_combine_pool_takes_best_kept_by_exact_gain():
-    from act_plugin.search.run import combine_pool
+    from act_plugin.search.combine import combine_pool
 
     kept = [(1, 0), (2, 3), (5, 1), (7, 2)]
     single = {(1, 0): 0.2, (2, 3): 0.5, (5, 1): 0.2, (7, 2): 0.9, (9, 9): 5.0}  # (9, 9) was not kept
@@ -134,6 +134,14 @@ def test_combine_pool_takes_best_kept_by_exact_gain():
     assert combine_pool(kept, single, 3) == [(1, 0), (2, 3), (7, 2)]  # tie at 0.2: lower layer first
     assert combine_pool(kept, single, None) == sorted(kept)
     assert combine_pool(kept, single, 10) == sorted(kept)
+    # the combined-set step itself starts from that pool and never evaluates a set with (1, 0)/(5, 1)
+    seen = []
+    res = combine_heads(kept, lambda s: seen.append(s) or sum(single[h] for h in s), 0.0,
+                        singles={h: single[h] for h in kept}, max_heads=2)
+    assert res.start == [(2, 3), (7, 2)] and seen[0] == frozenset(res.start)
+    assert all(s <= {(2, 3), (7, 2)} for s in seen) and res.heads == [(2, 3), (7, 2)]
+    with pytest.raises(ValueError, match="max_heads needs the single score"):
+        combine_heads(kept, lambda s: 0.0, 0.0, singles={(2, 3): 0.5}, max_heads=2)
 
 
 def test_combine_never_below_baseline_random():

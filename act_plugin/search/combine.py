@@ -3,7 +3,8 @@
 Heads that help alone need not help together (their corrections overlap or interfere), so
 the kept set is scored as a whole and heads are dropped greedily while that helps:
 
-1. score the set ``S`` of all kept heads;
+1. score the set ``S`` of all kept heads (or of the best ``max_heads`` of them by single-head
+   score: each removal pass below costs one evaluation per head);
 2. try removing each head of ``S`` in turn, least useful alone first (ascending exact
    single-head gain); whenever a removal raises the score, drop that head at once
    (first improvement) and go on with the rest;
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-__all__ = ["CombineResult", "combine_heads"]
+__all__ = ["CombineResult", "combine_heads", "combine_pool"]
 
 Head = tuple[int, int]
 HeadSet = frozenset
@@ -52,12 +53,21 @@ def _key(s: Iterable[Head]) -> tuple:
     return tuple(sorted(s))
 
 
+def combine_pool(kept: list[Head], single_score: dict[Head, float], max_heads: int | None) -> list[Head]:
+    """The heads the combined-set step starts from: the best ``max_heads`` kept heads by
+    exact single-head score (ties: lower layer/head first), sorted. A greedy removal pass
+    costs one exact evaluation per head, so this bounds the step's cost."""
+    ranked = sorted(kept, key=lambda h: (-single_score[h], h))
+    return sorted(ranked[:max_heads] if max_heads else ranked)
+
+
 def combine_heads(
     kept: Iterable[Head],
     evaluate: Callable[[frozenset], float],
     baseline: float,
     singles: dict[Head, float] | None = None,
     known: dict[frozenset, float] | None = None,
+    max_heads: int | None = None,
     max_evals: int | None = None,
     on_step: Callable[[dict], None] | None = None,
 ) -> CombineResult:
@@ -65,10 +75,16 @@ def combine_heads(
 
     ``evaluate(frozenset_of_heads) -> score`` (higher is better); ``baseline`` is the score
     of the empty set; ``singles`` the exact score of each head alone (orders the removals and
-    joins the final choice); ``known`` scores of sets already evaluated (not re-evaluated).
+    joins the final choice); ``known`` scores of sets already evaluated (not re-evaluated);
+    ``max_heads`` starts from the best that many kept heads by single score (needs ``singles``).
     """
     kept = sorted({(int(a), int(b)) for a, b in kept})
     singles = {tuple(k): float(v) for k, v in (singles or {}).items()}
+    if max_heads is not None:
+        unscored = [h for h in kept if h not in singles]
+        if unscored:
+            raise ValueError(f"max_heads needs the single score of every kept head; missing {unscored}")
+        kept = combine_pool(kept, singles, max_heads)
     scores: dict[frozenset, float] = {frozenset(): float(baseline)}
     for s, v in (known or {}).items():
         scores[frozenset(s)] = float(v)

@@ -269,7 +269,6 @@ class HFSearchBackend:
         self.batches = make_batches(calib, batch_tokens, pad_id=int(pad) if isinstance(pad, int) else 0)
         self._cache: dict[int, dict[int, torch.Tensor]] = {}  # layer -> batch -> hidden input
         self._want_layers: set[int] = set()
-        self.forward_layers = 0  # layer-batches computed (for timing reports)
         self.baseline_lp: np.ndarray | None = None
         self._grad_baseline: np.ndarray | None = None
         if self_check:
@@ -302,7 +301,6 @@ class HFSearchBackend:
                 kept[i] = h.detach()
             h = self.inner.layers[i](h, attention_mask=None, position_ids=pos_ids, position_embeddings=pe,
                                      past_key_values=None, use_cache=False)
-            self.forward_layers += 1
         last = h[torch.arange(h.shape[0]), batch.last]
         logits = self.model.get_output_embeddings()(self.inner.norm(last)).float()
         lp = torch.log_softmax(logits, dim=-1).gather(1, batch.choice_ids)
@@ -337,9 +335,6 @@ class HFSearchBackend:
 
     def _have(self, layer: int) -> bool:
         return layer == 0 or (layer in self._cache and len(self._cache[layer]) == len(self.batches))
-
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in self._cache.values() for t in d.values())
 
     # ------------------------------------------------------------------ exact scores
     def evaluate(self, heads: Iterable[Head], progress: Callable[[int], None] | None = None) -> np.ndarray:

@@ -41,7 +41,7 @@ from act_plugin.search.config import SearchConfig, SearchConfigError
 from act_plugin.search.scoring import CalibrationSet, Scores, score_logprobs
 from act_plugin.search.store import SearchStore, model_fingerprint, settings_hash
 
-__all__ = ["run_search", "SearchResult", "build_calibration_set", "ranking_agreement", "combine_pool"]
+__all__ = ["run_search", "SearchResult", "build_calibration_set", "ranking_agreement"]
 
 logger = logging.getLogger("act_plugin.search")
 Head = tuple[int, int]
@@ -97,14 +97,6 @@ def ranking_agreement(estimate: dict[Head, float], exact: dict[Head, float], ks=
     overlap = {str(k): len(set(order_e[:k]) & set(order_x[:k])) / k for k in ks if k <= len(common)}
     sign = float(np.mean(np.sign(e) == np.sign(x)))
     return {"n": len(common), "spearman": float(rho), "topk_overlap": overlap, "sign_agreement": sign}
-
-
-def combine_pool(kept: list[Head], single_score: dict[Head, float], max_heads: int | None) -> list[Head]:
-    """The heads the combined-set step starts from: the best ``max_heads`` kept heads by
-    exact single-head score (ties: lower layer/head first), sorted. A greedy removal pass
-    costs one exact evaluation per head, so this bounds the step's cost."""
-    ranked = sorted(kept, key=lambda h: (-single_score[h], h))
-    return sorted(ranked[:max_heads] if max_heads else ranked)
 
 
 class _Timer:
@@ -268,12 +260,11 @@ def run_search(
                     bar.update(1)
                     return Scores.from_dict(rec["scores"]).get(cfg.score)
 
-                pool = combine_pool(kept, exact_score, cfg.combine_max_heads)
-                if len(pool) < len(kept):
-                    _log(f"combined-set step starts from the best {len(pool)} of the {len(kept)} kept heads "
-                         f"(combine_max_heads)", quiet)
-                comb = combine_heads(pool, evaluate, base_score, singles=exact_score,
-                                     max_evals=cfg.combine_max_evals)
+                if cfg.combine_max_heads and len(kept) > cfg.combine_max_heads:
+                    _log(f"combined-set step starts from the best {cfg.combine_max_heads} of the {len(kept)} kept "
+                         "heads (combine_max_heads)", quiet)
+                comb = combine_heads(kept, evaluate, base_score, singles=exact_score,
+                                     max_heads=cfg.combine_max_heads, max_evals=cfg.combine_max_evals)
         elif kept:  # combined-set step off: the paper's rule alone (every kept head)
             comb = CombineResult(heads=kept, score=float("nan"), baseline=base_score, start=kept, start_score=None,
                                  note="combined-set step off: every kept head is returned, whatever the set scores")

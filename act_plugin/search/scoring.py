@@ -86,17 +86,16 @@ class Scores:
 
 
 def per_sample(lp: np.ndarray, gold: Sequence[int], valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(correct [N] bool, margin [N])`` from ``lp [N, Cmax]`` (invalid entries ignored)."""
-    lp = np.where(valid, np.asarray(lp, dtype=np.float64), -np.inf)
-    gold = np.asarray(gold, dtype=np.int64)
-    rows = np.arange(len(gold))
-    g = lp[rows, gold]
-    wrong = lp.copy()
-    wrong[rows, gold] = -np.inf
-    best_wrong = wrong.max(axis=1)
-    # ties count as wrong (argmax would pick the first; a tie is no evidence either way)
-    correct = g > best_wrong
-    return correct, g - best_wrong
+    """``(correct [N] bool, margin [N])`` from ``lp [N, Cmax]`` (invalid entries ignored).
+
+    The margin is :func:`margins_torch`'s, so the exact scores and the ranking pass's
+    objective are one definition. Ties count as wrong (a tie is no evidence either way)."""
+    import torch
+
+    margin = margins_torch(torch.from_numpy(np.asarray(lp, dtype=np.float64)),
+                           torch.as_tensor(np.asarray(gold, dtype=np.int64)),
+                           torch.from_numpy(np.asarray(valid, dtype=bool))).numpy()
+    return margin > 0, margin
 
 
 def score_logprobs(lp: np.ndarray, calib: CalibrationSet) -> Scores:
