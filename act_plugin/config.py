@@ -320,6 +320,20 @@ def explain_validation(e: ValidationError, model: type[BaseModel], kind: str) ->
     return f"invalid {kind}: " + "; ".join(msgs)
 
 
+def engine_args(v: Any, owner: str, error: type[ACTConfigError] = ACTConfigError) -> dict[str, Any]:
+    """A config's ``engine`` mapping (vLLM engine arguments; ``None`` = none). ``model`` and
+    ``additional_config`` are refused: ``owner`` (e.g. "the search (use the top-level
+    'model')") sets them."""
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise error(f"engine must be a mapping of vLLM engine arguments, got {type(v).__name__}")
+    for key in ("model", "additional_config"):
+        if key in v:
+            raise error(f"engine.{key} is set by {owner}")
+    return dict(v)
+
+
 def read_config_mapping(
     source: str | Path | Mapping[str, Any], kind: str, error: type[ACTConfigError] = ACTConfigError
 ) -> tuple[dict[str, Any], Path | None]:

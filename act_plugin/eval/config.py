@@ -29,6 +29,7 @@ from act_plugin.config import (
     REQUEST_OFF,
     ACTConfig,
     ACTConfigError,
+    engine_args,
     explain_validation,
     read_config_mapping,
 )
@@ -70,16 +71,7 @@ class EvalConfig(BaseModel):
     @field_validator("engine", mode="before")
     @classmethod
     def _engine(cls, v: Any) -> Any:
-        if v is None:
-            return {}
-        if not isinstance(v, Mapping):
-            raise ACTConfigError(f"engine must be a mapping of vLLM engine arguments, got {type(v).__name__}")
-        for key in ("model", "additional_config"):
-            if key in v:
-                raise ACTConfigError(
-                    f"engine.{key} is set by the eval runner (use the top-level 'model' and the 'arms')"
-                )
-        return dict(v)
+        return engine_args(v, "the eval runner (use the top-level 'model' and the 'arms')")
 
     @field_validator("arms", mode="before")
     @classmethod

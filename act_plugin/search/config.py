@@ -27,7 +27,14 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from act_plugin.config import ACTConfig, ACTConfigError, explain_validation, parse_index_spec, read_config_mapping
+from act_plugin.config import (
+    ACTConfig,
+    ACTConfigError,
+    engine_args,
+    explain_validation,
+    parse_index_spec,
+    read_config_mapping,
+)
 
 __all__ = ["SearchConfig", "FastOptions", "HFOptions", "load_search_config", "SearchConfigError"]
 
@@ -118,14 +125,7 @@ class SearchConfig(BaseModel):
     @field_validator("engine", mode="before")
     @classmethod
     def _engine(cls, v: Any) -> Any:
-        if v is None:
-            return {}
-        if not isinstance(v, Mapping):
-            raise SearchConfigError(f"engine must be a mapping of vLLM engine arguments, got {type(v).__name__}")
-        for key in ("model", "additional_config"):
-            if key in v:
-                raise SearchConfigError(f"engine.{key} is set by the search (use the top-level 'model')")
-        return dict(v)
+        return engine_args(v, "the search (use the top-level 'model')", SearchConfigError)
 
     @field_validator("tasks", mode="before")
     @classmethod
