@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from act_plugin.core import act_attention_blocked
-from act_plugin.vllm.kv_layout import KVSplit, gather_kv
+from act_plugin.kernels import calibrate_paged
+from act_plugin.vllm.kv_layout import KVSplit
 from act_plugin.vllm.runtime import WorkerState
 
 _PLAN_ATTR = "_act_step_plan"
@@ -28,15 +28,15 @@ _PLAN_ATTR = "_act_step_plan"
 
 @dataclass
 class SeqGroup:
-    """A padded group of sequences of one profile (all decode rows, or all prefill rows)."""
+    """The sequences of one profile in one step (all decode rows, or all prefill rows)."""
 
     profile: str
-    token_index: torch.Tensor  # [G, Lq] rows of the flat query tensor (clamped)
-    row_valid: torch.Tensor  # [G, Lq] bool
-    q_pos: torch.Tensor  # [G, Lq] absolute positions, -1 for padding
-    k_pos: torch.Tensor  # [G, Lk] 0..len-1, -1 past each sequence's length
     block_table: torch.Tensor  # [G, blocks]
-    max_k: int
+    seq_lens: torch.Tensor  # [G] keys of each sequence, this step's included
+    query_start: torch.Tensor  # [G] first row of each sequence in the flat query
+    query_lens: torch.Tensor  # [G] rows of each sequence in this step
+    max_query_len: int
+    max_seq_len: int
 
 
 @dataclass
@@ -52,8 +52,7 @@ def _host(t: torch.Tensor) -> torch.Tensor:
 
 def build_plan(state: WorkerState, metadata, device: torch.device) -> StepPlan:
     qsl = _host(metadata.query_start_loc)
-    seq_lens_dev = metadata.seq_lens
-    seq_lens = _host(seq_lens_dev)  # one small copy per step on accelerators
+    seq_lens = _host(metadata.seq_lens)  # one small copy per step on accelerators
     num_reqs = seq_lens.shape[0]
     q_lens = (qsl[1 : num_reqs + 1] - qsl[:num_reqs]).tolist()
     profiles = state.row_profiles(num_reqs)
@@ -67,25 +66,18 @@ def build_plan(state: WorkerState, metadata, device: torch.device) -> StepPlan:
         idx = torch.tensor(idx_list, dtype=torch.long)
         ql = torch.tensor([q_lens[i] for i in idx_list], dtype=torch.long)
         kl = seq_lens[idx].long()
-        max_q, max_k = int(ql.max()), int(kl.max())
-        ar_q = torch.arange(max_q)
-        row_valid = ar_q[None, :] < ql[:, None]
-        token_index = (qsl[idx].long()[:, None] + ar_q[None, :]).masked_fill(~row_valid, 0)
-        q_pos = ((kl - ql)[:, None] + ar_q[None, :]).masked_fill(~row_valid, -1)
-        ar_k = torch.arange(max_k)
-        k_pos = ar_k.expand(len(idx_list), max_k).masked_fill(ar_k[None, :] >= kl[:, None], -1)
         groups.append(
             SeqGroup(
                 profile=prof,
-                token_index=token_index.to(device, non_blocking=True),
-                row_valid=row_valid.to(device, non_blocking=True),
-                q_pos=q_pos.to(device, non_blocking=True),
-                k_pos=k_pos.to(device, non_blocking=True),
                 block_table=metadata.block_table.index_select(0, idx.to(metadata.block_table.device)),
-                max_k=max_k,
+                seq_lens=kl.to(device, non_blocking=True),
+                query_start=qsl[idx].long().to(device, non_blocking=True),
+                query_lens=ql.to(device, non_blocking=True),
+                max_query_len=int(ql.max()),
+                max_seq_len=int(kl.max()),
             )
         )
-    small = all(g.token_index.shape[1] == 1 for g in groups)
+    small = all(g.max_query_len == 1 for g in groups)
     return StepPlan(version=state.version, groups=groups, small=small)
 
 
@@ -170,16 +162,9 @@ class LayerCalibrator:
             if self.unsupported:
                 raise RuntimeError(f"ACT cannot calibrate layer {layer_idx}: {self.unsupported}")
             prof = state.profile(group.profile)
-            kv_heads = heads // self.queries_per_kv  # the KV head each calibrated query head reads
-            k = gather_kv(key_cache, group.block_table, group.max_k, kv_heads)
-            v = gather_kv(value_cache, group.block_table, group.max_k, kv_heads)
-            G, Lq = group.token_index.shape
-            q = query.index_select(0, group.token_index.reshape(-1)).view(G, Lq, self.num_heads, -1)
-            q = q.index_select(2, heads).permute(0, 2, 1, 3)  # [G, Hs, Lq, D]
-            res = act_attention_blocked(
-                q, k, v, group.q_pos, group.k_pos,
+            calibrate_paged(
+                query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
+                group.query_lens, heads, heads // self.queries_per_kv,
                 scale=self.scale, beta=prof.beta, threshold=prof.threshold, window=self.window,
+                max_query_len=group.max_query_len, max_seq_len=group.max_seq_len,
             )
-            cal = res.out.permute(0, 2, 1, 3).to(out.dtype)  # [G, Lq, Hs, D]
-            rows = group.token_index[group.row_valid]
-            out[rows.unsqueeze(1), heads.unsqueeze(0)] = cal[group.row_valid]
