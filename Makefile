@@ -5,6 +5,7 @@
 #   make test      run the test suite
 #   make demo      A/B evaluation demo (configs/demo.yaml)
 #   make bench     engine overhead benchmark (vanilla vs ACT)
+#   make test-gpu  the GPU suite (tests/gpu: CUDA + a CUDA vLLM; skipped elsewhere)
 #
 # Variables: VENV=.venv PYTHON=python3 EXTRAS=cpu,dev TORCH_VERSION=2.13.0 PYTEST_ARGS=...
 # e.g. `make install VENV=/tmp/venv-check`.
@@ -31,10 +32,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.act-plugin-installed
 
-.PHONY: help install check model test demo bench clean-venv
+.PHONY: help install check model test test-gpu demo bench clean-venv
 
 help:
-	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 # The stamp makes a repeated `make install` a no-op (plus the import check) until
 # pyproject.toml or this Makefile change or the venv is deleted.
@@ -65,6 +66,9 @@ model: install
 
 test: model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-gpu: model
+	$(PY) -m pytest -q -ra tests/gpu $(PYTEST_ARGS)
 
 demo: model
 	$(VENV)/bin/act-plugin eval $(DEMO_CONFIG)
