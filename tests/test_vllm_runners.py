@@ -252,3 +252,54 @@ def test_profiles_touching_unsupported_layers_are_refused():
     with pytest.raises(ACTEngineError):
         st.configure(ACTEngineConfig.from_any({"heads": {"1": [1]}}))
     assert st.engine_cfg == ACTEngineConfig.from_any({"heads": {"0": [1]}})
+
+
+# ----------------------------------------------------------------------------- runtime control
+class _FakeEngine:
+    """Answers collective_rpc like workers; the first act_set_config can be made to fail."""
+
+    def __init__(self, fail_first_set=False, is_async=False):
+        self.cfg = {"profiles": {"a": {"heads": {"1": [0]}}}, "default": None}
+        self.fail_first_set, self.is_async, self.calls = fail_first_set, is_async, []
+
+    def _answer(self, method, args):
+        self.calls.append(method)
+        if method == "act_set_config":
+            if self.fail_first_set and self.calls.count("act_set_config") == 1:
+                raise RuntimeError("worker 1 failed")
+            self.cfg = args[0]
+        return [self.cfg if method != "act_check_config" else None]
+
+    def collective_rpc(self, method, args=()):
+        if self.is_async:
+            async def later():
+                return self._answer(method, args)
+            return later()
+        return self._answer(method, args)
+
+
+def test_control_rolls_back_and_guards_the_front_end(monkeypatch):
+    import asyncio
+
+    from act_plugin.vllm import control
+    from act_plugin.vllm.runtime import frontend_state
+
+    monkeypatch.setattr(control, "_act_on", lambda engine: True)
+    monkeypatch.setattr(control, "_validated", lambda engine, cfg: ACTEngineConfig.from_any(cfg))
+    old = ACTEngineConfig.from_any({"profiles": {"a": {"heads": {"1": [0]}}}, "default": None})
+    monkeypatch.setattr(frontend_state, "engine_cfg", old)
+    new = {"profiles": {"x": {"heads": {"2": [1]}}}, "default": "x"}
+
+    eng = _FakeEngine(fail_first_set=True)
+    with pytest.raises(RuntimeError, match="worker 1 failed"):
+        control.set_act_config(eng, new)
+    assert eng.calls == ["act_get_config", "act_check_config", "act_set_config", "act_set_config"]  # rolled back
+    assert ACTEngineConfig.from_any(eng.cfg) == old and frontend_state.engine_cfg == old
+
+    eng = _FakeEngine(is_async=True)
+    with pytest.raises(TypeError, match="await control.aset_act_config"):
+        control.set_act_config(eng, new)
+    assert eng.calls == [] and frontend_state.engine_cfg == old  # nothing reached the workers
+    got = asyncio.run(control.aset_act_config(eng, new))
+    assert got.default == "x" and frontend_state.engine_cfg == got
+    assert set(asyncio.run(control.aget_act_config(eng)).profiles) == {"x"}
