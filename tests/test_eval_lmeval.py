@@ -27,7 +27,7 @@ def lm(smollm2_path):
 
 @pytest.fixture(scope="module")
 def samples(lm, shared_data):
-    from act_plugin.eval.tasks import load_samples
+    from act_plugin.tasks import load_samples
 
     return (load_samples("sst2", "test", shared_data, limit=3, seed=0, tokenizer=lm.tokenizer)
             + load_samples("arc_easy", "test", shared_data, limit=2, seed=0, tokenizer=lm.tokenizer))

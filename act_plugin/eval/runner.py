@@ -33,7 +33,7 @@ from act_plugin.config import ACTConfigError, ACTEngineConfig
 from act_plugin.eval import report as _report
 from act_plugin.eval.config import BASELINE, EvalConfig
 from act_plugin.eval.stats import compare, macro_bootstrap_ci
-from act_plugin.eval.tasks import REPO_ROOT, check_data, get_task, lm_eval_name, resolve_data_dir, write_lm_eval_tasks
+from act_plugin.tasks import REPO_ROOT, check_data, get_task, lm_eval_name, resolve_data_dir, write_lm_eval_tasks
 
 __all__ = ["run_eval", "EvalRun", "tasks_folder"]
 

@@ -63,7 +63,7 @@ def _log(msg: str, quiet: bool = False) -> None:
 
 def build_calibration_set(cfg: SearchConfig, tokenizer: Any) -> tuple[CalibrationSet, dict[str, int]]:
     """Training-split prompts of every task, ``samples_per_task`` each (seeded draw)."""
-    from act_plugin.eval.tasks import load_samples
+    from act_plugin.tasks import load_samples
 
     prompts, choices, gold, tasks = [], [], [], []
     counts: dict[str, int] = {}
