@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from act_plugin.config import ACTConfig, model_shape
+from act_plugin.heads import group_by_layer
 from act_plugin.search.combine import CombineResult, combine_heads
 from act_plugin.search.config import SearchConfig, SearchConfigError
 from act_plugin.search.scoring import CalibrationSet, Scores, score_logprobs
@@ -283,9 +284,7 @@ def run_search(
 
     total_s = time.perf_counter() - t0
     # ---------------------------------------------------------------- report
-    heads_map: dict[int, list[int]] = {}
-    for lyr, h in selected:
-        heads_map.setdefault(lyr, []).append(h)
+    heads_map = group_by_layer(selected)
     date = started.strftime("%Y-%m-%d")
     source = (f"act-plugin search {date}: method {cfg.method}"
               + (f" (first-order ranking, top {cfg.fast.top_k} verified in {exact_backend})"
