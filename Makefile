@@ -1,12 +1,13 @@
 # act-plugin developer tooling.
 #
-#   make install   create $(VENV) and install act-plugin[cpu,dev] with the CPU torch (idempotent)
+#   make install   create $(VENV) and install act-plugin[cpu,eval,dev] with the CPU torch (idempotent)
 #   make model     build the embedded default model (smollm2-135m) into the models cache
 #   make test      run the test suite
 #   make demo      A/B evaluation demo (configs/demo.yaml)
 #   make bench     engine overhead benchmark (vanilla vs ACT)
+#   make lint      ruff and mypy on the package (settings in pyproject.toml)
 #
-# Variables: VENV=.venv PYTHON=python3 EXTRAS=cpu,dev TORCH_VERSION=2.13.0 PYTEST_ARGS=...
+# Variables: VENV=.venv PYTHON=python3 EXTRAS=cpu,eval,dev TORCH_VERSION=2.13.0 PYTEST_ARGS=...
 # e.g. `make install VENV=/tmp/venv-check`.
 
 SHELL := /bin/bash
@@ -15,7 +16,9 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= cpu,dev
+# cpu: vLLM's CPU build; eval: lm-eval, scipy, matplotlib; dev: pytest, ruff, mypy.
+# A serving-only install is `pip install act-plugin[cpu]`.
+EXTRAS ?= cpu,eval,dev
 TORCH_VERSION ?= 2.13.0
 # Extra index for torch, e.g. https://download.pytorch.org/whl/cpu on machines without a local
 # +cpu wheel (otherwise pip on Linux would pick the CUDA build from PyPI). Empty: pip's config.
@@ -31,10 +34,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.act-plugin-installed
 
-.PHONY: help install check model test demo bench clean-venv
+.PHONY: help install check model test lint demo bench clean-venv
 
 help:
-	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 # The stamp makes a repeated `make install` a no-op (plus the import check) until
 # pyproject.toml or this Makefile change or the venv is deleted.
@@ -52,9 +55,10 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 check:
-	@$(PY) -c "import act_plugin, vllm, transformers, lm_eval, torch; \
+	@$(PY) -c "import act_plugin, vllm, transformers, torch; \
 	print('ok: act_plugin', act_plugin.__version__, '| vllm', vllm.__version__, '| transformers', \
-	transformers.__version__, '| lm_eval', lm_eval.__version__, '| torch', torch.__version__)"
+	transformers.__version__, '| torch', torch.__version__)"
+	@case "$(EXTRAS)" in *eval*) $(PY) -c "import lm_eval, scipy, matplotlib; print('ok: lm_eval', lm_eval.__version__)";; esac
 	@case "$(EXTRAS)" in *cpu*) $(PY) -c "import torch, sys; \
 	sys.exit(0 if torch.version.cuda is None else 'a CUDA torch was installed: ' + torch.__version__)";; esac
 
@@ -65,6 +69,11 @@ model: install
 
 test: model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The package only (tests and benchmarks are not held to the same typing bar).
+lint: install
+	$(VENV)/bin/ruff check act_plugin
+	$(VENV)/bin/mypy
 
 demo: model
 	$(VENV)/bin/act-plugin eval $(DEMO_CONFIG)

@@ -138,7 +138,7 @@ def model_shape(model_config: Any) -> ModelShape:
 
 
 class ACTConfig(BaseModel):
-    """How and where to calibrate attention (``../shared/ACT_SPEC.md``)."""
+    """How and where to calibrate attention (``docs/ACT_SPEC.md``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

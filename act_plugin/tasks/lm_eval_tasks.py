@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from act_plugin.config import ACTConfigError
-from act_plugin.tasks.data import REPO_ROOT
 from act_plugin.tasks.prompts import load_docs
 from act_plugin.tasks.registry import TASKS, TaskSpec, get_task
 

@@ -58,7 +58,8 @@ class TaskSpec:
         split = canonical_split(split)
         if split in self.files:
             return f"{self.files[split]} ({'official ' + self.test_name if split == 'test' else split} split)"
-        return (f"{self.files['all']} ({split}: seeded {self.train_fraction:.0%}/{1 - self.train_fraction:.0%} "
+        train = self.train_fraction or 0.0  # a task without the split never gets here (raw_rows refuses it)
+        return (f"{self.files['all']} ({split}: seeded {train:.0%}/{1 - train:.0%} "
                 f"train/test carve-out, seed {CARVE_SEED})")
 
 
@@ -117,7 +118,8 @@ _CLASSIFICATION = [
 ]
 
 _MC_SOURCES = {
-    "arc_easy": ("ARC-Easy", "mc/arc_easy.jsonl", read_mc_plain, "Generate the correct answer to the following question."),
+    "arc_easy": ("ARC-Easy", "mc/arc_easy.jsonl", read_mc_plain,
+                 "Generate the correct answer to the following question."),
     "arc_challenge": ("ARC-Challenge", "mc/arc_challenge.jsonl", read_mc_plain,
                       "Generate the correct answer to the following question."),
     "piqa": ("PIQA", "mc/piqa.jsonl", read_mc_plain, "Generate the correct solution to accomplish the following goal."),
@@ -147,7 +149,8 @@ SUITES["paper"] = SUITES["classification"] + SUITES["multiple_choice"]
 
 
 def get_task(name: str) -> TaskSpec:
-    key = name[len(LM_EVAL_PREFIX):] if name.startswith(LM_EVAL_PREFIX) and name[len(LM_EVAL_PREFIX):] in TASKS else name
+    bare = name.removeprefix(LM_EVAL_PREFIX)
+    key = bare if bare != name and bare in TASKS else name
     if key not in TASKS:
         raise ACTConfigError(
             f"unknown task {name!r}; project tasks: {', '.join(TASKS)}; suites: {', '.join(SUITES)}; "

