@@ -19,6 +19,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Import names of the packages of the [eval] extra (pyproject.toml): a lean install that runs
+# a command needing them gets the extra's name, not a traceback.
+EVAL_EXTRA_MODULES = ("lm_eval", "scipy", "matplotlib")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="act-plugin", description="Attention calibration (ACT) for vLLM")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,11 +47,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args(sys.argv[1:])
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
     try:
+        args = build_parser().parse_args(sys.argv[1:])
         return int(importlib.import_module(args._module).run(args) or 0)
     except ACTConfigError as e:
-        print(f"act-plugin {args.command}: error: {e}", file=sys.stderr)
+        print(f"act-plugin {command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in EVAL_EXTRA_MODULES:
+            raise
+        print(f"act-plugin {command}: error: {e.name} is not installed; this command needs the [eval] extra: "
+              f"pip install 'act-plugin[eval]'", file=sys.stderr)
         return 2
 
 

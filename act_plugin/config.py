@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -137,7 +138,7 @@ def model_shape(model_config: Any) -> ModelShape:
 
 
 class ACTConfig(BaseModel):
-    """How and where to calibrate attention (``../shared/ACT_SPEC.md``)."""
+    """How and where to calibrate attention (``docs/ACT_SPEC.md``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -190,16 +191,7 @@ class ACTConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ACTConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise ACTConfigError(f"ACT config file not found: {p}")
-        data = _load_text(p.read_text(), str(p))
-        if isinstance(data, Mapping) and "act" in data and len(data) == 1:
-            data = data["act"]
-        try:
-            return cls.from_any(data)
-        except ACTConfigError as e:
-            raise ACTConfigError(f"{p}: {e}") from None
+        return parse_act_file(path, cls.from_any)
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(exclude_none=True)
@@ -284,13 +276,37 @@ def _looks_like_path(s: str) -> bool:
     return "\n" not in s and not s.startswith(("{", "[")) and (s.endswith((".yaml", ".yml", ".json")) or Path(s).is_file())
 
 
-def _load_text(text: str, where: str) -> Any:
+def _load_text(text: str, where: str, error: type[ACTConfigError] = ACTConfigError) -> Any:
     import yaml  # YAML is a superset of JSON
 
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ACTConfigError(f"{where}: not valid YAML/JSON: {e}") from None
+        raise error(f"{where}: not valid YAML/JSON: {e}") from None
+
+
+def load_config_file(path: str | Path, kind: str, error: type[ACTConfigError] = ACTConfigError) -> tuple[Any, Path]:
+    """The parsed YAML/JSON content of a config file and its path: the one place config files
+    are read. Raises ``error`` naming the file when it is missing or does not parse."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{kind} file not found: {p}")
+    return _load_text(p.read_text(), str(p), error), p
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+def parse_act_file(path: str | Path, parse: Callable[[Any], _Parsed]) -> _Parsed:
+    """An ACT (engine) config file through ``parse``; a file holding only ``act: ...`` is
+    unwrapped, and errors are prefixed with the file's path."""
+    data, p = load_config_file(path, "ACT config")
+    if isinstance(data, Mapping) and set(data) == {"act"}:
+        data = data["act"]
+    try:
+        return parse(data)
+    except ACTConfigError as e:
+        raise ACTConfigError(f"{p}: {e}") from None
 
 
 def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel]:
@@ -342,10 +358,7 @@ def read_config_mapping(
     a mapping."""
     if isinstance(source, Mapping):
         return dict(source), None
-    p = Path(source)
-    if not p.is_file():
-        raise error(f"{kind} file not found: {p}")
-    data = _load_text(p.read_text(), str(p))
+    data, p = load_config_file(source, kind, error)
     if not isinstance(data, Mapping):
         raise error(f"{p}: the {kind} must be a mapping, got {type(data).__name__}")
     return dict(data), p
@@ -380,16 +393,7 @@ class ACTEngineConfig(BaseModel):
         if isinstance(obj, ACTConfig):
             return cls(profiles={"default": obj}, default="default")
         if isinstance(obj, Path) or (isinstance(obj, str) and _looks_like_path(obj)):
-            p = Path(obj)
-            if not p.is_file():
-                raise ACTConfigError(f"ACT config file not found: {p}")
-            data = _load_text(p.read_text(), str(p))
-            if isinstance(data, Mapping) and set(data) == {"act"}:
-                data = data["act"]
-            try:
-                return cls.from_any(data)
-            except ACTConfigError as e:
-                raise ACTConfigError(f"{p}: {e}") from None
+            return parse_act_file(obj, cls.from_any)
         if isinstance(obj, str):
             obj = _load_text(obj, "ACT engine config")
         if obj is None:

@@ -67,6 +67,7 @@ __all__ = [
     "read_manifest",
     "pull",
     "ensure_model",
+    "resolve_pretrained",
     "add_arguments",
     "run",
 ]
@@ -557,6 +558,16 @@ def ensure_model(name_or_path: str, cache_dir: str | Path | None = None) -> str:
         f"{name_or_path!r} is neither an existing model directory nor an embedded model name; "
         f"embedded models: {names} (see `act-plugin models list`)"
     )
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """What to hand an engine as its model: an existing folder (absolute), an embedded model
+    name (pulled if needed: its folder), else the string unchanged (a hub id the engine loads)."""
+    if os.path.isdir(os.path.expanduser(str(pretrained))):
+        return os.path.abspath(os.path.expanduser(str(pretrained)))
+    if str(pretrained) in load_registry():
+        return ensure_model(str(pretrained))
+    return pretrained
 
 
 # --------------------------------------------------------------------------- CLI

@@ -15,7 +15,7 @@ PROFILES = {"act": {"beta": 0.4, "heads": "2-27:0,4"}, "identity": {"beta": 1.0,
 
 @pytest.fixture(scope="module")
 def lm(smollm2_path):
-    from act_plugin.lmeval import ActVLLM
+    from act_plugin.eval.model import ActVLLM
 
     model = ActVLLM(pretrained=smollm2_path, dtype="float32", max_model_len=1024, seed=0,
                     act={"profiles": PROFILES, "default": None}, act_profile="off")
@@ -27,7 +27,7 @@ def lm(smollm2_path):
 
 @pytest.fixture(scope="module")
 def samples(lm, shared_data):
-    from act_plugin.eval.tasks import load_samples
+    from act_plugin.tasks import load_samples
 
     return (load_samples("sst2", "test", shared_data, limit=3, seed=0, tokenizer=lm.tokenizer)
             + load_samples("arc_easy", "test", shared_data, limit=2, seed=0, tokenizer=lm.tokenizer))
@@ -36,7 +36,8 @@ def samples(lm, shared_data):
 def test_registered_with_lm_eval(lm):
     from lm_eval.api.registry import get_model
 
-    from act_plugin.lmeval import ActVLLM, vllm_version
+    from act_plugin.eval.model import ActVLLM
+    from act_plugin.vllm.compat import vllm_version
 
     assert get_model("act-vllm") is ActVLLM and type(lm) is ActVLLM
     assert vllm_version().startswith("0.")

@@ -9,7 +9,7 @@ import pytest
 from act_plugin.config import ACTConfig, ModelShape
 from act_plugin.eval.config import load_eval_config
 from act_plugin.eval.paper import SOURCE, convert_paper_head_sets, default_json_path, render_paper_configs
-from act_plugin.eval.tasks import REPO_ROOT
+from act_plugin.tasks import REPO_ROOT
 
 PAPER = REPO_ROOT / "configs" / "paper"
 SHAPES = {  # both published models: 32 layers x 32 query heads

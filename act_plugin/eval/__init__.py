@@ -1,11 +1,34 @@
 """A/B evaluation of attention calibration with lm-evaluation-harness.
 
-* :mod:`act_plugin.eval.tasks` -- the ACT paper suite over local data (``load_samples``);
+* :mod:`act_plugin.tasks` -- the ACT paper suite over local data (``load_samples``), shared with search;
 * :mod:`act_plugin.eval.config` -- the eval config (``EvalConfig``);
 * :mod:`act_plugin.eval.runner` -- runs every arm through ``lm_eval.simple_evaluate``;
+* :mod:`act_plugin.eval.model` -- the lm-eval model ``act-vllm`` (``ActVLLM``; imports vLLM and lm-eval);
+* :mod:`act_plugin.eval.scoring` -- next-token scoring, one prefill per context (pure);
 * :mod:`act_plugin.eval.stats` -- paired bootstrap CIs and McNemar tests;
 * :mod:`act_plugin.eval.report` -- ``results.json``, ``report.md``, the chart, per-sample files;
 * :mod:`act_plugin.eval.cli` -- ``act-plugin eval CONFIG.yaml``.
 
-Importing this package is cheap (no vLLM, no lm-eval).
+Importing this package is cheap (no vLLM, no lm-eval): the model is registered with lm-eval
+by :func:`register_lm_eval_model`, lazily.
 """
+
+from __future__ import annotations
+
+__all__ = ["LM_EVAL_MODEL_NAME", "register_lm_eval_model"]
+
+LM_EVAL_MODEL_NAME = "act-vllm"
+_MODEL_TARGET = "act_plugin.eval.model:ActVLLM"
+
+
+def register_lm_eval_model() -> None:
+    """Register ``act-vllm`` with lm-eval without importing vLLM: lm-eval imports
+    :mod:`act_plugin.eval.model` the first time the model is looked up. Idempotent."""
+    try:
+        from lm_eval.api.registry import model_registry
+    except ImportError:  # lm-eval without lazy registration: import (and so register) the model now
+        import act_plugin.eval.model  # noqa: F401
+
+        return
+    if LM_EVAL_MODEL_NAME not in model_registry:
+        model_registry.register(LM_EVAL_MODEL_NAME, target=_MODEL_TARGET)

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from act_plugin.eval.config import load_eval_config
-    from act_plugin.eval.tasks import check_data, resolve_data_dir
+    from act_plugin.tasks import check_data, resolve_data_dir
 
     limit = args.limit
     if limit is not None and float(limit).is_integer():

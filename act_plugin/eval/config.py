@@ -108,7 +108,7 @@ class EvalConfig(BaseModel):
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, v: Any) -> Any:
-        from act_plugin.eval.tasks import resolve_task_names
+        from act_plugin.tasks import resolve_task_names
 
         if isinstance(v, str):
             v = [t for t in v.split(",") if t.strip()]

@@ -1,7 +1,7 @@
 """Run an A/B evaluation through the real lm-evaluation-harness.
 
 Every arm runs ``lm_eval.simple_evaluate`` with the ``act-vllm`` model
-(:class:`act_plugin.lmeval.ActVLLM`), the same tasks, limit, few-shot settings and engine
+(:class:`act_plugin.eval.model.ActVLLM`), the same tasks, limit, few-shot settings and engine
 arguments. With ``share_engine: true`` (default) one engine holds every calibrated arm as a
 named ACT profile and each arm is chosen per request (``extra_args={"act": arm}``;
 ``"off"`` for the baseline). With ``share_engine: false`` each arm gets its own engine,
@@ -33,7 +33,7 @@ from act_plugin.config import ACTConfigError, ACTEngineConfig
 from act_plugin.eval import report as _report
 from act_plugin.eval.config import BASELINE, EvalConfig
 from act_plugin.eval.stats import compare, macro_bootstrap_ci
-from act_plugin.eval.tasks import REPO_ROOT, check_data, get_task, lm_eval_name, resolve_data_dir, write_lm_eval_tasks
+from act_plugin.tasks import REPO_ROOT, check_data, get_task, lm_eval_name, resolve_data_dir, write_lm_eval_tasks
 
 __all__ = ["run_eval", "EvalRun", "tasks_folder"]
 
@@ -173,13 +173,14 @@ def run_eval(
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when vLLM is first imported
     out.mkdir(parents=True, exist_ok=True)
 
-    from act_plugin.lmeval import ActVLLM, _resolve_pretrained
+    from act_plugin.eval.model import ActVLLM
+    from act_plugin.models import resolve_pretrained
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     _quiet_logs(verbose)
 
-    model_path = _resolve_pretrained(cfg.model)
+    model_path = resolve_pretrained(cfg.model)
     lm_tasks = {t: lm_eval_name(t) for t in cfg.tasks}
     # lm-eval's own task index (thousands of YAMLs) is only scanned when a config names one of them
     own = any(t.startswith("lm_eval:") for t in cfg.tasks)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
     }
     cfg = load_search_config(args.config, **overrides)
-    from act_plugin.eval.tasks import check_data, resolve_data_dir
+    from act_plugin.tasks import check_data, resolve_data_dir
 
     data_dir, how = resolve_data_dir(cfg.data_dir)
     check_data(cfg.tasks, data_dir, splits=("train",))

@@ -25,7 +25,6 @@ from typing import Callable, Iterable
 __all__ = ["CombineResult", "combine_heads", "combine_pool"]
 
 Head = tuple[int, int]
-HeadSet = frozenset
 
 
 @dataclass
@@ -66,17 +65,15 @@ def combine_heads(
     evaluate: Callable[[frozenset], float],
     baseline: float,
     singles: dict[Head, float] | None = None,
-    known: dict[frozenset, float] | None = None,
     max_heads: int | None = None,
     max_evals: int | None = None,
-    on_step: Callable[[dict], None] | None = None,
 ) -> CombineResult:
     """Greedy backward elimination from ``kept`` (see the module docs).
 
     ``evaluate(frozenset_of_heads) -> score`` (higher is better); ``baseline`` is the score
     of the empty set; ``singles`` the exact score of each head alone (orders the removals and
-    joins the final choice); ``known`` scores of sets already evaluated (not re-evaluated);
-    ``max_heads`` starts from the best that many kept heads by single score (needs ``singles``).
+    joins the final choice); ``max_heads`` starts from the best that many kept heads by
+    single score (needs ``singles``).
     """
     kept = sorted({(int(a), int(b)) for a, b in kept})
     singles = {tuple(k): float(v) for k, v in (singles or {}).items()}
@@ -86,8 +83,6 @@ def combine_heads(
             raise ValueError(f"max_heads needs the single score of every kept head; missing {unscored}")
         kept = combine_pool(kept, singles, max_heads)
     scores: dict[frozenset, float] = {frozenset(): float(baseline)}
-    for s, v in (known or {}).items():
-        scores[frozenset(s)] = float(v)
     for h, v in singles.items():
         scores.setdefault(frozenset([h]), v)
     result = CombineResult(heads=[], score=float(baseline), baseline=float(baseline), start=kept, start_score=None)
@@ -101,8 +96,6 @@ def combine_heads(
             result.evaluations += 1
         step = {"action": action, "heads": [list(h) for h in _key(s)], "score": scores[s]}
         result.steps.append(step)
-        if on_step:
-            on_step(step)
         return scores[s]
 
     if kept:

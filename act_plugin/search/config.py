@@ -130,7 +130,7 @@ class SearchConfig(BaseModel):
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, v: Any) -> Any:
-        from act_plugin.eval.tasks import get_task, resolve_task_names
+        from act_plugin.tasks import get_task, resolve_task_names
 
         if isinstance(v, str):
             v = [t for t in v.split(",") if t.strip()]

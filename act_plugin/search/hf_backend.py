@@ -45,6 +45,7 @@ from act_plugin.calibration import (
     refuse_hf_layer,
     replace_heads,
 )
+from act_plugin.heads import group_by_layer
 from act_plugin.search.scoring import CalibrationSet, margins_torch, sample_weights
 
 __all__ = ["SEARCH_IMPL", "HFSearchBackend", "make_batches"]
@@ -327,9 +328,7 @@ class HFSearchBackend:
     def evaluate(self, heads: Iterable[Head], progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Answer log-probabilities ``[N, Cmax]`` with ``heads`` calibrated (none: baseline)."""
         heads = sorted({(int(a), int(b)) for a, b in heads})
-        by_layer: dict[int, list[int]] = {}
-        for layer, h in heads:
-            by_layer.setdefault(layer, []).append(h)
+        by_layer = group_by_layer(heads)
         exact = {layer: torch.tensor(hs, dtype=torch.long) for layer, hs in by_layer.items()}
         if not heads:
             if self._grad_baseline is not None and not self._missing():
@@ -383,9 +382,7 @@ class HFSearchBackend:
         ``on_batch(index, record)`` is called after each computed batch."""
         global _ACTIVE
         cand = sorted({(int(a), int(b)) for a, b in candidates})
-        by_layer: dict[int, list[int]] = {}
-        for layer, h in cand:
-            by_layer.setdefault(layer, []).append(h)
+        by_layer = group_by_layer(cand)
         heads_t = {layer: torch.tensor(hs, dtype=torch.long) for layer, hs in by_layer.items()}
         total = np.zeros((self.num_layers, self.num_heads))
         lp_all = np.full((len(self.calib), self.calib.max_choices), np.nan)
@@ -430,9 +427,7 @@ class HFSearchBackend:
         """The ranking objective (macro mean margin) with head ``(l, h)`` interpolated
         ``alpha`` of the way to its calibrated output (no gradient; for checks)."""
         global _ACTIVE
-        by_layer: dict[int, list[tuple[int, float]]] = {}
-        for (layer, h), a in sorted(alphas.items()):
-            by_layer.setdefault(int(layer), []).append((int(h), float(a)))
+        by_layer = group_by_layer((layer, (int(h), float(a))) for (layer, h), a in sorted(alphas.items()))
         heads_t = {layer: torch.tensor([h for h, _ in v], dtype=torch.long) for layer, v in by_layer.items()}
         gates = {layer: torch.tensor([a for _, a in v], dtype=torch.float32) for layer, v in by_layer.items()}
         total = 0.0

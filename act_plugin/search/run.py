@@ -1,6 +1,6 @@
 """``run_search``: calibration set -> candidate scores -> combined set -> ACT config + report.
 
-Methods (``../shared/ACT_SPEC.md`` section 3):
+Methods (``docs/ACT_SPEC.md`` section 3):
 
 * ``exact`` -- the paper's procedure: every candidate head calibrated alone and scored on
   the calibration set in one running vLLM engine (runtime reconfiguration between
@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from act_plugin.config import ACTConfig, model_shape
+from act_plugin.heads import group_by_layer
 from act_plugin.search.combine import CombineResult, combine_heads
 from act_plugin.search.config import SearchConfig, SearchConfigError
 from act_plugin.search.scoring import CalibrationSet, Scores, score_logprobs
@@ -63,7 +64,7 @@ def _log(msg: str, quiet: bool = False) -> None:
 
 def build_calibration_set(cfg: SearchConfig, tokenizer: Any) -> tuple[CalibrationSet, dict[str, int]]:
     """Training-split prompts of every task, ``samples_per_task`` each (seeded draw)."""
-    from act_plugin.eval.tasks import load_samples
+    from act_plugin.tasks import load_samples
 
     prompts, choices, gold, tasks = [], [], [], []
     counts: dict[str, int] = {}
@@ -283,9 +284,7 @@ def run_search(
 
     total_s = time.perf_counter() - t0
     # ---------------------------------------------------------------- report
-    heads_map: dict[int, list[int]] = {}
-    for lyr, h in selected:
-        heads_map.setdefault(lyr, []).append(h)
+    heads_map: dict[int, list[int]] = group_by_layer((lyr, h) for lyr, h in selected)
     date = started.strftime("%Y-%m-%d")
     source = (f"act-plugin search {date}: method {cfg.method}"
               + (f" (first-order ranking, top {cfg.fast.top_k} verified in {exact_backend})"

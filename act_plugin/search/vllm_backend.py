@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from act_plugin.heads import group_by_layer
 from act_plugin.search.scoring import CalibrationSet
 
 __all__ = ["VLLMSearchBackend", "PROFILE"]
@@ -67,9 +68,7 @@ class VLLMSearchBackend:
 
         heads = sorted({(int(a), int(b)) for a, b in heads})
         if heads:
-            by_layer: dict[str, list[int]] = {}
-            for layer, h in heads:
-                by_layer.setdefault(str(layer), []).append(h)
+            by_layer = {str(layer): hs for layer, hs in group_by_layer(heads).items()}
             control.set_act_config(self.llm, {"profiles": {PROFILE: {
                 "beta": self.beta, "threshold": self.threshold, "heads": by_layer}}, "default": None})
             arm = PROFILE

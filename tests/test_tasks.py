@@ -1,4 +1,4 @@
-"""The ACT paper suite over local data (act_plugin.eval.tasks, evals/tasks)."""
+"""The ACT paper suite over local data (act_plugin.tasks, evals/tasks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from act_plugin.eval.tasks import (
+from act_plugin.tasks import (
     REPO_ROOT,
     SUITES,
     TASKS,
@@ -151,7 +151,7 @@ def test_shipped_lm_eval_tasks_match_the_definitions():
     folder = REPO_ROOT / "evals" / "tasks"
     expected = render_lm_eval_tasks()
     shipped = {p.name: p.read_text() for p in folder.iterdir() if p.suffix in (".yaml", ".py")}
-    assert shipped == expected, "regenerate with: python -m act_plugin.eval.tasks evals/tasks"
+    assert shipped == expected, "regenerate with: python -m act_plugin.tasks evals/tasks"
     assert set(SUITES["paper"]) <= set(TASKS)
 
 
