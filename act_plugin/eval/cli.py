@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     data_dir, how = resolve_data_dir(cfg.data_dir)
     check_data(cfg.tasks, data_dir)
     if args.check:
-        print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, data {data_dir} ({how})")
+        print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, limit {cfg.limit}, "
+              f"data {data_dir} ({how})")
         return 0
     from act_plugin.eval.runner import run_eval
 
