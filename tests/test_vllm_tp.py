@@ -29,7 +29,7 @@ def test_global_to_local_head_mapping(tp_size, num_heads, num_kv_heads):
     local_count = num_heads // tp_size
     seen = []
     for rank in range(tp_size):
-        local = TPSlice(rank, tp_size, num_heads, 4).local_heads(global_heads, local_count)
+        local = TPSlice(rank, num_heads, 4).local_heads(global_heads, local_count)
         assert all(0 <= h < local_count for h in local)
         seen += [rank * local_count + h for h in local]
         # vLLM's rank-local GQA grouping: local query head h reads local KV head

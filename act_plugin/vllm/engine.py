@@ -2,42 +2,28 @@
 
 Runs inside ``Platform.check_and_update_config`` (wrapped by :func:`install_config_hook`),
 i.e. while vLLM builds its ``VllmConfig`` in the front-end process, before any worker
-starts. Everything that can be wrong with an ACT configuration is reported here, with a
-message naming the problem, instead of as a failure deep inside a worker.
+starts. Everything that can be judged from the configuration alone is judged here, with a
+message naming the problem and the setting; what needs the loaded model (backends, layer
+kinds, unsupported features) is judged by the workers' start-up self-check.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-from act_plugin.config import ACTConfigError, ACTEngineConfig
+from act_plugin.capabilities import SUPPORTED_KV_CACHE_DTYPES
+from act_plugin.config import ACTEngineConfig
+from act_plugin.vllm.router import V1_ROUTER_FQCN, V2_ROUTER_FQCN
+from act_plugin.vllm.runtime import frontend_state
+from act_plugin.vllm.selfcheck import BACKEND_HINT, ACTEngineError, wrapped_backend_names
+from act_plugin.vllm.settings import ADDITIONAL_CONFIG_KEY, act_explicitly_off, read_engine_settings
 
 logger = logging.getLogger("act_plugin")
 
-ENV_CONFIG = "ACT_CONFIG"
-ADDITIONAL_CONFIG_KEY = "act"
-ROUTER_FQCN = "act_plugin.vllm.router:ACTRequestRouter"
 WORKER_EXTENSION_FQCN = "act_plugin.vllm.worker.ACTWorkerExtension"
 
-
-class ACTEngineError(ACTConfigError):
-    """An engine setting that ACT cannot work with."""
-
-
-def raw_act_config(additional_config: Any) -> Any:
-    """The engine's ACT configuration as given (None when ACT is not configured)."""
-    if isinstance(additional_config, dict) and ADDITIONAL_CONFIG_KEY in additional_config:
-        return additional_config[ADDITIONAL_CONFIG_KEY]
-    path = os.environ.get(ENV_CONFIG)
-    if path:
-        return path
-    return None
-
-
-def act_configured(vllm_config: Any) -> bool:
-    return vllm_config is not None and raw_act_config(getattr(vllm_config, "additional_config", None)) is not None
+__all__ = ["ACTEngineError", "install_config_hook", "apply_engine_settings"]
 
 
 def install_config_hook() -> None:
@@ -60,10 +46,12 @@ def install_config_hook() -> None:
 
 def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     """Validate the ACT config against the model and set the engine up for it."""
-    raw = raw_act_config(getattr(vllm_config, "additional_config", None))
-    if raw is None or vllm_config.model_config is None:
+    additional = getattr(vllm_config, "additional_config", None)
+    settings = read_engine_settings(additional)
+    if settings is None or vllm_config.model_config is None:
+        frontend_state.set(None, explicitly_off=act_explicitly_off(additional))
         return None
-    engine_cfg = ACTEngineConfig.from_any(raw)
+    engine_cfg = settings.engine_cfg
     model_config = vllm_config.model_config
     engine_cfg.validate_for(model_config.hf_text_config)
     _check_supported(vllm_config)
@@ -71,6 +59,8 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     sched = vllm_config.scheduler_config
     cache = vllm_config.cache_config
     changed = []
+    if settings.source != "additional_config":
+        changed.append(f"configuration read from {settings.source}")
     # Sink statistics are per forward call over the rows that call computes (spec §5):
     # a prompt split into chunks, or partly served from the prefix cache, would see
     # fewer rows and calibrate differently. One-call prefill, no prefix cache.
@@ -89,49 +79,58 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     if getattr(sched, "max_num_scheduled_tokens", None) is not None and sched.max_num_scheduled_tokens < model_config.max_model_len:
         sched.max_num_scheduled_tokens = model_config.max_model_len
 
-    from vllm.platforms import current_platform
+    changed += _limit_cuda_graphs(vllm_config)
 
-    if current_platform.is_cuda_alike():
-        # The calibration plans each step on the host from the live batch; a captured
-        # CUDA graph would replay a stale plan.
-        from vllm.config import CUDAGraphMode
-
-        comp = vllm_config.compilation_config
-        if comp.cudagraph_mode != CUDAGraphMode.NONE:
-            comp.cudagraph_mode = CUDAGraphMode.NONE
-            changed.append("CUDA graphs off")
-
-    procs = list(model_config.logits_processors or [])
-    if ROUTER_FQCN not in procs:
-        procs.append(ROUTER_FQCN)
-        model_config.logits_processors = procs
+    # Per-request arms: the router of the model runner this engine will use.
+    runner = "v2" if vllm_config.use_v2_model_runner else "v1"
+    router, other = (V2_ROUTER_FQCN, V1_ROUTER_FQCN) if runner == "v2" else (V1_ROUTER_FQCN, V2_ROUTER_FQCN)
+    procs = [p for p in (model_config.logits_processors or []) if p != other]
+    if router not in procs:
+        procs.append(router)
+    model_config.logits_processors = procs
 
     parallel = vllm_config.parallel_config
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = WORKER_EXTENSION_FQCN
     elif parallel.worker_extension_cls != WORKER_EXTENSION_FQCN:
-        logger.warning(
-            "act-plugin: worker_extension_cls is already %s; runtime reconfiguration "
-            "(act_plugin.vllm.set_act_config) will not be available",
-            parallel.worker_extension_cls,
+        raise ACTEngineError(
+            f"worker_extension_cls is already {parallel.worker_extension_cls!r}; act-plugin needs "
+            f"{WORKER_EXTENSION_FQCN!r} for runtime control and status. Remove the other worker extension."
         )
 
-    # Workers re-read the config from here: resolved once (ACT_CONFIG files included), so
-    # every process calibrates with exactly the same settings.
+    # Workers read the config from here: resolved once (ACT_CONFIG files included), so every
+    # process calibrates with exactly the same settings.
     if not isinstance(vllm_config.additional_config, dict):
         raise ACTEngineError("additional_config must be a dict to carry the 'act' configuration")
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = engine_cfg.to_dict()
 
-    from act_plugin.vllm.runtime import frontend_state
-
     frontend_state.set(engine_cfg)
     logger.info(
-        "act-plugin: ACT on (profiles %s, default %s)%s",
+        "act-plugin: ACT on (profiles %s, default %s, model runner %s)%s",
         sorted(engine_cfg.profiles),
         engine_cfg.default,
+        runner.upper(),
         f"; {', '.join(changed)}" if changed else "",
     )
     return engine_cfg
+
+
+def _limit_cuda_graphs(vllm_config: Any) -> list[str]:
+    """Keep CUDA graphs, but only piecewise ones: attention (where ACT runs, with its per-step
+    plan) stays outside the captured pieces, so a replay never reuses a stale plan. Full
+    graphs around attention need the kernels' device-side planning (see README)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        return []
+    from vllm.config import CUDAGraphMode
+
+    comp = vllm_config.compilation_config
+    mode = comp.cudagraph_mode
+    if mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        return []
+    comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    return [f"CUDA graphs {mode.name} -> PIECEWISE (attention runs eagerly)"]
 
 
 def _check_supported(vllm_config: Any) -> None:
@@ -142,7 +141,7 @@ def _check_supported(vllm_config: Any) -> None:
             "stored per head); remove the 'act' configuration for this model"
         )
     dtype = str(vllm_config.cache_config.cache_dtype)
-    if dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float"):
+    if dtype not in SUPPORTED_KV_CACHE_DTYPES:
         raise ACTEngineError(
             f"ACT does not support kv_cache_dtype={dtype!r} (quantized KV cache); use kv_cache_dtype='auto'"
         )
@@ -151,4 +150,15 @@ def _check_supported(vllm_config: Any) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ACTEngineError("ACT supports tensor parallelism but not pipeline parallelism (pipeline_parallel_size > 1)")
     if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
-        raise ACTEngineError("ACT does not support decode context parallelism")
+        raise ACTEngineError("ACT does not support decode context parallelism (decode_context_parallel_size > 1)")
+    if getattr(vllm_config.parallel_config, "prefill_context_parallel_size", 1) > 1:
+        raise ACTEngineError("ACT does not support prefill context parallelism (prefill_context_parallel_size > 1)")
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if backend is not None:
+        name = getattr(backend, "name", str(backend))
+        if name not in wrapped_backend_names():
+            raise ACTEngineError(
+                f"ACT is configured, but the attention backend is set to {name}, which act-plugin does not wrap. "
+                "Choose a wrapped backend with " + BACKEND_HINT.format(choices="|".join(wrapped_backend_names()))
+                + ", or start the engine without an ACT configuration."
+            )

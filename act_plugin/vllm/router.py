@@ -1,10 +1,18 @@
-"""Per-request ACT arm, carried by vLLM's own per-request plumbing.
+"""Per-request ACT arm, carried by vLLM's own per-request plumbing, for both model runners.
 
-vLLM gives custom logits processors two hooks that are exactly what per-request ACT
-needs: ``validate_params`` runs in the front end on every request (a ``ValueError`` there
-becomes an HTTP 400 for that request alone), and ``update_state`` is told, before every
-forward pass, which persistent-batch row holds which request. The router records each
-row's ``extra_args["act"]`` for the attention backends; it never touches logits.
+vLLM's custom logits processors get the two hooks per-request ACT needs: ``validate_params``
+runs in the front end on every request (a ``ValueError`` there becomes an HTTP 400 for that
+request alone), and the worker is told when a request enters the batch and into which slot.
+The routers record each admitted request's arm in :attr:`WorkerState.arms`, keyed by slot;
+they never touch logits.
+
+* V1 model runner (CPU today; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``):
+  :class:`ACTRequestRouter`, a V1 ``LogitsProcessor``; the slot is the persistent-batch row,
+  which is also the request's position in the step's batch.
+* Model Runner V2 (vLLM's default on CUDA): :class:`ACTRequestRouterV2`, a V2
+  ``LogitsProcessor``; ``add_request(req_idx, params)`` keys the request's state slot, and the
+  step's batch position -> slot mapping reaches the attention metadata builder as
+  ``CommonAttentionMetadata.req_idx`` (see :mod:`act_plugin.vllm.plan`).
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
-from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+from vllm.v1.sample.logits_processor import BatchUpdate
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from act_plugin.config import ACTConfigError
-from act_plugin.vllm.runtime import NO_REQUEST_VALUE, frontend_state, worker_state
+from act_plugin.vllm.runtime import NO_REQUEST_VALUE, frontend_state, normalize_request_value, worker_state
 
 REQUEST_KEY = "act"
 
@@ -26,24 +35,34 @@ def request_value(params: Any) -> Any:
     return extra.get(REQUEST_KEY, NO_REQUEST_VALUE)
 
 
-class ACTRequestRouter(LogitsProcessor):
+def validate_request(sampling_params: Any) -> None:
+    """Front-end check of a request's ``act`` value (ValueError -> HTTP 400 for that request)."""
+    value = request_value(sampling_params)
+    if value == NO_REQUEST_VALUE:
+        return
+    cfg = frontend_state.engine_cfg
+    if cfg is None:
+        why = "ACT is explicitly off on this engine" if frontend_state.explicitly_off else (
+            "this engine was started without an ACT configuration")
+        raise ValueError(f"{why}; the request value act={value!r} is not accepted")
+    try:
+        cfg.resolve_request(normalize_request_value(value))
+    except ACTConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+class ACTRequestRouter(V1LogitsProcessor):
+    """V1 model runner adapter: slots are persistent-batch rows."""
+
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        value = request_value(sampling_params)
-        if value == NO_REQUEST_VALUE:
-            return
-        cfg = frontend_state.engine_cfg
-        if cfg is None:
-            raise ValueError("this engine was started without an ACT configuration; 'act' is not accepted")
-        try:
-            cfg.resolve_request(value)
-        except ACTConfigError as e:
-            raise ValueError(str(e)) from None
+        validate_request(sampling_params)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         # A new persistent batch starts empty; the newest router is the live one.
-        worker_state.rows = {}
-        self.rows = worker_state.rows
+        worker_state.arms = {}
+        worker_state.runner = "v1"
+        self.arms = worker_state.arms
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -52,4 +71,61 @@ class ACTRequestRouter(LogitsProcessor):
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.rows, batch_update, lambda params, _prompt, _out: request_value(params))
+        if not batch_update:
+            return
+        arms = self.arms
+        # vLLM's documented order: removed, added, moved.
+        for index in batch_update.removed:
+            arms.pop(index, None)
+        for index, params, _prompt, output_tok_ids in batch_update.added:
+            arm = worker_state.resolve_arm(request_value(params))
+            # A request re-added with output tokens is one that was preempted.
+            worker_state.note_admitted(arm, resumed=bool(output_tok_ids))
+            if arm is None:
+                arms.pop(index, None)
+            else:
+                arms[index] = arm
+        for a, b, _direction in batch_update.moved:
+            a_arm, b_arm = arms.pop(a, None), arms.pop(b, None)
+            if a_arm is not None:
+                arms[b] = a_arm
+            if b_arm is not None and _direction.name == "SWAP":
+                arms[a] = b_arm
+
+
+class ACTRequestRouterV2(V2LogitsProcessor):
+    """Model Runner V2 adapter: slots are request-state indices (``req_idx``)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        validate_request(sampling_params)
+
+    def __init__(self, vllm_config, req_states) -> None:
+        worker_state.arms = {}
+        worker_state.runner = "v2"
+        self.arms = worker_state.arms
+        self.req_states = req_states
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        arm = worker_state.resolve_arm(request_value(sampling_params))
+        worker_state.note_admitted(arm, resumed=self._resumed(req_idx))
+        # Slots are recycled: overwrite whatever the previous occupant left.
+        if arm is None:
+            self.arms.pop(req_idx, None)
+        else:
+            self.arms[req_idx] = arm
+        return False  # never modifies logits
+
+    def _resumed(self, req_idx: int) -> bool:
+        # prefill_len = prompt + output already generated when a preempted request returns.
+        try:
+            return int(self.req_states.prefill_len.np[req_idx]) > int(self.req_states.prompt_len.np[req_idx])
+        except (AttributeError, IndexError, TypeError):
+            return False
+
+    def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        return logits
+
+
+V1_ROUTER_FQCN = f"{__name__}:ACTRequestRouter"
+V2_ROUTER_FQCN = f"{__name__}:ACTRequestRouterV2"

@@ -3,35 +3,58 @@
 * :data:`frontend_state` lives in the process that builds the engine configuration and
   validates per-request values (``SamplingParams.extra_args["act"]``) before they reach
   the engine.
-* :data:`worker_state` lives in each worker: the profiles in force, which batch row
-  (persistent-batch index) asked for which profile, and the per-layer local head indices
-  of each profile under this worker's tensor-parallel slice.
+* :data:`worker_state` lives in each worker: the profiles in force, the arm of each request
+  slot (resolved once, when the request is admitted, so a reconfiguration never changes the
+  arm of a running request), the per-layer local heads of each profile under this worker's
+  tensor-parallel slice, the start-up layer report and counters.
+
+A request *slot* is where the model runner keeps a request: the persistent-batch row under
+the V1 model runner, the request-state index under Model Runner V2. The routers
+(:mod:`act_plugin.vllm.router`) fill :attr:`WorkerState.arms` from either runner; the step
+plan (:mod:`act_plugin.vllm.plan`) maps batch positions to slots.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from act_plugin.config import ACTConfig, ACTEngineConfig
+from act_plugin.config import ACTConfig, ACTConfigError, ACTEngineConfig
+from act_plugin.vllm.settings import ADDITIONAL_CONFIG_KEY
 
-# Marks "the request did not say": it follows the engine's default profile, even when the
-# default changes at runtime.
+logger = logging.getLogger("act_plugin")
+
+# Marks "the request did not say": it follows the engine's default profile.
 NO_REQUEST_VALUE = "__act_default__"
+# Log the first preemption of a calibrated request, then every this many.
+PREEMPTION_LOG_EVERY = 100
 
 
 class FrontendState:
+    """The front end's view: which profiles requests may name (None = ACT not configured)."""
+
     def __init__(self) -> None:
         self.engine_cfg: ACTEngineConfig | None = None
+        self.explicitly_off = False
 
-    def set(self, cfg: ACTEngineConfig | None) -> None:
+    def set(self, cfg: ACTEngineConfig | None, explicitly_off: bool = False) -> None:
         self.engine_cfg = cfg
+        self.explicitly_off = explicitly_off
 
 
 frontend_state = FrontendState()
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What one request runs: a profile name and that profile's settings at admission."""
+
+    profile: str
+    config: ACTConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +62,6 @@ class TPSlice:
     """This worker's contiguous slice of the global query heads."""
 
     rank: int
-    size: int
     num_heads: int  # global query heads
     num_layers: int
 
@@ -53,68 +75,95 @@ class WorkerState:
     engine_cfg: ACTEngineConfig = field(default_factory=ACTEngineConfig)
     version: int = 0
     tp: TPSlice | None = None
-    # persistent-batch row -> raw per-request value (kept by the request router)
-    rows: dict[int, Any] = field(default_factory=dict)
+    runner: str = "unknown"  # "v1" or "v2": which model runner feeds the routers
+    # request slot -> its arm (slots of uncalibrated requests hold no entry)
+    arms: dict[int, Arm] = field(default_factory=dict)
+    # profiles removed by a reconfiguration, kept so that a request the front end admitted
+    # before the removal still runs the arm it was admitted with
+    retired: dict[str, ACTConfig] = field(default_factory=dict)
+    preemptions: int = 0  # calibrated requests recomputed after a preemption
+    unroutable: int = 0  # requests naming a profile this worker never held (a bug if > 0)
+    layers: list[dict] = field(default_factory=list)  # start-up report (selfcheck)
     _heads_cache: dict = field(default_factory=dict)
-    _layers_cache: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def configure(self, engine_cfg: ACTEngineConfig) -> None:
+    # ------------------------------------------------------------------ configuration
+    def check(self, engine_cfg: ACTEngineConfig) -> None:
+        """Raise ACTConfigError if this worker cannot run ``engine_cfg`` (nothing changes)."""
         if self.tp is not None:
-            engine_cfg.validate_for(
-                {"num_hidden_layers": self.tp.num_layers, "num_attention_heads": self.tp.num_heads}
-            )
+            engine_cfg.validate_for({"num_hidden_layers": self.tp.num_layers, "num_attention_heads": self.tp.num_heads})
+        from act_plugin.vllm.selfcheck import check_profiles_against_layers
+
+        check_profiles_against_layers(engine_cfg, self.layers)
+
+    def configure(self, engine_cfg: ACTEngineConfig) -> None:
+        self.check(engine_cfg)
         with self.lock:
+            for name, prof in self.engine_cfg.profiles.items():
+                if name not in engine_cfg.profiles:
+                    self.retired[name] = prof
+            for name in engine_cfg.profiles:
+                self.retired.pop(name, None)
             self.engine_cfg = engine_cfg
             self.version += 1
-            self._heads_cache.clear()
-            self._layers_cache.clear()
 
-    def profile(self, name: str | None) -> ACTConfig | None:
+    # ------------------------------------------------------------------ requests
+    def resolve_arm(self, value: Any) -> Arm | None:
+        """The arm of a request being admitted (None = uncalibrated)."""
+        cfg = self.engine_cfg
+        if value == NO_REQUEST_VALUE:
+            name = cfg.default
+        else:
+            try:
+                name = cfg.resolve_request(normalize_request_value(value))
+            except ACTConfigError:
+                retired = self.retired.get(str(value).strip()) if isinstance(value, str) else None
+                if retired is not None:
+                    return Arm(str(value).strip(), retired)
+                # The front end validates every value against profiles the workers hold
+                # (control.py updates workers first), so this is a bug, not user input:
+                # count and log it rather than take the engine down.
+                self.unroutable += 1
+                logger.error("act-plugin: request names ACT profile %r that this worker never held; "
+                             "running it uncalibrated (unroutable=%d)", value, self.unroutable)
+                return None
         if name is None:
             return None
-        return self.engine_cfg.profiles.get(name)
+        prof = cfg.profiles[name]
+        return None if prof.is_identity else Arm(name, prof)
 
-    def row_profiles(self, num_rows: int) -> list[str | None]:
-        """Profile name of each batch row (None = uncalibrated)."""
-        cfg = self.engine_cfg
-        out: list[str | None] = []
-        for i in range(num_rows):
-            raw = self.rows.get(i, NO_REQUEST_VALUE)
-            if raw == NO_REQUEST_VALUE:
-                out.append(cfg.default)
-                continue
-            try:
-                out.append(cfg.resolve_request(raw))
-            except ValueError:
-                # Validated in the front end; a profile removed by a later reconfiguration
-                # leaves its running requests uncalibrated rather than crashing the engine.
-                out.append(None)
-        return out
-
-    def calibrated_layers(self) -> frozenset[int]:
-        """Layers that some profile calibrates (fast path for all other layers)."""
-        key = ("layers", self.version)
-        got = self._layers_cache.get(key)
-        if got is None:
-            got = frozenset(
-                layer
-                for prof in self.engine_cfg.profiles.values()
-                if not prof.is_identity
-                for layer in prof.heads
+    def note_admitted(self, arm: Arm | None, resumed: bool) -> None:
+        """Count calibrated requests that come back after a preemption: vLLM recomputes them
+        in one prefill over prompt + output, so their later tokens see other statistics."""
+        if arm is None or not resumed:
+            return
+        self.preemptions += 1
+        if self.preemptions == 1 or self.preemptions % PREEMPTION_LOG_EVERY == 0:
+            logger.warning(
+                "act-plugin: %d calibrated request(s) preempted and recomputed so far; their later tokens are "
+                "calibrated with different statistics (enlarge the KV cache to avoid preemption)",
+                self.preemptions,
             )
-            self._layers_cache = {key: got}
+
+    # ------------------------------------------------------------------ heads
+    def calibrated_layers(self) -> frozenset[int]:
+        """Layers that some profile (or a retired profile still in use) calibrates."""
+        key = ("layers", self.version, len(self.retired))
+        got = self._heads_cache.get(key)
+        if got is None:
+            profs = list(self.engine_cfg.profiles.values()) + list(self.retired.values())
+            got = frozenset(layer for prof in profs if not prof.is_identity for layer in prof.heads)
+            self._heads_cache[key] = got
         return got
 
-    def local_heads(self, profile: str, layer: int, num_local_heads: int, device: torch.device) -> torch.Tensor | None:
-        """Local query-head indices of ``profile`` in ``layer`` for this worker (None = none)."""
-        key = (self.version, profile, layer, num_local_heads, device)
+    def local_heads(self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device) -> torch.Tensor | None:
+        """Local query-head indices of ``prof`` in ``layer`` for this worker (None = none)."""
+        key = (prof.hash, layer, num_local_heads, device)
         if key in self._heads_cache:
             return self._heads_cache[key]
-        prof = self.engine_cfg.profiles.get(profile)
         result = None
-        if prof is not None and not prof.is_identity and layer in prof.heads:
-            tp = self.tp or TPSlice(0, 1, num_local_heads, layer + 1)
+        if not prof.is_identity and layer in prof.heads:
+            tp = self.tp or TPSlice(0, num_local_heads, layer + 1)
             global_heads = prof.resolve(max(tp.num_layers, layer + 1), tp.num_heads)[layer]
             local = tp.local_heads(global_heads, num_local_heads)
             if local:
@@ -122,27 +171,47 @@ class WorkerState:
         self._heads_cache[key] = result
         return result
 
+    def status(self) -> dict:
+        return {
+            "config": self.engine_cfg.to_dict(),
+            "runner": self.runner,
+            "tp_rank": self.tp.rank if self.tp else 0,
+            "layers": self.layers,
+            "preemptions": self.preemptions,
+            "unroutable": self.unroutable,
+            "retired_profiles": sorted(self.retired),
+        }
+
+
+def normalize_request_value(value: Any) -> Any:
+    """JSON booleans sent over HTTP arrive as 1/0 in ``vllm_xargs``: read them as true/false."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    return value
+
 
 worker_state = WorkerState()
 _init_lock = threading.Lock()
 
 
 def init_worker_state(vllm_config: Any) -> WorkerState:
-    """Load the engine's ACT config into this worker (once per process and config)."""
-    from act_plugin.vllm.engine import ADDITIONAL_CONFIG_KEY
-
+    """Load the engine's ACT config into this worker (once per process)."""
     with _init_lock:
         if worker_state.tp is None:
-            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+            from vllm.distributed import get_tensor_model_parallel_rank
 
             try:
-                rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+                rank = get_tensor_model_parallel_rank()
             except (AssertionError, RuntimeError):  # parallel state not initialised (tests)
-                rank, size = 0, 1
+                rank = 0
             hf = vllm_config.model_config.hf_text_config
             worker_state.tp = TPSlice(
-                rank=rank, size=size, num_heads=int(hf.num_attention_heads), num_layers=int(hf.num_hidden_layers)
+                rank=rank, num_heads=int(hf.num_attention_heads), num_layers=int(hf.num_hidden_layers)
             )
+            worker_state.runner = "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1"
             raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-            worker_state.configure(ACTEngineConfig.from_any(raw))
+            worker_state.engine_cfg = ACTEngineConfig.from_any(raw)
+            worker_state.version += 1
     return worker_state

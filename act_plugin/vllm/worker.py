@@ -1,7 +1,9 @@
-"""Worker extension: runtime control of ACT through ``LLM.collective_rpc``.
+"""Worker extension: runtime control and status of ACT through ``collective_rpc``.
 
 Installed as vLLM's ``worker_extension_cls`` when ACT is on; every worker (each
-tensor-parallel rank) gets the same calls.
+tensor-parallel rank) gets the same calls. Use :mod:`act_plugin.vllm.control` rather than
+calling these directly: it checks every worker before any switches and updates the front end
+only after all have.
 """
 
 from __future__ import annotations
@@ -11,16 +13,30 @@ from typing import Any
 from act_plugin.config import ACTEngineConfig
 
 
+def _state(worker: Any):
+    from act_plugin.vllm.runtime import init_worker_state
+
+    return init_worker_state(worker.vllm_config)
+
+
 class ACTWorkerExtension:
+    def act_check_config(self, config: Any) -> None:
+        """Raise if this worker cannot run ``config``; changes nothing."""
+        _state(self).check(ACTEngineConfig.from_any(config))
+
     def act_set_config(self, config: Any) -> dict:
         """Replace the engine's ACT profiles/default; returns the config now in force."""
-        from act_plugin.vllm.runtime import init_worker_state
-
-        state = init_worker_state(self.vllm_config)  # type: ignore[attr-defined]
+        state = _state(self)
         state.configure(ACTEngineConfig.from_any(config))
         return state.engine_cfg.to_dict()
 
     def act_get_config(self) -> dict:
-        from act_plugin.vllm.runtime import init_worker_state
+        return _state(self).engine_cfg.to_dict()
 
-        return init_worker_state(self.vllm_config).engine_cfg.to_dict()  # type: ignore[attr-defined]
+    def act_status(self) -> dict:
+        from act_plugin.vllm.selfcheck import configured_layer_report
+
+        state = _state(self)
+        status = state.status()
+        status["layers"] = configured_layer_report(state)
+        return status

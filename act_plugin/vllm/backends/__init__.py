@@ -1,77 +1,143 @@
 """Wrapped vLLM attention backends, one file per native backend.
 
-Each wrapper subclasses the native ``Backend`` and hands out the native ``Impl`` unless the
-engine being built has an ACT configuration; then it hands out a subclass of the native
-``Impl`` whose ``forward`` runs the native kernel and lets a
-:class:`~act_plugin.vllm.calibrate.LayerCalibrator` overwrite the configured heads.
+Each wrapper is a subclass of the native ``Backend`` made by :func:`act_backend`. While the
+engine being built has no ACT configuration it hands out the native ``Impl`` and metadata
+builder, so such an engine runs vanilla vLLM. With ACT on it hands out:
+
+* a metadata builder subclass (:func:`act_builder`) whose ``build`` adds the step's
+  :class:`~act_plugin.vllm.plan.StepPlan` to the native metadata: per-step work where vLLM
+  does per-step work, before the forward pass and outside any CUDA graph;
+* an ``Impl`` subclass with :class:`ACTImplMixin`: the native kernel computes every head, then
+  a :class:`~act_plugin.vllm.calibrate.LayerCalibrator` overwrites the configured heads.
+
+The first ACT builder a worker constructs (after the model is loaded) runs the start-up
+self-check (:mod:`act_plugin.vllm.selfcheck`).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-from act_plugin.vllm.calibrate import LayerCalibrator
+from act_plugin.capabilities import LayerFeatures
+from act_plugin.vllm.calibrate import PLAN_ATTR, LayerCalibrator
 from act_plugin.vllm.kv_layout import KVSplit
+from act_plugin.vllm.plan import build_step_plan
+from act_plugin.vllm.settings import act_configured
 
 
 def act_enabled_for_current_engine() -> bool:
-    from vllm.config import get_current_vllm_config
+    from vllm.config import get_current_vllm_config_or_none
 
-    from act_plugin.vllm.engine import act_configured
-
-    try:
-        cfg = get_current_vllm_config()
-    except Exception:  # no config context (tests building a bare impl)
-        return False
-    return act_configured(cfg)
+    return act_configured(get_current_vllm_config_or_none())
 
 
-def make_calibrator(impl: Any, kv_split: KVSplit) -> LayerCalibrator:
-    """A calibrator for a native ``Impl`` after its ``__init__`` ran."""
-    from vllm.config import get_current_vllm_config
+def impl_features(impl: Any) -> LayerFeatures:
+    """What a native ``Impl`` computes, for the capability table."""
+    attn_type = getattr(impl, "attn_type", "decoder")
+    return LayerFeatures(
+        attn_type=str(getattr(attn_type, "value", attn_type)),  # vLLM's AttentionType enum or str
+        alibi=getattr(impl, "alibi_slopes", None) is not None,
+        logit_softcap=bool(getattr(impl, "logits_soft_cap", None)),
+        learned_sinks=getattr(impl, "sinks", None) is not None,
+        kv_cache_dtype=str(getattr(impl, "kv_cache_dtype", "auto")),
+    )
 
-    from act_plugin.vllm.engine import ACTEngineError
-    from act_plugin.vllm.runtime import init_worker_state
 
-    kv_dtype = str(getattr(impl, "kv_cache_dtype", "auto"))
-    if kv_dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise ACTEngineError(f"ACT does not support kv_cache_dtype={kv_dtype!r}; use 'auto'")
-    unsupported = []
-    if getattr(impl, "alibi_slopes", None) is not None:
-        unsupported.append("ALiBi position bias")
-    if getattr(impl, "logits_soft_cap", None):
-        unsupported.append("logit soft-capping")
-    if getattr(impl, "sinks", None) is not None:
-        unsupported.append("learned attention sinks (s_aux)")
+def _window(impl: Any) -> int | None:
     window = getattr(impl, "sliding_window", None)
     if isinstance(window, tuple):  # flash-attn style (left, right)
-        window = window[0] + 1 if window[0] >= 0 else None
-    return LayerCalibrator(
-        state=init_worker_state(get_current_vllm_config()),
-        num_heads=impl.num_heads,
-        num_kv_heads=impl.num_kv_heads,
-        scale=float(impl.scale),
-        sliding_window=window,
-        kv_split=kv_split,
-        unsupported=", ".join(unsupported) or None,
-    )
+        return window[0] + 1 if window[0] >= 0 else None
+    return window if window and window > 0 else None
 
 
 class ACTImplMixin:
     """Mixed in before a native ``Impl``: native forward, then ACT on the configured heads."""
 
-    def act_kv_split(self, kv_cache):  # pragma: no cover - overridden per backend
-        raise NotImplementedError
+    act_kv_split: KVSplit  # set by act_impl()
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.act = make_calibrator(self, self.act_kv_split)
+        from vllm.config import get_current_vllm_config
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
-        result = super().forward(
+        from act_plugin.vllm.runtime import init_worker_state
+
+        impl: Any = self
+        # Unsupported features are judged at start by the self-check, which knows the
+        # layer; the calibrator keeps what it needs to compute.
+        self.act_features = impl_features(impl)
+        self.act = LayerCalibrator(
+            state=init_worker_state(get_current_vllm_config()),
+            num_heads=impl.num_heads,
+            num_kv_heads=impl.num_kv_heads,
+            scale=float(impl.scale),
+            sliding_window=_window(impl),
+            kv_split=type(self).act_kv_split,
+        )
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        result = super().forward(  # type: ignore[misc]
             layer, query, key, value, kv_cache, attn_metadata, output,
             output_scale=output_scale, output_block_scale=output_block_scale,
         )
-        if self.attn_type == "decoder":
-            self.act.apply(layer, query, kv_cache, attn_metadata, output)
+        self.act.apply(query, kv_cache, attn_metadata, output)
         return result
+
+
+def act_builder(native_builder: type) -> type:
+    """Subclass of a native metadata builder whose metadata carries the ACT step plan."""
+
+    class ACTMetadataBuilder(native_builder):  # type: ignore[valid-type, misc]
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+            from act_plugin.vllm.runtime import init_worker_state
+            from act_plugin.vllm.selfcheck import run_startup_check
+
+            self.act_state = init_worker_state(vllm_config)
+            self.act_device = device
+            self.act_head_size = int(kv_cache_spec.head_size)
+            self.act_max_heads = int(vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config))
+            run_startup_check(vllm_config)
+
+        def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
+            metadata = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+            setattr(metadata, PLAN_ATTR, build_step_plan(
+                self.act_state, common_attn_metadata, self.act_device,
+                head_size=self.act_head_size, max_heads=self.act_max_heads,
+            ))
+            return metadata
+
+    ACTMetadataBuilder.__name__ = ACTMetadataBuilder.__qualname__ = "ACT" + native_builder.__name__
+    return ACTMetadataBuilder
+
+
+@cache
+def act_impl(native_impl: type, kv_split: KVSplit) -> type:
+    cls = type("ACT" + native_impl.__name__, (ACTImplMixin, native_impl), {"act_kv_split": staticmethod(kv_split)})
+    return cls
+
+
+def act_backend(native_backend: type, kv_split: KVSplit, impl_base: type | None = None) -> type:
+    """The wrapper of ``native_backend``: native parts without ACT, ACT parts with it.
+
+    ``impl_base`` replaces the native ``Impl`` as the base of the ACT impl (for backends that
+    need a per-backend hook before the calibration, e.g. CPU_ATTN's layout check).
+    """
+    native_impl = native_backend.get_impl_cls()
+    native_builder_cls = native_backend.get_builder_cls()
+    impl_cls = act_impl(impl_base or native_impl, kv_split)
+    builder_cls = act_builder(native_builder_cls)
+
+    def get_impl_cls():
+        return impl_cls if act_enabled_for_current_engine() else native_impl
+
+    def get_builder_cls():
+        return builder_cls if act_enabled_for_current_engine() else native_builder_cls
+
+    return type(
+        "ACT" + native_backend.__name__,
+        (native_backend,),
+        {"get_impl_cls": staticmethod(get_impl_cls), "get_builder_cls": staticmethod(get_builder_cls),
+         "act_native_backend": native_backend},
+    )

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from act_plugin.vllm.backends import ACTImplMixin, act_enabled_for_current_engine
+from act_plugin.vllm.backends import act_backend
 from act_plugin.vllm.kv_layout import cpu_attn_split, verify_cpu_layout
 
 
-class ACTCPUAttentionImpl(ACTImplMixin, CPUAttentionBackendImpl):
-    def act_kv_split(self, kv_cache):
-        return cpu_attn_split(kv_cache)
+class CPUAttentionImplWithLayoutCheck(CPUAttentionBackendImpl):
+    """The native impl, checking once that ACT reads the cache layout of the ISA in use."""
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
         if attn_metadata is not None and not getattr(self, "_act_layout_checked", False):
             # The ISA is chosen by the metadata builder; check our reader against it once.
             verify_cpu_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
             self._act_layout_checked = True
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                               output_block_scale)
 
 
-class ACTCPUAttentionBackend(CPUAttentionBackend):
-    @staticmethod
-    def get_impl_cls():
-        return ACTCPUAttentionImpl if act_enabled_for_current_engine() else CPUAttentionBackendImpl
+ACTCPUAttentionBackend = act_backend(CPUAttentionBackend, cpu_attn_split, impl_base=CPUAttentionImplWithLayoutCheck)
