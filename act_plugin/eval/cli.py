@@ -11,7 +11,7 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="eval config (YAML), e.g. configs/demo.yaml")
     parser.add_argument("--output-dir", "-o", default=None, help="results folder (default: the config's "
-                        "output_dir, else runs/<name>-<timestamp>)")
+                        "output_dir, else runs/<name>; rerunning the same command resumes an interrupted run there)")
     parser.add_argument("--limit", default=None, help="documents per task, a fraction < 1, or 'all' "
                         "(overrides the config)")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (overrides the config)")
@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     r = result.results
     print(f"\nresults: {result.output_dir}", file=sys.stderr)
     if result.reused:
-        print(f"resumed: {len(result.reused)} finished (arm, task) pieces reused", file=sys.stderr)
+        total = len(cfg.arms) * len(cfg.tasks)
+        again = " (nothing re-run: delete the folder or pass another -o to run again)" if len(result.reused) == total else ""
+        print(f"resumed: {len(result.reused)} finished (arm, task) pieces reused of {total}{again}", file=sys.stderr)
     for arm, s in r.summary.items():
         print(f"{arm} vs baseline: mean delta {_pts(s.mean_delta)} points "
               f"[{_pts(s.ci_low)}, {_pts(s.ci_high)}] over {len(r.tasks)} tasks "

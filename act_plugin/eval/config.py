@@ -75,7 +75,8 @@ class EvalConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4],
                              description="few-shot seeds (k>0 runs once per seed; k=0 uses the first only)")
     data_dir: str | None = Field(None, description="offline data folder (default: $ACT_DATA_DIR, ../shared/data)")
-    output_dir: str | None = Field(None, description="where results go (default runs/<name>-<timestamp>)")
+    output_dir: str | None = Field(
+        None, description="where results go (default runs/<name>; the same command resumes an interrupted run)")
     share_engine: bool = Field(True, description="one engine for all arms (per-request switch) or one per arm")
     next_token: bool = Field(True, description="score single-token answers from one prefill of the prompt")
     batch_size: int | str = Field("auto", description="requests per engine call ('auto' = all at once)")

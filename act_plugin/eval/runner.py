@@ -128,11 +128,10 @@ def _versions() -> dict[str, str]:
 
 
 def _output_dir(cfg: EvalConfig, output_dir: str | os.PathLike | None) -> Path:
-    chosen = output_dir or cfg.output_dir
-    if chosen:
-        return Path(chosen).expanduser().resolve()
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (Path.cwd() / "runs" / f"{cfg.name or 'eval'}-{stamp}").resolve()
+    # The default folder is fixed (no timestamp) so that rerunning the same command after an
+    # interruption resumes there; a changed config is refused there with a message.
+    chosen = output_dir or cfg.output_dir or Path("runs") / (cfg.name or "eval")
+    return Path(chosen).expanduser().resolve()
 
 
 # ---------------------------------------------------------------------------- run state
