@@ -161,3 +161,22 @@ def test_killed_eval_resumes_without_losing_or_changing_results(run, smollm2_pat
                 assert x["loglikelihoods"] == pytest.approx(y["loglikelihoods"], abs=1e-5)
         c1, c2 = resumed["tasks"][task]["comparisons"]["act"], whole["tasks"][task]["comparisons"]["act"]
         assert (c1["improved"], c1["worsened"], c1["delta"]) == (c2["improved"], c2["worsened"], c2["delta"])
+
+
+# ------------------------------------------------------------------------ issue 11 finding 5
+def test_vanilla_baseline_engine_ignores_an_exported_act_config(smollm2_path, shared_data, tmp_path, monkeypatch):
+    """With one engine per arm, the baseline's engine is started with ACT explicitly off: an
+    ACT_CONFIG exported in the shell (here: every head of layers 2-27 at beta 0) is ignored,
+    as the engine's read-back shows, and the calibrated arm runs its own config."""
+    from act_plugin.eval.runner import run_eval
+
+    leaked = tmp_path / "leaked.yaml"
+    leaked.write_text(yaml.safe_dump({"beta": 0.0, "heads": "2-27:*"}))
+    monkeypatch.setenv("ACT_CONFIG", str(leaked))
+    cfg = load_eval_config({**config(smollm2_path, shared_data), "share_engine": False, "tasks": ["sst2"],
+                            "limit": 5, "arms": {"baseline": None, "act": {"beta": 0.4, "heads": "2-27:0,4"}}})
+    run = run_eval(cfg, output_dir=tmp_path / "out", progress=False)
+    base, act = run.results.arms["baseline"].engine, run.results.arms["act"].engine
+    assert base.act_setting is False and base.config is None and base.calibration is None and base.request is None
+    assert act.calibration == cfg.arms["act"].to_dict() and list(act.config["profiles"]) == ["act"]
+    assert run.results.arms["baseline"].preemptions == 0

@@ -378,7 +378,6 @@ def run_eval(
     Each finished (arm, task) is written as it completes (its samples file, then an entry in
     ``run_state.json``); running the same command again after an interruption reuses the
     finished pieces and runs the rest. A folder holding another run is refused."""
-    from tqdm import tqdm
 
     out = _output_dir(cfg, output_dir)
     data_dir, data_how = resolve_data_dir(cfg.data_dir)
