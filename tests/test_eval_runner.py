@@ -22,7 +22,7 @@ from act_plugin.eval.config import load_eval_config
 from act_plugin.eval.report import read_samples
 from act_plugin.eval.results import EvalResults
 
-TASKS = ["sst2", "agnews"]
+TASKS = ["sst2", "cb"]  # small splits: lm-eval builds each task's whole split per call
 ACT = {"beta": 0.4, "heads": "2-27:0,4"}
 LEAKED = {"beta": 0.0, "heads": "2-27:*"}  # what an exported ACT_CONFIG holds
 _UNSET = object()

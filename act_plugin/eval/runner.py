@@ -23,7 +23,9 @@ matched across arms by ``doc_id``; few-shot runs (k > 0) repeat for every seed
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import gc
 import hashlib
 import json
@@ -414,13 +416,11 @@ def _run_pieces(cfg, state: RunState, todo: dict[str, list[str]], model_path, da
 
     from act_plugin.lmeval import ActVLLM
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     _quiet_logs(verbose)
     # lm-eval's own task index (thousands of YAMLs) is only scanned when a config names one of them
     own = any(t.startswith("lm_eval:") for t in cfg.tasks)
-    task_manager = TaskManager(include_path=str(tasks_folder()), include_defaults=own,
-                               metadata={"data_dir": str(data_dir)})
+    task_manager = _task_manager(str(tasks_folder()), own, str(data_dir))
     base_kwargs = dict(cfg.engine)
     base_kwargs.update(pretrained=model_path, batch_size=cfg.batch_size, next_token=cfg.next_token)
 
@@ -468,7 +468,8 @@ def _run_pieces(cfg, state: RunState, todo: dict[str, list[str]], model_path, da
             })
 
     total = sum(len(t) for t in todo.values()) * len(seeds)
-    with tqdm(total=total, desc="A/B runs", unit="run", disable=not progress, file=sys.stderr) as bar:
+    with _env_info_once(), tqdm(total=total, desc="A/B runs", unit="run", disable=not progress,
+                                file=sys.stderr) as bar:
         if cfg.share_engine:
             lm = start(next(iter(todo)))
             try:
@@ -483,6 +484,33 @@ def _run_pieces(cfg, state: RunState, todo: dict[str, list[str]], model_path, da
                     run_arm(lm, arm, bar)
                 finally:
                     _shutdown(lm)
+
+
+@contextlib.contextmanager
+def _env_info_once():
+    """Every ``simple_evaluate`` call collects torch's environment report (pip and conda
+    subprocesses, over a second each time); it cannot change within a run, and the runner
+    makes one call per (arm, task, seed), so it is collected once and reused."""
+    try:
+        import torch.utils.collect_env as collect_env
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = collect_env.get_pretty_env_info
+    collect_env.get_pretty_env_info = functools.lru_cache(maxsize=1)(original)
+    try:
+        yield
+    finally:
+        collect_env.get_pretty_env_info = original
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(folder: str, include_defaults: bool, data_dir: str):
+    """lm-eval's task index (indexing the task folders takes seconds; it is the same for
+    every run of a process with these arguments)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=folder, include_defaults=include_defaults, metadata={"data_dir": data_dir})
 
 
 def _numeric(metrics: dict) -> dict[str, float | None]:
