@@ -1,12 +1,14 @@
 # act-plugin developer tooling.
 #
-#   make install   create $(VENV) and install act-plugin[cpu,dev] with the CPU torch (idempotent)
+#   make install   create $(VENV) and install act-plugin[cpu,eval,dev] with the CPU torch (idempotent)
 #   make model     build the embedded default model (smollm2-135m) into the models cache
 #   make test      run the test suite
+#   make lint      ruff and mypy on the package
 #   make demo      A/B evaluation demo (configs/demo.yaml)
 #   make bench     engine overhead benchmark (vanilla vs ACT)
+#   make test-gpu  the GPU suite (tests/gpu: CUDA + a CUDA vLLM; skipped elsewhere)
 #
-# Variables: VENV=.venv PYTHON=python3 EXTRAS=cpu,dev TORCH_VERSION=2.13.0 PYTEST_ARGS=...
+# Variables: VENV=.venv PYTHON=python3 EXTRAS=cpu,eval,dev TORCH_VERSION=2.13.0 PYTEST_ARGS=...
 # e.g. `make install VENV=/tmp/venv-check`.
 
 SHELL := /bin/bash
@@ -15,7 +17,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,eval,dev
 TORCH_VERSION ?= 2.13.0
 # Extra index for torch, e.g. https://download.pytorch.org/whl/cpu on machines without a local
 # +cpu wheel (otherwise pip on Linux would pick the CUDA build from PyPI). Empty: pip's config.
@@ -31,10 +33,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.act-plugin-installed
 
-.PHONY: help install check model test demo bench clean-venv
+.PHONY: help install check model test test-gpu lint demo bench clean-venv
 
 help:
-	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,12p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 # The stamp makes a repeated `make install` a no-op (plus the import check) until
 # pyproject.toml or this Makefile change or the venv is deleted.
@@ -65,6 +67,13 @@ model: install
 
 test: model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check act_plugin tests benchmarks
+	$(VENV)/bin/mypy
+
+test-gpu: model
+	$(PY) -m pytest -q -ra tests/gpu $(PYTEST_ARGS)
 
 demo: model
 	$(VENV)/bin/act-plugin eval $(DEMO_CONFIG)

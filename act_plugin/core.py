@@ -1,4 +1,4 @@
-"""The ACT maths (../shared/ACT_SPEC.md sections 1 and 2) in pure torch.
+"""The ACT maths (docs/ACT_SPEC.md sections 1 and 2) in pure torch.
 
 Everything that computes sinks or calibrated attention in this project -- the Hugging Face
 reference path, the vLLM backend, ``inspect`` and head search -- calls this module, so the

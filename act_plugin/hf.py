@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from act_plugin.config import ACTConfig, ACTConfigError, model_shape
-from act_plugin.core import act_attention_blocked, act_attention_dense
+from act_plugin.calibration import attention_scale, attention_window, calibrate_heads, refuse_hf_layer, replace_heads
 
 __all__ = [
     "SUPPORTED_BASES",
@@ -355,48 +355,23 @@ class ACTHandle:
         want_probs = self.capture and self.capture_probs
         if beta == 1.0 and not self.capture:
             return out, weights  # identity: keep the base output bitwise
-        for bad in ("softcap", "s_aux", "sinks", "position_bias"):
-            if kwargs.get(bad) is not None:
-                raise NotImplementedError(
-                    f"ACT (HF path): layer {layer} passes '{bad}' to its attention function; the ACT maths does "
-                    "not model it, so this model cannot be calibrated in that layer"
-                )
-
-        if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
-            raise NotImplementedError(f"ACT (HF path): layer {layer} is not causal; ACT is defined for causal decoders")
+        refuse_hf_layer(layer, module, kwargs, "HF path")
         B, H, Lq, D = query.shape
-        Hkv, Lk = key.shape[1], key.shape[2]
+        Lk = key.shape[2]
         if H != self.num_heads:
             raise RuntimeError(f"ACT: layer {layer} has {H} query heads, the model config says {self.num_heads}")
-        if H % Hkv:
-            raise RuntimeError(f"ACT: layer {layer}: {H} query heads is not a multiple of {Hkv} KV heads")
         device = query.device
         heads = self._head_index(layer, device)
-        kv_heads = heads // (H // Hkv)
-        q_sel = query.index_select(1, heads)
-        k_sel = key.index_select(1, kv_heads)
-        v_sel = value.index_select(1, kv_heads)
-
         q_pos, k_pos = self._positions(B, Lq, Lk, device)
-        vis = _mask_visibility(attention_mask, B, Lq, Lk)
-        window = kwargs.get("sliding_window", None)
-        if window is None:
-            window = getattr(module, "sliding_window", None)
-        window = int(window) if isinstance(window, (int, torch.Tensor)) and int(window) > 0 else None
-        scale = kwargs.get("scaling")
-        if scale is None:
-            scale = getattr(module, "scaling", None) or D ** -0.5
-        scale = float(scale)
-
+        window = attention_window(module, kwargs)
         base_sel = out[:, :, heads].transpose(1, 2).float() if self.capture else None
-        dense = want_probs or weights is not None
-        fn = act_attention_dense if dense else act_attention_blocked
-        res = fn(q_sel, k_sel, v_sel, q_pos, k_pos, scale=scale, beta=beta, threshold=self.config.threshold,
-                 window=window, attn_mask=vis)
+        res = calibrate_heads(
+            query, key, value, q_pos, k_pos, heads, scale=attention_scale(module, kwargs, D), beta=beta,
+            threshold=self.config.threshold, window=window, attn_mask=_mask_visibility(attention_mask, B, Lq, Lk),
+            dense=want_probs or weights is not None,
+        )
         if beta != 1.0:
-            # out is [B, Lq, H, D] (the attention functions return it transposed)
-            out = out.clone()
-            out[:, :, heads] = res.out.transpose(1, 2).to(out.dtype)
+            out = replace_heads(out, heads, res.out)  # out is [B, Lq, H, D]
             if weights is not None and res.probs is not None and weights.dim() == 4 and weights.shape[1] == H:
                 weights = weights.clone()
                 weights[:, heads] = res.probs.to(weights.dtype)

@@ -68,6 +68,7 @@ from act_plugin.vllm.compat import (  # noqa: E402
     vllm_distribution_alias as _vllm_distribution_alias,
     vllm_version,
 )
+from act_plugin.vllm.env import apply_cpu_defaults  # noqa: E402  (the one CPU-defaults helper)
 
 
 def _import_lm_eval_vllm():
@@ -92,26 +93,6 @@ MAX_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS
 
 
 # ----------------------------------------------------------------------------- CPU defaults
-
-
-def apply_cpu_defaults(kv_cache_gib: int = 2) -> bool:
-    """On a CPU-only vLLM: a small KV cache and OpenMP threads bound to this process's cores
-    (roughly doubles throughput over vLLM's default). Only variables not already set."""
-    try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return False
-    except Exception:  # pragma: no cover - exotic platforms
-        return False
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if cores == list(range(cores[0], cores[-1] + 1)):
-        bind = f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
-    else:
-        bind = ",".join(map(str, cores))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-    return True
 
 
 def _resolve_pretrained(pretrained: str) -> str:

@@ -608,3 +608,20 @@ def test_smollm2_batched_padded_equals_one_by_one(smollm2):
                 one = tok(p, return_tensors="pt")
                 g1 = m.generate(**one, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
                 assert gen[i].tolist() == g1[0, one.input_ids.shape[1]:].tolist(), p
+
+
+def test_soft_capped_layer_is_refused_with_the_capability_table():
+    """The HF path judges layers with the same capability table as the engine's self-check."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from act_plugin.hf import act_enabled
+
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, attn_logit_softcapping=50.0, sliding_window=16,
+                       attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with act_enabled(model, {"heads": {"1": [0]}}), pytest.raises(
+        NotImplementedError, match=r"ACT cannot calibrate layer 1 \(HF path\): it uses logit soft-capping"
+    ):
+        model(torch.tensor([[1, 2, 3, 4]]))

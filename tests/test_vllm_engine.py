@@ -306,3 +306,24 @@ def test_same_prompt_same_answer_every_time(engine, token_prompts):
     first = _run(engine, token_prompts[1:3], "a", max_tokens=8)
     for _ in range(3):
         _assert_same(_run(engine, token_prompts[1:3], "a", max_tokens=8), first)
+
+
+def test_act_status_lists_exactly_the_configured_layers_and_heads(engine):
+    """get_act_status reads back from the workers what they run, per configured layer."""
+    from act_plugin.vllm import control
+
+    status = control.get_act_status(engine)
+    assert status["config"]["profiles"].keys() == PROFILES.keys() and status["config"]["default"] is None
+    assert status["runner"] == "v1"  # vLLM's V1 runner on CPU (Model Runner V2 needs Triton)
+    expected_layers = sorted(set(range(2, 28)) | {int(k) for k in HEADS_B})
+    assert [row["layer"] for row in status["layers"]] == expected_layers
+    for row in status["layers"]:
+        assert row["calibrator"] and row["backend"] == "CPU_ATTN" and row["attn_type"] == "decoder"
+        assert not row["unsupported"]
+        want = {}
+        if 2 <= row["layer"] <= 27:
+            want["a"] = [0, 4]
+        if str(row["layer"]) in HEADS_B:
+            want["b"] = sorted(set(HEADS_B[str(row["layer"])]))
+        assert row["local_heads"] == want, row
+    assert status["preemptions"] == 0 and status["unroutable"] == 0

@@ -113,8 +113,8 @@ def server(smollm2_path, offline_reference, tmp_path_factory):
         proc.kill()
 
 
-def _complete(base, model, prompt_ids, xargs, timeout=300):
-    body = {"model": model, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0.0}
+def _complete(base, model, prompt_ids, xargs, timeout=300, **fields):
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0.0, **fields}
     if xargs is not None:
         body["vllm_xargs"] = xargs
     req = urllib.request.Request(
@@ -165,3 +165,25 @@ def test_64_concurrent_requests_mixed_arms_and_invalid(server, offline_reference
             assert body["choices"][0]["text"] == ref[arm][i], f"arm {arm}, prompt {i} under load"
     with urllib.request.urlopen(base + "/health", timeout=10) as r:
         assert r.status == 200
+
+
+def test_json_booleans_select_default_and_off(server, offline_reference):
+    """JSON true/false arrive in vllm_xargs as 1/0: they must mean default/off, not a 400."""
+    base, model = server
+    ids, ref = offline_reference
+    for value, arm in ((True, "default"), (False, "off")):
+        for i, p in enumerate(ids[:2]):
+            status, body = _complete(base, model, p, {"act": value})
+            assert status == 200, body
+            assert body["choices"][0]["text"] == ref[arm][i], f"act={value}, prompt {i}"
+
+
+def test_beam_search_with_an_arm_is_refused(server, offline_reference):
+    """vLLM's beam search re-issues requests without vllm_xargs: an arm would be dropped."""
+    base, model = server
+    ids, _ = offline_reference
+    status, body = _complete(base, model, ids[0], {"act": "off"}, use_beam_search=True, n=2, max_tokens=4)
+    assert status == 400, body
+    assert "not supported with use_beam_search" in json.dumps(body)
+    status, body = _complete(base, model, ids[0], None, use_beam_search=True, n=2, max_tokens=4)
+    assert status == 200, body

@@ -12,7 +12,7 @@ Attention goes through an implementation registered in transformers' ``Attention
 as ``"act_search_sdpa"``: sdpa on every head, then, depending on the active mode,
 
 * ``exact``: the heads of the configuration under test are replaced by
-  :func:`act_plugin.core.act_attention_blocked` (the same code every other path uses);
+  :func:`act_plugin.calibration.calibrate_heads` (the entry point every other path uses);
 * ``gate`` (the ranking pass): every candidate head ``h`` of the layer gets a gate
   ``alpha_h`` (a leaf tensor, 0 in the forward): ``out_h = o_h + alpha_h * (o'_h - o_h)``
   with ``o'_h`` that head's ACT-calibrated output. At ``alpha = 0`` the forward is the
@@ -37,7 +37,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from act_plugin.core import act_attention_blocked
+from act_plugin.calibration import (
+    attention_scale,
+    attention_window,
+    calibrate_heads,
+    gate_heads,
+    refuse_hf_layer,
+    replace_heads,
+)
 from act_plugin.search.scoring import CalibrationSet, margins_torch, sample_weights
 
 __all__ = ["SEARCH_IMPL", "HFSearchBackend", "make_batches"]
@@ -70,13 +77,6 @@ class _Mode:
 _ACTIVE: _Mode | None = None
 
 
-def _window(module, kwargs) -> int | None:
-    w = kwargs.get("sliding_window", None)
-    if w is None:
-        w = getattr(module, "sliding_window", None)
-    return int(w) if isinstance(w, (int, torch.Tensor)) and int(w) > 0 else None
-
-
 def _search_attention(module, query, key, value, attention_mask, *args, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -88,29 +88,16 @@ def _search_attention(module, query, key, value, attention_mask, *args, **kwargs
     heads = mode.exact.get(layer) if mode.kind == "exact" else mode.gate_heads.get(layer)
     if heads is None:
         return out, weights
-    for bad in ("softcap", "s_aux", "sinks", "position_bias"):
-        if kwargs.get(bad) is not None:
-            raise NotImplementedError(f"head search: layer {layer} passes '{bad}' to attention; ACT does not model it")
-    H, Hkv = query.shape[1], key.shape[1]
-    kv_heads = heads // (H // Hkv)
-    scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    refuse_hf_layer(layer, module, kwargs, "head search")
     with torch.no_grad():
-        res = act_attention_blocked(
-            query.detach().index_select(1, heads), key.detach().index_select(1, kv_heads),
-            value.detach().index_select(1, kv_heads), mode.pos, mode.pos, scale=float(scale), beta=mode.beta,
-            threshold=mode.threshold, window=_window(module, kwargs))
-        cal = res.out.transpose(1, 2)  # [B, L, Hsel, D] float32
+        res = calibrate_heads(
+            query.detach(), key.detach(), value.detach(), mode.pos, mode.pos, heads,
+            scale=attention_scale(module, kwargs, query.shape[-1]), beta=mode.beta, threshold=mode.threshold,
+            window=attention_window(module, kwargs),
+        )
     if mode.kind == "exact":
-        out = out.clone()
-        out[:, :, heads] = cal.to(out.dtype)
-        return out, weights
-    # gate: out_h + alpha_h * (o'_h - o_h), the difference a constant of the graph
-    with torch.no_grad():
-        delta = (cal - out.detach()[:, :, heads].float()) * mode.valid[:, :, None, None]
-    alpha = mode.gates[layer]  # [Hsel] leaf
-    gated = out[:, :, heads] + alpha.view(1, 1, -1, 1).to(out.dtype) * delta.to(out.dtype)
-    out = out.index_copy(2, heads, gated)
-    return out, weights
+        return replace_heads(out, heads, res.out), weights
+    return gate_heads(out, heads, res.out, mode.gates[layer], mode.valid), weights
 
 
 def _register() -> None:

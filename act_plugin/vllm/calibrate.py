@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from act_plugin.calibration import kv_heads_of
 from act_plugin.kernels import calibrate_paged
 from act_plugin.vllm.kv_layout import KVSplit
 from act_plugin.vllm.runtime import WorkerState
@@ -35,7 +36,7 @@ class LayerCalibrator:
     ) -> None:
         self.state = state
         self.num_heads = num_heads
-        self.queries_per_kv = num_heads // num_kv_heads
+        self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.window = sliding_window
         self.kv_split = kv_split
@@ -68,7 +69,7 @@ class LayerCalibrator:
             prof = group.arm.config
             calibrate_paged(
                 query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
-                group.query_lens, heads, heads // self.queries_per_kv,
+                group.query_lens, heads, kv_heads_of(heads, self.num_heads, self.num_kv_heads),
                 scale=self.scale, beta=prof.beta, threshold=prof.threshold, window=self.window,
                 max_query_len=group.max_query_len, max_seq_len=group.max_seq_len,
             )

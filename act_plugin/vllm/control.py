@@ -16,6 +16,7 @@ keeps the arm it was admitted with.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Generator
 from typing import Any
 
 from act_plugin.config import ACTConfigError, ACTEngineConfig
@@ -60,79 +61,92 @@ def _transition(old: ACTEngineConfig | None, new: ACTEngineConfig) -> ACTEngineC
     return ACTEngineConfig(profiles=keep, default=new.default if new.default in keep else None)
 
 
-def _sync(result: Any, what: str) -> Any:
+# Each operation is written once, as a generator of RPC steps: it yields (method, args),
+# receives the workers' results (or has the RPC's exception thrown into it) and returns its
+# answer. _run drives it on vllm.LLM, _arun on AsyncLLM.
+Steps = Generator[tuple[str, tuple], Any, Any]
+
+
+def _run(engine: Any, steps: Steps, api: str) -> Any:
+    return _drive(steps, lambda method, args: _sync(engine.collective_rpc(method, args=args), api))
+
+
+async def _arun(engine: Any, steps: Steps) -> Any:
+    call = next(steps)
+    while True:
+        try:
+            result = await engine.collective_rpc(call[0], args=call[1])
+        except Exception as e:  # the step may roll back (one more RPC) before re-raising
+            try:
+                call = steps.throw(e)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            call = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _drive(steps: Steps, rpc: Callable[[str, tuple], Any]) -> Any:
+    call = next(steps)
+    while True:
+        try:
+            result = rpc(*call)
+        except TypeError:
+            steps.close()
+            raise
+        except Exception as e:
+            try:
+                call = steps.throw(e)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            call = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _sync(result: Any, api: str) -> Any:
     if inspect.isawaitable(result):
         if hasattr(result, "close"):
             result.close()
-        raise TypeError(f"this engine's collective_rpc is async (AsyncLLM): use `await control.a{what}(engine, ...)`")
+        raise TypeError(f"this engine's collective_rpc is async (AsyncLLM): use `await control.a{api}(engine, ...)`")
     return result
 
 
-def _check_results(cfg: ACTEngineConfig, results: list) -> None:
+def _set_steps(engine: Any, config: Any) -> Steps:
+    cfg = _validated(engine, config)
+    old = ACTEngineConfig.from_any((yield ("act_get_config", ()))[0])
+    yield ("act_check_config", (cfg.to_dict(),))  # every worker accepts, or nothing changes
+    frontend_state.set(_transition(frontend_state.engine_cfg, cfg))
+    try:
+        results = yield ("act_set_config", (cfg.to_dict(),))
+    except Exception:
+        yield ("act_set_config", (old.to_dict(),))
+        frontend_state.set(old)
+        raise
+    frontend_state.set(cfg)
     applied = {ACTEngineConfig.from_any(r).model_dump_json() for r in results}
     if applied != {cfg.model_dump_json()}:
         raise RuntimeError(f"workers disagree on the ACT config after reconfiguration: {applied}")
-
-
-def set_act_config(llm: Any, config: Any) -> ACTEngineConfig:
-    """Replace the profiles/default of a running ``vllm.LLM``; see the module docstring."""
-    cfg = _validated(llm, config)
-    old_results = _sync(llm.collective_rpc("act_get_config"), "set_act_config")
-    old = ACTEngineConfig.from_any(old_results[0])
-    _sync(llm.collective_rpc("act_check_config", args=(cfg.to_dict(),)), "set_act_config")
-    frontend_state.set(_transition(frontend_state.engine_cfg, cfg))
-    try:
-        results = llm.collective_rpc("act_set_config", args=(cfg.to_dict(),))
-    except Exception:
-        llm.collective_rpc("act_set_config", args=(old.to_dict(),))
-        frontend_state.set(old)
-        raise
-    frontend_state.set(cfg)
-    _check_results(cfg, results)
     return cfg
 
 
-async def aset_act_config(engine: Any, config: Any) -> ACTEngineConfig:
-    """:func:`set_act_config` for ``AsyncLLM`` (what ``vllm serve`` runs)."""
-    cfg = _validated(engine, config)
-    old = ACTEngineConfig.from_any((await engine.collective_rpc("act_get_config"))[0])
-    await engine.collective_rpc("act_check_config", args=(cfg.to_dict(),))
-    frontend_state.set(_transition(frontend_state.engine_cfg, cfg))
-    try:
-        results = await engine.collective_rpc("act_set_config", args=(cfg.to_dict(),))
-    except Exception:
-        await engine.collective_rpc("act_set_config", args=(old.to_dict(),))
-        frontend_state.set(old)
-        raise
-    frontend_state.set(cfg)
-    _check_results(cfg, results)
-    return cfg
-
-
-def _one_config(results: list) -> ACTEngineConfig:
-    cfgs = [ACTEngineConfig.from_any(r) for r in results]
-    if len({c.model_dump_json() for c in cfgs}) != 1:
-        raise RuntimeError("workers disagree on the ACT config")
-    return cfgs[0]
-
-
-def get_act_config(llm: Any) -> ACTEngineConfig:
-    """The configuration the workers run (checked to be the same on every worker)."""
-    if not _act_on(llm):
-        raise ACTConfigError(_NO_CONTROL)
-    return _one_config(_sync(llm.collective_rpc("act_get_config"), "get_act_config"))
-
-
-async def aget_act_config(engine: Any) -> ACTEngineConfig:
+def _get_steps(engine: Any) -> Steps:
     if not _act_on(engine):
         raise ACTConfigError(_NO_CONTROL)
-    return _one_config(await engine.collective_rpc("act_get_config"))
+    return _one_config((yield ("act_get_config", ())))
 
 
 _OFF_STATUS = {"config": None, "runner": None, "layers": [], "preemptions": 0, "unroutable": 0, "workers": []}
 
 
-def _merge_status(results: list) -> dict:
+def _status_steps(engine: Any) -> Steps:
+    if not _act_on(engine):
+        return dict(_OFF_STATUS)
+    results = yield ("act_status", ())
     cfg = _one_config([r["config"] for r in results])
     return {
         "config": cfg.to_dict(),
@@ -144,16 +158,38 @@ def _merge_status(results: list) -> dict:
     }
 
 
+def _one_config(results: list) -> ACTEngineConfig:
+    cfgs = [ACTEngineConfig.from_any(r) for r in results]
+    if len({c.model_dump_json() for c in cfgs}) != 1:
+        raise RuntimeError("workers disagree on the ACT config")
+    return cfgs[0]
+
+
+def set_act_config(llm: Any, config: Any) -> ACTEngineConfig:
+    """Replace the profiles/default of a running ``vllm.LLM``; see the module docstring."""
+    return _run(llm, _set_steps(llm, config), "set_act_config")
+
+
+async def aset_act_config(engine: Any, config: Any) -> ACTEngineConfig:
+    """:func:`set_act_config` for ``AsyncLLM`` (what ``vllm serve`` runs)."""
+    return await _arun(engine, _set_steps(engine, config))
+
+
+def get_act_config(llm: Any) -> ACTEngineConfig:
+    """The configuration the workers run (checked to be the same on every worker)."""
+    return _run(llm, _get_steps(llm), "get_act_config")
+
+
+async def aget_act_config(engine: Any) -> ACTEngineConfig:
+    return await _arun(engine, _get_steps(engine))
+
+
 def get_act_status(llm: Any) -> dict:
     """What the workers run, read back from them: ``config`` (None when ACT is off), the model
     ``runner``, ``layers`` (per configured layer: attention type, backend, impl, calibrated,
     local heads per profile), ``preemptions`` of calibrated requests, per-``workers`` detail."""
-    if not _act_on(llm):
-        return dict(_OFF_STATUS)
-    return _merge_status(_sync(llm.collective_rpc("act_status"), "get_act_status"))
+    return _run(llm, _status_steps(llm), "get_act_status")
 
 
 async def aget_act_status(engine: Any) -> dict:
-    if not _act_on(engine):
-        return dict(_OFF_STATUS)
-    return _merge_status(await engine.collective_rpc("act_status"))
+    return await _arun(engine, _status_steps(engine))

@@ -51,6 +51,21 @@ def _window(impl: Any) -> int | None:
     return window if window and window > 0 else None
 
 
+def reserve_transient_memory(device) -> None:
+    """Make vLLM's memory profiling see the calibration's per-step transient memory.
+
+    vLLM sizes the KV cache from the peak memory of a profiling forward pass, which runs
+    without attention metadata (so without calibration). Allocating the plan's transient
+    budget (``ACT_MAX_TRANSIENT_MB``, see :mod:`act_plugin.vllm.plan`) inside that pass puts
+    it into the peak, so the KV cache leaves room for it.
+    """
+    import torch
+
+    from act_plugin.vllm.plan import max_transient_bytes
+
+    torch.empty(max_transient_bytes(), dtype=torch.uint8, device=device)
+
+
 class ACTImplMixin:
     """Mixed in before a native ``Impl``: native forward, then ACT on the configured heads."""
 
@@ -81,6 +96,8 @@ class ACTImplMixin:
             layer, query, key, value, kv_cache, attn_metadata, output,
             output_scale=output_scale, output_block_scale=output_block_scale,
         )
+        if attn_metadata is None and query.is_cuda:
+            reserve_transient_memory(query.device)
         self.act.apply(query, kv_cache, attn_metadata, output)
         return result
 
