@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["ACTConfig", "ACTEngineConfig", "ACTConfigError", "ModelShape", "model_shape", "parse_index_spec", "ALL_HEADS",
+__all__ = ["ACTConfig", "ACTEngineConfig", "ACTConfigError", "ModelShape", "model_shape", "parse_index_spec",
+           "ALL_HEADS",
            "MAX_INDEX", "SINGLE_PROFILE", "RESERVED_PROFILE_NAMES"]
 
 ALL_HEADS = "all"
@@ -99,7 +101,9 @@ def _parse_heads(value: Any) -> dict[int, list[int] | Literal["all"]]:
             groups[layers] = heads
         value = groups
     if not isinstance(value, Mapping):
-        raise ACTConfigError(f"heads: expected a mapping layer -> heads or a string like '2-28:*', got {type(value).__name__}")
+        raise ACTConfigError(
+            f"heads: expected a mapping layer -> heads or a string like '2-28:*', got {type(value).__name__}"
+        )
     heads: dict[int, set[int] | str] = {}
     for layer_spec, head_spec in value.items():
         layers = parse_index_spec(layer_spec, f"heads: layer key {layer_spec!r}")
@@ -163,7 +167,7 @@ class ACTConfig(BaseModel):
 
     beta: float = Field(0.4, description="scale of the attention on hidden sinks, in [0, 1]")
     threshold: float = Field(0.1, description="sink threshold tau on mean received attention, in (0, 1)")
-    heads: dict[int, Union[list[int], Literal["all"]]] = Field(
+    heads: dict[int, list[int] | Literal["all"]] = Field(
         default_factory=dict, description="layer -> global query-head indices ('all' for every head)"
     )
     name: str | None = Field(None, description="a short label for reports")
@@ -193,7 +197,7 @@ class ACTConfig(BaseModel):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_any(cls, obj: Any) -> "ACTConfig":
+    def from_any(cls, obj: Any) -> ACTConfig:
         """An ACTConfig from an ACTConfig, a dict, a JSON/YAML string or a file path."""
         if isinstance(obj, ACTConfig):
             return obj
@@ -209,7 +213,7 @@ class ACTConfig(BaseModel):
             raise ACTConfigError(explain_validation(e, cls, "ACT config")) from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ACTConfig":
+    def from_file(cls, path: str | Path) -> ACTConfig:
         p = Path(path)
         if not _is_file(p):
             raise ACTConfigError(f"ACT config file not found: {_short(str(p))}")
@@ -284,7 +288,7 @@ class ACTConfig(BaseModel):
                     )
         return self.resolve(shape.num_layers, shape.num_heads)
 
-    def with_(self, **changes: Any) -> "ACTConfig":
+    def with_(self, **changes: Any) -> ACTConfig:
         """A validated copy with some fields changed."""
         return ACTConfig.from_any({**self.model_dump(), **changes})
 
@@ -415,7 +419,8 @@ def check_profile_name(name: Any) -> str:
         raise ACTConfigError(
             f"profile name {name!r} is reserved: in a request it means "
             f"{'ACT off' if name.strip().lower() in ('off', 'none', 'baseline', 'false') else 'the default profile'}"
-            f", so this profile could never be selected; rename it (reserved: {', '.join(sorted(RESERVED_PROFILE_NAMES))})"
+            f", so this profile could never be selected; rename it "
+            f"(reserved: {', '.join(sorted(RESERVED_PROFILE_NAMES))})"
         )
     return name
 
@@ -446,7 +451,7 @@ class ACTEngineConfig(BaseModel):
         return v
 
     @classmethod
-    def from_any(cls, obj: Any) -> "ACTEngineConfig":
+    def from_any(cls, obj: Any) -> ACTEngineConfig:
         if isinstance(obj, ACTEngineConfig):
             return obj
         if isinstance(obj, ACTConfig):
@@ -472,7 +477,9 @@ class ACTEngineConfig(BaseModel):
             return cls.from_any(ACTConfig.from_any(obj))
         extra = set(obj) - {"profiles", "default"}
         if extra:
-            raise ACTConfigError(f"unknown key(s) {sorted(extra)} in the 'act' engine config (allowed: profiles, default)")
+            raise ACTConfigError(
+                f"unknown key(s) {sorted(extra)} in the 'act' engine config (allowed: profiles, default)"
+            )
         profiles_in = obj.get("profiles") or {}
         if not isinstance(profiles_in, Mapping):
             raise ACTConfigError("'profiles' must map a name to an ACT config")

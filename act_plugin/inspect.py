@@ -25,9 +25,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -233,7 +233,9 @@ def test_profile_names_that_are_request_keywords_are_refused(name):
         ACTEngineConfig(profiles={name: ACTConfig.from_any({"heads": "2-27:*"})})
 
 
-@pytest.mark.parametrize("name, message", [(" on", "surrounding spaces"), ("a ", "surrounding spaces"), ("", "non-empty")])
+@pytest.mark.parametrize(
+    "name, message", [(" on", "surrounding spaces"), ("a ", "surrounding spaces"), ("", "non-empty")]
+)
 def test_profile_names_requests_cannot_select_are_refused(name, message):
     with pytest.raises(ACTConfigError, match=message):
         ACTEngineConfig.from_any({"profiles": {name: {}}})

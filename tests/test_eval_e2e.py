@@ -156,7 +156,10 @@ def test_killed_eval_resumes_without_losing_or_changing_results(run, smollm2_pat
         for arm in ARMS:
             a = read_samples(out / f"samples_{arm}_{task}.jsonl")
             b = read_samples(run.output_dir / f"samples_{arm}_{task}.jsonl")
-            assert [(r["doc_id"], r["pred"], r["correct"]) for r in a] == [(r["doc_id"], r["pred"], r["correct"]) for r in b]
+            def outcome(rows):
+                return [(r["doc_id"], r["pred"], r["correct"]) for r in rows]
+
+            assert outcome(a) == outcome(b)
             for x, y in zip(a, b):
                 assert x["loglikelihoods"] == pytest.approx(y["loglikelihoods"], abs=1e-5)
         c1, c2 = resumed["tasks"][task]["comparisons"]["act"], whole["tasks"][task]["comparisons"]["act"]

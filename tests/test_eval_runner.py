@@ -31,7 +31,7 @@ _UNSET = object()
 class FakeEngine(LM):
     """A stand-in for ``ActVLLM`` (see the module docs)."""
 
-    started: list["FakeEngine"] = []
+    started: list[FakeEngine] = []
     honours_act_off = True  # False: an engine that reads ACT_CONFIG even when told ACT is off
     crash_after_calls: int | None = None
     calls = 0

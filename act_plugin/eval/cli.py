@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nresults: {result.output_dir}", file=sys.stderr)
     if result.reused:
         total = len(cfg.arms) * len(cfg.tasks)
-        again = " (nothing re-run: delete the folder or pass another -o to run again)" if len(result.reused) == total else ""
+        again = ""
+        if len(result.reused) == total:
+            again = " (nothing re-run: delete the folder or pass another -o to run again)"
         print(f"resumed: {len(result.reused)} finished (arm, task) pieces reused of {total}{again}", file=sys.stderr)
     for arm, s in r.summary.items():
         print(f"{arm} vs baseline: mean delta {_pts(s.mean_delta)} points "

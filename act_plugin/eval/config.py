@@ -26,8 +26,9 @@ directory.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -118,7 +119,7 @@ class EvalConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _arms_calibrate(self) -> "EvalConfig":
+    def _arms_calibrate(self) -> EvalConfig:
         unknown = [c for c in self.controls if c not in self.arms]
         if unknown:
             raise ACTConfigError(f"controls name arm(s) {unknown} that are not among the arms {list(self.arms)}")
@@ -191,7 +192,9 @@ class EvalConfig(BaseModel):
             try:
                 v = float(v) if any(c in v for c in ".eE") else int(v)
             except ValueError:
-                raise ACTConfigError(f"limit must be 'all', a number of documents or a fraction < 1, got {v!r}") from None
+                raise ACTConfigError(
+                    f"limit must be 'all', a number of documents or a fraction < 1, got {v!r}"
+                ) from None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise ACTConfigError(
                 f"limit must be 'all', a positive number of documents or a fraction < 1, got {v!r}"

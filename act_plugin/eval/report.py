@@ -19,8 +19,9 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from act_plugin.eval.results import SCHEMA, SCHEMA_VERSION, EvalResults
 from act_plugin.io import atomic_write_bytes, atomic_write_text

@@ -18,7 +18,7 @@ lm-eval output moved to ``lm_eval_raw.json`` only (``{arm: {task: {seed: ...}}}`
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,13 +69,13 @@ class EngineArm(_Model):
 
     act_setting: Any = Field(description="the engine's additional_config['act'] as the runner set it "
                                          "(false: ACT explicitly off, so ACT_CONFIG is ignored)")
-    request: Optional[str] = Field(description="the per-request extra_args['act'] value sent (null: none sent)")
-    config: Optional[dict[str, Any]] = Field(
+    request: str | None = Field(description="the per-request extra_args['act'] value sent (null: none sent)")
+    config: dict[str, Any] | None = Field(
         description="the engine ACT config in force, read back from the engine (null: ACT off)")
-    calibration: Optional[dict[str, Any]] = Field(
+    calibration: dict[str, Any] | None = Field(
         description="the ACT config this arm's requests ran with, resolved from the read-back config "
                     "(null: uncalibrated); checked to equal the arm's config")
-    preemptions: Optional[int] = Field(
+    preemptions: int | None = Field(
         description="calibrated requests the engine preempted while this arm ran (recomputed with "
                     "different sink statistics); null when the engine does not count them")
 
@@ -84,22 +84,22 @@ class ArmResult(_Model):
     baseline: bool
     control: bool = Field(description="marked a deliberate control in the config")
     calibrates: bool = Field(description="false for the baseline and for arms with no heads or beta 1")
-    act: Optional[dict[str, Any]] = Field(description="the arm's ACT config (null for the baseline)")
-    act_hash: Optional[str]
+    act: dict[str, Any] | None = Field(description="the arm's ACT config (null for the baseline)")
+    act_hash: str | None
     engine: EngineArm
-    wall_time_s: Optional[float] = Field(description="time spent scoring this arm (all its tasks and seeds)")
-    preemptions: Optional[int] = Field(description="sum over the arm's tasks (null: not counted)")
+    wall_time_s: float | None = Field(description="time spent scoring this arm (all its tasks and seeds)")
+    preemptions: int | None = Field(description="sum over the arm's tasks (null: not counted)")
     documents: int = Field(description="scored (document, seed) pairs over all tasks")
 
 
 class ComparisonResult(_Model):
     n: int
     seeds: int
-    base_acc: Optional[float]
-    treat_acc: Optional[float]
-    delta: Optional[float]
-    ci_low: Optional[float]
-    ci_high: Optional[float]
+    base_acc: float | None
+    treat_acc: float | None
+    delta: float | None
+    ci_low: float | None
+    ci_high: float | None
     confidence: float
     improved: int = Field(description="(document, seed) pairs: baseline wrong -> arm right")
     worsened: int = Field(description="(document, seed) pairs: baseline right -> arm wrong")
@@ -110,7 +110,7 @@ class ComparisonResult(_Model):
     p_value: float = Field(description="exact McNemar (one seed) / sign test over documents (several)")
     p_value_midp: float
     discordant_rate: float = Field(description="(docs_better + docs_worse) / n")
-    mde: Optional[float] = Field(description="minimum detectable |delta| at this n (settings.mde_alpha, "
+    mde: float | None = Field(description="minimum detectable |delta| at this n (settings.mde_alpha, "
                                              "settings.mde_power; from the observed discordant rate); "
                                              "null when no document changed")
     resolved: bool = Field(description="false when 0 < |delta| < mde: this n cannot resolve the reported effect")
@@ -122,18 +122,18 @@ class TaskResult(_Model):
     n: int
     num_fewshot: int
     seeds: list[int]
-    accuracy: dict[str, Optional[float]] = Field(description="arm -> mean over seeds and documents")
-    accuracy_per_seed: dict[str, dict[str, Optional[float]]]
-    lm_eval: dict[str, dict[str, dict[str, Optional[float]]]] = Field(
+    accuracy: dict[str, float | None] = Field(description="arm -> mean over seeds and documents")
+    accuracy_per_seed: dict[str, dict[str, float | None]]
+    lm_eval: dict[str, dict[str, dict[str, float | None]]] = Field(
         description="arm -> seed -> lm-eval's numeric metrics as it reported them")
     samples: dict[str, str] = Field(description="arm -> per-sample file name")
     comparisons: dict[str, ComparisonResult] = Field(description="arm (not the baseline) -> comparison")
 
 
 class ArmSummary(_Model):
-    mean_delta: Optional[float]
-    ci_low: Optional[float]
-    ci_high: Optional[float]
+    mean_delta: float | None
+    ci_low: float | None
+    ci_high: float | None
     tasks_up: int
     tasks_down: int
     improved: int
@@ -153,8 +153,8 @@ class EvalResults(_Model):
 
     schema_: Literal["act-plugin/eval-results"] = Field(SCHEMA, alias="schema")
     schema_version: Literal[2] = SCHEMA_VERSION
-    name: Optional[str]
-    description: Optional[str]
+    name: str | None
+    description: str | None
     created: str = Field(description="ISO-8601 UTC, when the results were assembled")
     versions: Versions
     model: ModelInfo
@@ -175,7 +175,7 @@ class EvalResults(_Model):
         return json.dumps(json.loads(self.model_dump_json(by_alias=True)), indent=1, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "EvalResults":
+    def from_json(cls, text: str) -> EvalResults:
         return cls.model_validate_json(text)
 
 

@@ -58,8 +58,8 @@ from act_plugin.eval.results import (
     Versions,
 )
 from act_plugin.eval.stats import MDE_ALPHA, MDE_POWER, compare, macro_bootstrap_ci, minimum_detectable_effect
-from act_plugin.io import atomic_write_json, atomic_write_text
 from act_plugin.eval.tasks import REPO_ROOT, check_data, get_task, lm_eval_name, resolve_data_dir, write_lm_eval_tasks
+from act_plugin.io import atomic_write_json, atomic_write_text
 
 __all__ = ["run_eval", "EvalRun", "tasks_folder", "RunState", "assemble", "write_outputs", "STATE_FILE"]
 
@@ -189,7 +189,7 @@ class RunState:
         return _digest({**common, "arm": arm, "act_hash": self.inputs["arms"][arm], "task": task})
 
     @classmethod
-    def open(cls, out: Path, inputs: dict[str, Any]) -> "RunState":
+    def open(cls, out: Path, inputs: dict[str, Any]) -> RunState:
         state = cls(out, inputs)
         if not out.exists():
             out.mkdir(parents=True)
@@ -329,7 +329,8 @@ def _records(task: str, lm_task: str, arm: str, seed: int, samples: list[dict], 
         resps = s.get("filtered_resps") or []
         lls = [float(r[0]) for r in resps]
         greedy = [bool(r[1]) for r in resps]
-        choices = list(doc.get("choices") or [a[1][1:] if a[1].startswith(" ") else a[1] for a in s.get("arguments", [])])
+        choices = list(doc.get("choices")
+                       or [a[1][1:] if a[1].startswith(" ") else a[1] for a in s.get("arguments", [])])
         if metric == "acc_norm":
             scores = [ll / max(1, len(c)) for ll, c in zip(lls, choices)]
         else:
@@ -412,10 +413,10 @@ def run_eval(
 
 def _run_pieces(cfg, state: RunState, todo: dict[str, list[str]], model_path, data_dir, lm_tasks, seeds,
                 verbose, progress) -> None:
+    from lm_eval import simple_evaluate
     from tqdm import tqdm
 
     from act_plugin.lmeval import ActVLLM
-    from lm_eval import simple_evaluate
 
     _quiet_logs(verbose)
     # lm-eval's own task index (thousands of YAMLs) is only scanned when a config names one of them
@@ -619,7 +620,7 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
 
     return EvalResults(
         name=cfg.name, description=cfg.description,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         versions=Versions(**versions), model=ModelInfo(name=cfg.model, path=model_path),
         engine=dict(cfg.engine), share_engine=cfg.share_engine, engine_start_s=list(state.engine_start_s),
         scoring=Scoring(next_token=cfg.next_token, note=SCORING_NOTE_NEXT if cfg.next_token else SCORING_NOTE_FULL),

@@ -21,8 +21,8 @@ test when there is one seed; flip counts are over (document, seed) pairs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as _st
