@@ -19,14 +19,20 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["ACTConfig", "ACTEngineConfig", "ACTConfigError", "ModelShape", "model_shape", "parse_index_spec", "ALL_HEADS"]
+__all__ = ["ACTConfig", "ACTEngineConfig", "ACTConfigError", "ModelShape", "model_shape", "parse_index_spec",
+           "ALL_HEADS",
+           "MAX_INDEX", "SINGLE_PROFILE", "RESERVED_PROFILE_NAMES"]
 
 ALL_HEADS = "all"
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
+# Largest layer or head index a config may name. Checked before a range is expanded, so a
+# typo like "0-1000000000:*" is an error instead of a billion-element set; no model has
+# anywhere near this many layers or query heads.
+MAX_INDEX = 1023
 
 
 class ACTConfigError(ValueError):
@@ -54,6 +60,7 @@ def parse_index_spec(spec: Any, what: str) -> list[int] | Literal["all"]:
         if isinstance(item, int):
             if item < 0:
                 raise ACTConfigError(f"{what}: negative index {item}")
+            _check_bound(item, item, what)
             out.add(item)
             continue
         if isinstance(item, str):
@@ -64,16 +71,26 @@ def parse_index_spec(spec: Any, what: str) -> list[int] | Literal["all"]:
                 lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
                 if hi < lo:
                     raise ACTConfigError(f"{what}: range {item!r} runs backwards")
+                _check_bound(lo, hi, what)  # before expanding the range
                 out.update(range(lo, hi + 1))
                 continue
         raise ACTConfigError(f"{what}: cannot read {item!r} (use 3, '2-5', '1,4-6' or 'all')")
     return sorted(out)
 
 
+def _check_bound(lo: int, hi: int, what: str) -> None:
+    if hi > MAX_INDEX:
+        shown = str(lo) if lo == hi else f"{lo}-{hi}"
+        raise ACTConfigError(f"{what}: index {shown} is out of range (indices are 0..{MAX_INDEX}; "
+                             f"a model's layers and heads are counted from 0)")
+
+
 def _parse_heads(value: Any) -> dict[int, list[int] | Literal["all"]]:
     if value is None:
         return {}
     if isinstance(value, str):
+        if not value.strip():
+            raise ACTConfigError("heads: empty string (leave 'heads' out for no heads, or write e.g. '2-28:*')")
         groups: dict[str, str] = {}
         for part in value.split(";"):
             if not part.strip():
@@ -84,24 +101,30 @@ def _parse_heads(value: Any) -> dict[int, list[int] | Literal["all"]]:
             groups[layers] = heads
         value = groups
     if not isinstance(value, Mapping):
-        raise ACTConfigError(f"heads: expected a mapping layer -> heads or a string like '2-28:*', got {type(value).__name__}")
+        raise ACTConfigError(
+            f"heads: expected a mapping layer -> heads or a string like '2-28:*', got {type(value).__name__}"
+        )
     heads: dict[int, set[int] | str] = {}
     for layer_spec, head_spec in value.items():
         layers = parse_index_spec(layer_spec, f"heads: layer key {layer_spec!r}")
         if layers == ALL_HEADS:
             raise ACTConfigError("heads: layer keys must be explicit indices or ranges, not 'all'")
         parsed = parse_index_spec(head_spec, f"heads of layer {layer_spec!r}")
+        if not layers:
+            raise ACTConfigError(f"heads: layer key {layer_spec!r} names no layer")
+        if parsed != ALL_HEADS and not parsed:
+            # '2-28:' or {5: []} would silently calibrate nothing on those layers
+            raise ACTConfigError(
+                f"heads of layer {str(layer_spec).strip()!r} is empty: name the heads (e.g. '0,3' or '*') "
+                f"or leave the layer out"
+            )
         for layer in layers:
             prev = heads.get(layer)
             if parsed == ALL_HEADS or prev == ALL_HEADS:
                 heads[layer] = ALL_HEADS
             else:
                 heads[layer] = (prev or set()) | set(parsed)
-    return {
-        layer: (h if h == ALL_HEADS else sorted(h))
-        for layer, h in sorted(heads.items())
-        if h == ALL_HEADS or len(h) > 0
-    }
+    return {layer: (h if h == ALL_HEADS else sorted(h)) for layer, h in sorted(heads.items())}
 
 
 class ModelShape(BaseModel):
@@ -144,7 +167,7 @@ class ACTConfig(BaseModel):
 
     beta: float = Field(0.4, description="scale of the attention on hidden sinks, in [0, 1]")
     threshold: float = Field(0.1, description="sink threshold tau on mean received attention, in (0, 1)")
-    heads: dict[int, Union[list[int], Literal["all"]]] = Field(
+    heads: dict[int, list[int] | Literal["all"]] = Field(
         default_factory=dict, description="layer -> global query-head indices ('all' for every head)"
     )
     name: str | None = Field(None, description="a short label for reports")
@@ -174,7 +197,7 @@ class ACTConfig(BaseModel):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_any(cls, obj: Any) -> "ACTConfig":
+    def from_any(cls, obj: Any) -> ACTConfig:
         """An ACTConfig from an ACTConfig, a dict, a JSON/YAML string or a file path."""
         if isinstance(obj, ACTConfig):
             return obj
@@ -190,7 +213,7 @@ class ACTConfig(BaseModel):
             raise ACTConfigError(explain_validation(e, cls, "ACT config")) from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ACTConfig":
+    def from_file(cls, path: str | Path) -> ACTConfig:
         return parse_act_file(path, cls.from_any)
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,10 +230,12 @@ class ACTConfig(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
+        """Write as JSON (``.json``) or YAML, atomically: a crash never leaves a cut file
+        (a truncated head list would still parse, as a different head set)."""
+        from act_plugin.io import atomic_write_text
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(self.to_json() if p.suffix == ".json" else self.to_yaml())
-        return p
+        return atomic_write_text(p, self.to_json() if p.suffix == ".json" else self.to_yaml())
 
     # ----------------------------------------------------------------- properties
     @property
@@ -254,7 +279,7 @@ class ACTConfig(BaseModel):
                     )
         return self.resolve(shape.num_layers, shape.num_heads)
 
-    def with_(self, **changes: Any) -> "ACTConfig":
+    def with_(self, **changes: Any) -> ACTConfig:
         """A validated copy with some fields changed."""
         return ACTConfig.from_any({**self.model_dump(), **changes})
 
@@ -271,9 +296,22 @@ def _number(v: Any, what: str) -> float:
         raise ACTConfigError(f"{what} must be a number, got {v!r}") from None
 
 
+def _is_file(p: str | Path) -> bool:
+    """``Path.is_file`` that answers False for names the OS cannot even look up (too long,
+    NUL bytes): a config given as text must never fail with an OSError."""
+    try:
+        return Path(p).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _looks_like_path(s: str) -> bool:
     s = s.strip()
-    return "\n" not in s and not s.startswith(("{", "[")) and (s.endswith((".yaml", ".yml", ".json")) or Path(s).is_file())
+    return "\n" not in s and not s.startswith(("{", "[")) and (s.endswith((".yaml", ".yml", ".json")) or _is_file(s))
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _load_text(text: str, where: str, error: type[ACTConfigError] = ACTConfigError) -> Any:
@@ -289,8 +327,8 @@ def load_config_file(path: str | Path, kind: str, error: type[ACTConfigError] = 
     """The parsed YAML/JSON content of a config file and its path: the one place config files
     are read. Raises ``error`` naming the file when it is missing or does not parse."""
     p = Path(path)
-    if not p.is_file():
-        raise error(f"{kind} file not found: {p}")
+    if not _is_file(p):
+        raise error(f"{kind} file not found: {_short(str(p))}")
     return _load_text(p.read_text(), str(p), error), p
 
 
@@ -369,6 +407,34 @@ def read_config_mapping(
 # server): off, the engine's default profile, or a named profile the engine holds.
 REQUEST_OFF = (False, "off", "none", "baseline")
 REQUEST_DEFAULT = (True, "on", "default")
+# A profile named like a request keyword could never be selected ("act": "on" means the
+# default profile, not a profile called "on"), so such names are refused.
+RESERVED_PROFILE_NAMES = frozenset(
+    {str(v).lower() for v in REQUEST_OFF + REQUEST_DEFAULT if isinstance(v, str)} | {"true", "false"}
+)
+# The profile a single ACT config becomes when given as an engine config.
+SINGLE_PROFILE = "act"
+
+
+def check_profile_name(name: Any) -> str:
+    """``name`` if requests can select a profile by it, else an :class:`ACTConfigError`."""
+    if isinstance(name, bool):  # YAML reads a key on/off/yes/no/true/false as a boolean
+        raise ACTConfigError(
+            f"profile name {name!r} (YAML reads on/off/yes/no/true/false as booleans) is reserved: "
+            f"it means ACT {'on' if name else 'off'} in a request; rename the profile"
+        )
+    if not isinstance(name, str) or not name.strip():
+        raise ACTConfigError(f"profile name {name!r}: use a non-empty name such as 'cls'")
+    if name != name.strip():
+        raise ACTConfigError(f"profile name {name!r} has surrounding spaces (requests could not select it)")
+    if name.strip().lower() in RESERVED_PROFILE_NAMES:
+        raise ACTConfigError(
+            f"profile name {name!r} is reserved: in a request it means "
+            f"{'ACT off' if name.strip().lower() in ('off', 'none', 'baseline', 'false') else 'the default profile'}"
+            f", so this profile could never be selected; rename it "
+            f"(reserved: {', '.join(sorted(RESERVED_PROFILE_NAMES))})"
+        )
+    return name
 
 
 class ACTEngineConfig(BaseModel):
@@ -376,9 +442,12 @@ class ACTEngineConfig(BaseModel):
 
     Accepted forms (``additional_config={"act": X}``, ``ACT_CONFIG=file``):
 
-    * a single ACT config (``{"beta": 0.4, "heads": {...}}``): one profile, ``default``;
+    * a single ACT config (``{"beta": 0.4, "heads": {...}}``): one profile, ``act``
+      (:data:`SINGLE_PROFILE`), which is also the default;
     * ``{"profiles": {"cls": {...}, "mc": "path.yaml"}, "default": "cls"}``; ``default``
       may be ``null``: requests are then uncalibrated unless they name a profile.
+
+    Profile names must not be request keywords (:data:`RESERVED_PROFILE_NAMES`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -386,12 +455,19 @@ class ACTEngineConfig(BaseModel):
     profiles: dict[str, ACTConfig] = Field(default_factory=dict)
     default: str | None = None
 
+    @field_validator("profiles", mode="after")
     @classmethod
-    def from_any(cls, obj: Any) -> "ACTEngineConfig":
+    def _profile_names(cls, v: dict[str, ACTConfig]) -> dict[str, ACTConfig]:
+        for name in v:
+            check_profile_name(name)
+        return v
+
+    @classmethod
+    def from_any(cls, obj: Any) -> ACTEngineConfig:
         if isinstance(obj, ACTEngineConfig):
             return obj
         if isinstance(obj, ACTConfig):
-            return cls(profiles={"default": obj}, default="default")
+            return cls(profiles={SINGLE_PROFILE: obj}, default=SINGLE_PROFILE)
         if isinstance(obj, Path) or (isinstance(obj, str) and _looks_like_path(obj)):
             return parse_act_file(obj, cls.from_any)
         if isinstance(obj, str):
@@ -404,12 +480,15 @@ class ACTEngineConfig(BaseModel):
             return cls.from_any(ACTConfig.from_any(obj))
         extra = set(obj) - {"profiles", "default"}
         if extra:
-            raise ACTConfigError(f"unknown key(s) {sorted(extra)} in the 'act' engine config (allowed: profiles, default)")
+            raise ACTConfigError(
+                f"unknown key(s) {sorted(extra)} in the 'act' engine config (allowed: profiles, default)"
+            )
         profiles_in = obj.get("profiles") or {}
         if not isinstance(profiles_in, Mapping):
             raise ACTConfigError("'profiles' must map a name to an ACT config")
         profiles = {}
         for name, spec in profiles_in.items():
+            check_profile_name(str(name) if isinstance(name, (int, float)) and not isinstance(name, bool) else name)
             try:
                 profiles[str(name)] = ACTConfig.from_any(spec)
             except ACTConfigError as e:

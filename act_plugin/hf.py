@@ -71,14 +71,15 @@ from __future__ import annotations
 import inspect
 import sys
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from act_plugin.config import ACTConfig, ACTConfigError, model_shape
 from act_plugin.calibration import attention_scale, attention_window, calibrate_heads, refuse_hf_layer, replace_heads
+from act_plugin.config import ACTConfig, ACTConfigError, model_shape
 
 __all__ = [
     "SUPPORTED_BASES",

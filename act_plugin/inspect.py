@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -166,14 +166,20 @@ def plot_map(m: HeadMap, path: Path, max_labels: int = 64) -> Path:
     fig.suptitle(f"prompt {m.prompt_index}, layer {m.layer}, head {m.head} -- sinks (tau={m.threshold}): {desc}",
                  fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    import io
+
+    from act_plugin.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def write_outputs(maps: Sequence[HeadMap], out_dir: str | Path, prompts: Sequence[str], plots: bool = True,
                   meta: dict | None = None) -> dict[str, Any]:
+    from act_plugin.io import atomic_write_json, atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = []
@@ -182,14 +188,14 @@ def write_outputs(maps: Sequence[HeadMap], out_dir: str | Path, prompts: Sequenc
             pngs.append(str(plot_map(m, out / f"p{m.prompt_index}_L{m.layer}_H{m.head}.png")))
     table = sink_table(maps)
     head = "\n".join(f"- prompt {i}: {p[:200]!r}" for i, p in enumerate(prompts))
-    (out / "sinks.md").write_text(f"# Hidden sinks\n\n{head}\n\n{table}\n")
+    atomic_write_text(out / "sinks.md", f"# Hidden sinks\n\n{head}\n\n{table}\n")
     data = {
         **(meta or {}),
         "prompts": list(prompts),
         "heads": [{"prompt": m.prompt_index, "layer": m.layer, "head": m.head, "tokens": m.tokens,
                    "sinks": m.rows(), "first_token_mean_attention": float(m.col_score[0])} for m in maps],
     }
-    (out / "sinks.json").write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_json(out / "sinks.json", data)
     return {"dir": str(out), "pngs": pngs, "markdown": str(out / "sinks.md"), "json": str(out / "sinks.json"),
             "table": table}
 

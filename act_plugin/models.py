@@ -43,9 +43,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -517,7 +518,7 @@ def pull(
                 "license": spec.license,
                 "gguf_version": gguf_version,
                 "act_plugin_version": _act_version(),
-                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 **facts,
             }
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

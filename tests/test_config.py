@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_defaults_follow_the_paper():
         ({"5": "*", "6": ["1-2", 7]}, {5: "all", 6: [1, 2, 7]}),
         ("2-3:*", {2: "all", 3: "all"}),
         ("2-3:0,4;7:1-2", {2: [0, 4], 3: [0, 4], 7: [1, 2]}),
-        ({"3": []}, {}),
+        ({"3": [1023]}, {3: [1023]}),
     ],
 )
 def test_head_specs(heads, expected):
@@ -81,6 +82,75 @@ def test_rejections(data, message):
         ACTConfig.from_any(data)
 
 
+# Issue 11 finding 6: specs that parse to "no heads" for a layer used to pass silently.
+@pytest.mark.parametrize(
+    "heads, layer",
+    [("2-28:", "2-28"), ("2-3:0;7: ", "7"), ({5: []}, "5"), ({"4-6": ""}, "4-6"), ({"9": " , "}, "9")],
+)
+def test_a_layer_with_no_heads_is_an_error_naming_the_layer(heads, layer):
+    with pytest.raises(ACTConfigError, match=f"heads of layer '{layer}' is empty"):
+        ACTConfig.from_any({"heads": heads})
+
+
+HUGE = ["0-1000000000:*", "2:0-1000000000", {"1000000000000": [0]}, {"3": [10**12]}, "1024:0"]
+
+
+def test_huge_indices_are_refused_before_expansion():
+    import subprocess
+    import sys
+
+    # In a child limited to 1 GiB of address space: expanding a billion-element range would
+    # die with MemoryError there instead of exhausting the machine.
+    code = (
+        "import json, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from act_plugin.config import ACTConfig, ACTConfigError\n"
+        "for heads in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        ACTConfig.from_any({'heads': heads})\n"
+        "    except ACTConfigError as e:\n"
+        "        print(e)\n"
+        "    else:\n"
+        "        print('accepted', heads)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(HUGE)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == len(HUGE)
+    assert all("out of range (indices are 0..1023" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("text", ["x" * 5000, "y" * 5000 + ".yaml", "a/" * 3000 + "c.json", "nul\0.yaml"])
+def test_a_long_or_odd_string_is_a_config_error_not_an_os_error(text):
+    for load in (ACTConfig.from_any, ACTEngineConfig.from_any):
+        with pytest.raises(ACTConfigError) as info:
+            load(text)
+        assert len(str(info.value)) < 600  # the message does not echo kilobytes of input
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "c.yaml"
+    old = ACTConfig.from_any({"heads": "2-27:0,4"})
+    old.save(target)
+    new = ACTConfig.from_any({"heads": {"3": [1]}})
+    written = []
+    real_replace = os.replace
+
+    def crash(src, dst):  # the process dies between writing the temp file and the rename
+        written.append(Path(src).read_text())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert written == [new.to_yaml()]  # the new content went to a temporary file...
+    assert ACTConfig.from_file(target) == old  # ...and the target still holds the old config, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]  # no temp file left behind
+
+
 @pytest.mark.parametrize(
     "heads, message",
     [
@@ -113,7 +183,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
 # ----------------------------------------------------------------------------- engine level
 def test_engine_config_forms():
     single = ACTEngineConfig.from_any({"heads": {"3": [1]}})
-    assert single.default == "default" and list(single.profiles) == ["default"]
+    # the implicit profile has a name requests can select (not the keyword "default")
+    assert single.default == "act" and list(single.profiles) == ["act"]
+    assert single.resolve_request("act") == single.resolve_request("default") == "act"
     multi = ACTEngineConfig.from_any({"profiles": {"a": {"heads": {"3": [1]}}, "b": {}}, "default": None})
     assert multi.default is None and set(multi.profiles) == {"a", "b"}
     assert ACTEngineConfig.from_any(json.dumps(multi.to_dict())) == multi
@@ -150,6 +222,29 @@ def test_bad_request_values(value, message):
 def test_engine_config_rejections(data, message):
     with pytest.raises(ACTConfigError, match=message):
         ACTEngineConfig.from_any(data)
+
+
+# Issue 11 finding 2: a profile named like a request keyword could never be selected.
+@pytest.mark.parametrize("name", ["on", "off", "none", "baseline", "default", "true", "false", "ON", "Default", "None"])
+def test_profile_names_that_are_request_keywords_are_refused(name):
+    with pytest.raises(ACTConfigError, match=f"profile name '{name}' is reserved"):
+        ACTEngineConfig.from_any({"profiles": {name: {"heads": "2-27:*"}}, "default": None})
+    with pytest.raises(ValueError, match="is reserved"):  # the constructor checks too
+        ACTEngineConfig(profiles={name: ACTConfig.from_any({"heads": "2-27:*"})})
+
+
+@pytest.mark.parametrize(
+    "name, message", [(" on", "surrounding spaces"), ("a ", "surrounding spaces"), ("", "non-empty")]
+)
+def test_profile_names_requests_cannot_select_are_refused(name, message):
+    with pytest.raises(ACTConfigError, match=message):
+        ACTEngineConfig.from_any({"profiles": {name: {}}})
+
+
+def test_yaml_boolean_profile_key_is_refused():
+    # YAML 1.1 reads the key `on:` as True
+    with pytest.raises(ACTConfigError, match="YAML reads on/off/yes/no/true/false as booleans"):
+        ACTEngineConfig.from_any("profiles:\n  on: {heads: '2:0'}\n")
 
 
 def test_engine_config_validate_names_profile():

@@ -119,3 +119,51 @@ def test_cli_reports_config_errors(tmp_path: Path, capsys):
     assert main(["eval", str(p), "--check"]) == 2
     err = capsys.readouterr().err
     assert "act-plugin eval: error:" in err and "arms must include 'baseline'" in err
+
+
+# ----------------------------------------------------------------------------- arms that calibrate nothing
+# Issue 11 finding 6 (eval side): an arm with no heads or beta 1 ran as if it were calibrated.
+@pytest.mark.parametrize("arm, why", [({"beta": 1.0, "heads": "2-27:0,4"}, "beta is 1"),
+                                      ({"beta": 0.4}, "it names no heads")])
+def test_an_arm_that_calibrates_nothing_is_refused_unless_a_control(arm, why):
+    with pytest.raises(ACTConfigError, match=rf"arm 'act' calibrates nothing \({why}.*'control: true' on the arm"):
+        cfg(arms={"baseline": None, "act": arm})
+    c = cfg(arms={"baseline": None, "act": {**arm, "control": True}})
+    assert c.controls == ["act"] and not c.calibrates("act") and c.arms["act"].beta == arm["beta"]
+
+
+def test_control_arm_from_a_file_and_round_trip(tmp_path: Path):
+    (tmp_path / "id.yaml").write_text("beta: 1.0\nheads: '4:1'\n")
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "arms": {"baseline": None, "act": {"heads": "2:0"},
+                                                     "same": {"control": True, "config": "id.yaml"}}}))
+    c = load_eval_config(path)
+    assert c.controls == ["same"] and c.arms["same"].beta == 1.0 and c.calibrates("act")
+    again = load_eval_config(c.to_dict())  # what config.yaml holds loads back the same
+    assert again.controls == c.controls and again.arms == c.arms
+    with pytest.raises(ACTConfigError, match="either 'config: PATH' or the ACT config's keys"):
+        cfg(arms={"baseline": None, "act": {"config": "id.yaml", "beta": 0.3}})
+    with pytest.raises(ACTConfigError, match="not among the arms"):
+        cfg(controls=["nope"])
+
+
+@pytest.mark.parametrize("value, expected", [("all", "all"), ("ALL", "all"), (None, "all"), (50, 50), ("50", 50),
+                                             ("0.25", 0.25), (0.5, 0.5)])
+def test_limit_all(value, expected):
+    c = cfg(limit=value) if value is not None else load_eval_config({**BASE, "limit": None})
+    assert c.limit == expected
+    assert c.lm_eval_limit == (None if expected == "all" else expected)
+    assert cfg().limit == "all"  # the default
+
+
+def test_cli_limit_all(tmp_path: Path, capsys, shared_data):
+    from act_plugin.cli import main
+
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump({**BASE, "limit": 10}))
+    assert main(["eval", str(p), "--check", "--data-dir", str(shared_data)]) == 0
+    assert "limit 10" in capsys.readouterr().out
+    assert main(["eval", str(p), "--check", "--limit", "all", "--data-dir", str(shared_data)]) == 0
+    assert "limit all" in capsys.readouterr().out
+    assert main(["eval", str(p), "--check", "--limit", "lots"]) == 2
+    assert "limit must be 'all'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 
 from act_plugin.eval import runner
 from act_plugin.eval.config import load_eval_config
-from act_plugin.eval.report import accuracy_from_samples, read_samples
+from act_plugin.eval.report import accuracy_from_samples, read_samples, write_samples
 
 
 def _fake_samples(correct: list[int], gold: list[int]) -> list[dict]:
@@ -31,17 +31,22 @@ def test_multi_seed_assembly_and_files(tmp_path):
     rng = np.random.default_rng(0)
     gold = list(rng.integers(0, 2, 12))
     correct = {arm: {s: list(rng.integers(0, 2, 12)) for s in (0, 1)} for arm in cfg.arms}
-    records = {arm: {"sst2": []} for arm in cfg.arms}
-    raw = {}
+    versions = {"act_plugin": "0", "lm_eval": "0", "vllm": "0", "torch": "0", "python": "3"}
+    state = runner.RunState.open(tmp_path, runner.run_inputs(cfg, "/m", tmp_path, versions))
     for arm in cfg.arms:
-        raw[arm] = {}
+        records, lm_eval = [], {}
         for s in (0, 1):
             samples = _fake_samples(correct[arm][s], gold)
-            records[arm]["sst2"] += runner._records("sst2", "act_sst2", arm, s, samples, "acc")
-            raw[arm][s] = {"results": {"act_sst2": {"acc,none": float(np.mean(correct[arm][s]))}}}
-    results = runner._assemble(cfg, tmp_path, "/m", tmp_path, "test", {"sst2": "act_sst2"}, [0, 1], raw, records,
-                               {"baseline": 1.0, "act": 2.0}, [3.0])
-    files = runner._write(tmp_path, cfg, results, records)
+            records += runner._records("sst2", "act_sst2", arm, s, samples, "acc")
+            lm_eval[str(s)] = {"acc,none": float(np.mean(correct[arm][s]))}
+        name = f"samples_{arm}_sst2.jsonl"
+        write_samples(tmp_path / name, records)
+        state.record({"arm": arm, "task": "sst2", "samples": name, "records": len(records), "wall_time_s": 1.0,
+                      "lm_eval": lm_eval, "lm_eval_raw": {}, "preemptions": 0,
+                      "engine": {"act_setting": None, "request": None, "config": None, "calibration": None,
+                                 "preemptions": 0}})
+    results = runner.assemble(cfg, state, "/m", tmp_path, "test", {"sst2": "act_sst2"}, [0, 1], versions)
+    files = runner.write_outputs(tmp_path, cfg, state, results)
     saved = json.loads((tmp_path / "results.json").read_text())
     task = saved["tasks"]["sst2"]
     for arm in cfg.arms:
@@ -61,3 +66,14 @@ def test_multi_seed_assembly_and_files(tmp_path):
     assert saved["summary"]["act"]["mean_delta"] == pytest.approx(c["delta"])
     assert files["deltas.png"].read_bytes()[:4] == b"\x89PNG"
     assert "| sst2 | acc | 12 |" in (tmp_path / "report.md").read_text()
+
+
+def test_committed_results_schema_is_current():
+    """docs/eval_results.schema.json is generated from the model; regenerate it with
+    ``python -m act_plugin.eval.results > docs/eval_results.schema.json``."""
+    from pathlib import Path
+
+    from act_plugin.eval.results import json_schema
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "eval_results.schema.json"
+    assert json.loads(committed.read_text()) == json_schema(), "regenerate docs/eval_results.schema.json"

@@ -82,3 +82,33 @@ def test_macro_bootstrap():
     lo, hi = macro_bootstrap_ci(pairs, resamples=2000)
     assert lo <= point <= hi
     assert macro_bootstrap_ci([(np.ones(3), np.ones(3))] * 2) == (0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- minimum detectable effect
+def test_minimum_detectable_effect_matches_a_hand_computation():
+    from act_plugin.eval.stats import minimum_detectable_effect
+
+    # By hand, n = 150 documents, 20% discordant, alpha 0.05 two-sided, power 0.8:
+    # z_a = 1.959964, z_b = 0.841621; sqrt(n) z_a = 12.247449 * 1.959964 = 24.004557;
+    # n - z_a^2 + z_b^2 = 150 - 3.841459 + 0.708326 = 146.866867, sqrt = 12.118864,
+    # z_b * 12.118864 = 10.199494; (24.004557 + 10.199494) / (150 + 0.708326) = 0.226956;
+    # d = sqrt(0.2) * 0.226956 = 0.447214 * 0.226956 = 0.101498.
+    d = minimum_detectable_effect(150, 0.2, alpha=0.05, power=0.8)
+    assert d == pytest.approx(0.101498, abs=2e-6)
+    # and it is the d at which Connor's sample-size formula gives back n = 150
+    za, zb = 1.959964, 0.841621
+    n_back = (za * np.sqrt(0.2) + zb * np.sqrt(0.2 - d * d)) ** 2 / (d * d)
+    assert n_back == pytest.approx(150, rel=1e-4)
+
+
+def test_minimum_detectable_effect_behaviour():
+    from act_plugin.eval.stats import minimum_detectable_effect as mde
+
+    assert mde(0, 0.2) is None and mde(100, 0.0) is None  # nothing to say without data or flips
+    assert mde(1000, 0.1) < mde(100, 0.1) < mde(10, 0.1)  # more documents resolve smaller effects
+    assert mde(500, 0.05) < mde(500, 0.2)  # fewer flips: smaller detectable effect
+    assert mde(500, 0.1, power=0.9) > mde(500, 0.1, power=0.8)
+    assert mde(500, 0.1, alpha=0.01) > mde(500, 0.1, alpha=0.05)
+    assert mde(2, 0.5) <= 0.5  # never more than the discordant rate
+    with pytest.raises(ValueError):
+        mde(100, 0.1, alpha=1.5)

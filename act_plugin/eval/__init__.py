@@ -2,11 +2,13 @@
 
 * :mod:`act_plugin.tasks` -- the ACT paper suite over local data (``load_samples``), shared with search;
 * :mod:`act_plugin.eval.config` -- the eval config (``EvalConfig``);
-* :mod:`act_plugin.eval.runner` -- runs every arm through ``lm_eval.simple_evaluate``;
+* :mod:`act_plugin.eval.runner` -- runs every arm through ``lm_eval.simple_evaluate``, piece by
+  piece (arm, task), resumable;
 * :mod:`act_plugin.eval.model` -- the lm-eval model ``act-vllm`` (``ActVLLM``; imports vLLM and lm-eval);
 * :mod:`act_plugin.eval.scoring` -- next-token scoring, one prefill per context (pure);
 * :mod:`act_plugin.eval.stats` -- paired bootstrap CIs and McNemar tests;
-* :mod:`act_plugin.eval.report` -- ``results.json``, ``report.md``, the chart, per-sample files;
+* :mod:`act_plugin.eval.results` -- ``results.json`` as a typed model (``EvalResults``, schema v2);
+* :mod:`act_plugin.eval.report` -- writes ``results.json``, ``report.md``, the chart, per-sample files;
 * :mod:`act_plugin.eval.cli` -- ``act-plugin eval CONFIG.yaml``.
 
 Importing this package is cheap (no vLLM, no lm-eval): the model is registered with lm-eval

@@ -11,8 +11,9 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="eval config (YAML), e.g. configs/demo.yaml")
     parser.add_argument("--output-dir", "-o", default=None, help="results folder (default: the config's "
-                        "output_dir, else runs/<name>-<timestamp>)")
-    parser.add_argument("--limit", type=float, default=None, help="documents per task (overrides the config)")
+                        "output_dir, else runs/<name>; rerunning the same command resumes an interrupted run there)")
+    parser.add_argument("--limit", default=None, help="documents per task, a fraction < 1, or 'all' "
+                        "(overrides the config)")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (overrides the config)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="k in-context examples (overrides)")
     parser.add_argument("--data-dir", default=None, help="offline data folder (overrides; default $ACT_DATA_DIR "
@@ -26,11 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from act_plugin.eval.config import load_eval_config
     from act_plugin.tasks import check_data, resolve_data_dir
 
-    limit = args.limit
-    if limit is not None and float(limit).is_integer():
-        limit = int(limit)
     overrides = {
-        "limit": limit,
+        "limit": args.limit,  # 'all', '50' or '0.1': the eval config reads it
         "tasks": args.tasks.split(",") if args.tasks else None,
         "num_fewshot": args.num_fewshot,
         "data_dir": args.data_dir,
@@ -40,16 +38,29 @@ def run(args: argparse.Namespace) -> int:
     data_dir, how = resolve_data_dir(cfg.data_dir)
     check_data(cfg.tasks, data_dir)
     if args.check:
-        print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, data {data_dir} ({how})")
+        print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, limit {cfg.limit}, "
+              f"data {data_dir} ({how})")
         return 0
     from act_plugin.eval.runner import run_eval
 
     result = run_eval(cfg, output_dir=args.output_dir, verbose=args.verbose)
     r = result.results
     print(f"\nresults: {result.output_dir}", file=sys.stderr)
-    for arm, s in r["summary"].items():
-        print(f"{arm} vs baseline: mean delta {100 * s['mean_delta']:+.2f} points "
-              f"[{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] over {len(r['tasks'])} tasks "
-              f"({s['improved']} flips up, {s['worsened']} down)")
+    if result.reused:
+        total = len(cfg.arms) * len(cfg.tasks)
+        again = ""
+        if len(result.reused) == total:
+            again = " (nothing re-run: delete the folder or pass another -o to run again)"
+        print(f"resumed: {len(result.reused)} finished (arm, task) pieces reused of {total}{again}", file=sys.stderr)
+    for arm, s in r.summary.items():
+        print(f"{arm} vs baseline: mean delta {_pts(s.mean_delta)} points "
+              f"[{_pts(s.ci_low)}, {_pts(s.ci_high)}] over {len(r.tasks)} tasks "
+              f"({s.improved} flips up, {s.worsened} down)")
+    for w in r.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print(f"report: {result.output_dir / 'report.md'}")
     return 0
+
+
+def _pts(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.2f}"

@@ -9,7 +9,14 @@ Example (``configs/demo.yaml``)::
       baseline: null               # required: no calibration
       act: {beta: 0.4, heads: "2-27:0,4"}   # or a path to an ACT config file
     tasks: [sst2, agnews, arc_easy]
-    limit: 50
+    limit: 50                      # documents per task; 'all' (default) for the whole split
+
+An arm that calibrates nothing (no heads, or ``beta: 1``) would run as the baseline while the
+report calls it calibrated, so it is refused unless marked as a deliberate control::
+
+    arms:
+      identity: {control: true, beta: 1.0, heads: "2-27:0,4"}
+      searched: {control: false, config: searched.yaml}   # 'config': a path, with arm options
 
 Paths: calibrated arms given as paths are read relative to the eval config's folder (then
 the current directory); ``data_dir`` and ``output_dir`` are relative to the current
@@ -19,14 +26,14 @@ directory.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from act_plugin.config import (
-    REQUEST_DEFAULT,
-    REQUEST_OFF,
+    RESERVED_PROFILE_NAMES,
     ACTConfig,
     ACTConfigError,
     engine_args,
@@ -34,11 +41,14 @@ from act_plugin.config import (
     read_config_mapping,
 )
 
-__all__ = ["EvalConfig", "load_eval_config", "BASELINE"]
+__all__ = ["EvalConfig", "load_eval_config", "BASELINE", "ALL"]
 
 BASELINE = "baseline"
+ALL = "all"  # limit: every document of each task's split
+# Keys of an arm mapping that are options of the arm, not of its ACT config.
+_ARM_OPTIONS = ("control", "config")
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_RESERVED = {str(x).lower() for x in REQUEST_OFF + REQUEST_DEFAULT} - {BASELINE}
+_RESERVED = RESERVED_PROFILE_NAMES - {BASELINE}
 
 
 class EvalConfig(BaseModel):
@@ -53,13 +63,21 @@ class EvalConfig(BaseModel):
     arms: dict[str, ACTConfig | None] = Field(
         ..., description="'baseline' (no calibration) plus calibrated arms: name -> ACT config (inline or path)"
     )
+    controls: list[str] = Field(
+        default_factory=list,
+        description="arms that are deliberate controls (set by 'control: true' on an arm); only these may "
+                    "calibrate nothing (no heads or beta 1)",
+    )
     tasks: list[str] = Field(..., description="project tasks (sst2, arc_easy, ...), suites, or lm_eval:<task>")
     num_fewshot: int = Field(0, ge=0, description="in-context examples per prompt (k)")
-    limit: int | float | None = Field(None, description="documents per task (int) or fraction (<1); null = all")
+    limit: int | float | Literal["all"] = Field(
+        ALL, description="documents per task (int), a fraction (<1), or 'all' (null means 'all')"
+    )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4],
                              description="few-shot seeds (k>0 runs once per seed; k=0 uses the first only)")
     data_dir: str | None = Field(None, description="offline data folder (default: $ACT_DATA_DIR, ../shared/data)")
-    output_dir: str | None = Field(None, description="where results go (default runs/<name>-<timestamp>)")
+    output_dir: str | None = Field(
+        None, description="where results go (default runs/<name>; the same command resumes an interrupted run)")
     share_engine: bool = Field(True, description="one engine for all arms (per-request switch) or one per arm")
     next_token: bool = Field(True, description="score single-token answers from one prefill of the prompt")
     batch_size: int | str = Field("auto", description="requests per engine call ('auto' = all at once)")
@@ -68,6 +86,55 @@ class EvalConfig(BaseModel):
     stats_seed: int = Field(0, description="seed of the bootstrap")
 
     # ----------------------------------------------------------------- validators
+    @model_validator(mode="before")
+    @classmethod
+    def _arm_options(cls, data: Any) -> Any:
+        """Move each arm's ``control`` flag into ``controls`` (the arm keeps its ACT config)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("arms"), Mapping):
+            return data
+        data = dict(data)
+        controls = data.get("controls") or []
+        if not isinstance(controls, list):
+            raise ACTConfigError(f"controls must be a list of arm names, got {controls!r}")
+        controls = [str(c) for c in controls]
+        arms = {}
+        for name, spec in data["arms"].items():
+            if isinstance(spec, Mapping) and any(k in spec for k in _ARM_OPTIONS):
+                spec = dict(spec)
+                control = spec.pop("control", False)
+                if not isinstance(control, bool):
+                    raise ACTConfigError(f"arm '{name}': control must be true or false, got {control!r}")
+                if control and str(name) not in controls:
+                    controls.append(str(name))
+                if "config" in spec:
+                    if set(spec) != {"config"}:
+                        raise ACTConfigError(
+                            f"arm '{name}': give either 'config: PATH' or the ACT config's keys, not both "
+                            f"(got {sorted(spec)})"
+                        )
+                    spec = spec["config"]
+            arms[name] = spec
+        data["arms"] = arms
+        data["controls"] = controls
+        return data
+
+    @model_validator(mode="after")
+    def _arms_calibrate(self) -> EvalConfig:
+        unknown = [c for c in self.controls if c not in self.arms]
+        if unknown:
+            raise ACTConfigError(f"controls name arm(s) {unknown} that are not among the arms {list(self.arms)}")
+        if BASELINE in self.controls:
+            raise ACTConfigError("'baseline' is the reference, not a control arm: remove it from the controls")
+        for name, act in self.calibrated_arms.items():
+            if act.is_identity and name not in self.controls:
+                why = "beta is 1 (no change)" if act.beta == 1.0 else "it names no heads"
+                raise ACTConfigError(
+                    f"arm '{name}' calibrates nothing ({why}): it would run as the baseline while the report "
+                    f"calls it calibrated. Fix its ACT config, or mark it a deliberate control "
+                    f"('control: true' on the arm)"
+                )
+        return self
+
     @field_validator("engine", mode="before")
     @classmethod
     def _engine(cls, v: Any) -> Any:
@@ -119,10 +186,19 @@ class EvalConfig(BaseModel):
     @field_validator("limit", mode="before")
     @classmethod
     def _limit(cls, v: Any) -> Any:
-        if v is None:
-            return None
+        if v is None or (isinstance(v, str) and v.strip().lower() == ALL):
+            return ALL
+        if isinstance(v, str):
+            try:
+                v = float(v) if any(c in v for c in ".eE") else int(v)
+            except ValueError:
+                raise ACTConfigError(
+                    f"limit must be 'all', a number of documents or a fraction < 1, got {v!r}"
+                ) from None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise ACTConfigError(f"limit must be a positive number of documents (or a fraction < 1), got {v!r}")
+            raise ACTConfigError(
+                f"limit must be 'all', a positive number of documents or a fraction < 1, got {v!r}"
+            )
         if isinstance(v, float) and v >= 1:
             if not v.is_integer():
                 raise ACTConfigError(f"limit {v} must be an integer count or a fraction below 1")
@@ -151,6 +227,16 @@ class EvalConfig(BaseModel):
     @property
     def calibrated_arms(self) -> dict[str, ACTConfig]:
         return {n: c for n, c in self.arms.items() if c is not None}
+
+    @property
+    def lm_eval_limit(self) -> int | float | None:
+        """``limit`` as lm-eval takes it (None = every document)."""
+        return None if self.limit == ALL else self.limit
+
+    def calibrates(self, arm: str) -> bool:
+        """Whether the arm can change any output (False: baseline and no-op controls)."""
+        act = self.arms[arm]
+        return act is not None and not act.is_identity
 
     @property
     def run_seeds(self) -> list[int]:

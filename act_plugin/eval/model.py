@@ -60,7 +60,7 @@ class ActVLLM(VLLM):
 
     * ``pretrained``: a model folder, a hub id or an embedded model name (``smollm2-135m``);
     * ``act``: the engine's ACT config -- an :class:`~act_plugin.config.ACTEngineConfig`, a
-      dict, JSON/YAML text or a file path (a single ACT config becomes profile ``default``);
+      dict, JSON/YAML text or a file path (a single ACT config becomes profile ``act``);
     * ``act_profile``: the arm requests start with (``off``, a profile name, or unset for the
       engine default);
     * ``next_token``: next-token scoring of single-token continuations (default true).
@@ -85,7 +85,8 @@ class ActVLLM(VLLM):
                 raise ACTConfigError("give the ACT config either as act=... or in additional_config, not both")
             extra["act"] = self.act_config.to_dict()
             kwargs["additional_config"] = extra
-        elif isinstance(kwargs.get("additional_config"), dict) and "act" in kwargs["additional_config"]:
+        elif isinstance(kwargs.get("additional_config"), dict) and kwargs["additional_config"].get("act", False) is not False:
+            # ({"act": False} is a vanilla engine: ACT explicitly off, ACT_CONFIG ignored)
             self.act_config = ACTEngineConfig.from_any(kwargs["additional_config"]["act"])
         self.next_token = _as_bool(next_token, "next_token")
         self._arm: str | None = None

@@ -1,36 +1,7 @@
 """Writing an A/B evaluation: ``results.json``, ``report.md``, ``deltas.png``, per-sample files.
 
-``results.json`` (schema ``act-plugin/eval-results``, version 1; keys are only ever added
-within a version)::
-
-    {
-      "schema": "act-plugin/eval-results", "schema_version": 1,
-      "name": str, "description": str | null, "created": ISO-8601 UTC,
-      "versions": {"act_plugin", "lm_eval", "vllm", "torch", "python"},
-      "model": {"name": str, "path": str},
-      "engine": {vLLM engine args as given}, "share_engine": bool, "engine_start_s": [float],
-      "scoring": {"next_token": bool, "note": str},
-      "settings": {"num_fewshot", "limit", "seeds" (run), "data_dir", "bootstrap_resamples",
-                   "confidence", "stats_seed"},
-      "arms": {ARM: {"baseline": bool, "act": ACT config dict | null, "act_hash": str | null,
-                     "wall_time_s": float, "documents": int}},
-      "tasks": {TASK: {"lm_eval_task": str, "metric": "acc" | "acc_norm", "n": int,
-                       "num_fewshot": int, "seeds": [int],
-                       "accuracy": {ARM: float},              # mean over seeds and documents
-                       "accuracy_per_seed": {ARM: {SEED: float}},
-                       "lm_eval": {ARM: {SEED: {metric: value}}},   # as lm-eval reported
-                       "samples": {ARM: file name},
-                       "comparisons": {ARM: {n, seeds, base_acc, treat_acc, delta, ci_low,
-                                             ci_high, confidence, improved, worsened,
-                                             both_correct, both_wrong, docs_better,
-                                             docs_worse, p_value, p_value_midp}}}},
-      "summary": {ARM: {"mean_delta": float, "ci_low": float, "ci_high": float,
-                        "tasks_up": int, "tasks_down": int, "improved": int, "worsened": int}},
-      "files": {"report": "report.md", "chart": "deltas.png", "config": "config.yaml"}
-    }
-
-Accuracies and deltas are fractions (0.1 = 10 points). ``comparisons`` are calibrated arm
-minus baseline over the same documents (see :mod:`act_plugin.eval.stats`).
+``results.json`` is :class:`act_plugin.eval.results.EvalResults` (schema
+``act-plugin/eval-results`` v2; JSON schema in ``docs/eval_results.schema.json``).
 
 Per-sample files ``samples_<arm>_<task>.jsonl``, one line per (seed, document)::
 
@@ -45,16 +16,18 @@ argmax behind it; the mean of ``correct`` over a file is the arm's accuracy in
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from act_plugin.eval.results import SCHEMA, SCHEMA_VERSION, EvalResults
+from act_plugin.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "write_samples", "read_samples", "write_results", "write_report",
-           "write_chart", "samples_filename", "accuracy_from_samples"]
-
-SCHEMA = "act-plugin/eval-results"
-SCHEMA_VERSION = 1
+           "write_chart", "samples_filename", "accuracy_from_samples", "clean"]
 
 
 def samples_filename(arm: str, task: str) -> str:
@@ -62,10 +35,8 @@ def samples_filename(arm: str, task: str) -> str:
 
 
 def write_samples(path: Path, records: Iterable[dict]) -> Path:
-    with path.open("w") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path
+    """One JSON line per record, written atomically (a file is either whole or absent)."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_samples(path: str | Path) -> list[dict]:
@@ -79,19 +50,23 @@ def accuracy_from_samples(path: str | Path) -> float:
     return sum(float(r["correct"]) for r in rows) / len(rows) if rows else float("nan")
 
 
-def _clean(obj: Any) -> Any:
+def clean(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as None and keys as strings (JSON-safe)."""
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean(v) for v in obj]
     return obj
 
 
-def write_results(path: Path, results: dict) -> Path:
-    path.write_text(json.dumps(_clean(results), indent=1, ensure_ascii=False, default=str) + "\n")
-    return path
+def _as_dict(results: EvalResults | dict) -> dict:
+    return json.loads(results.to_json()) if isinstance(results, EvalResults) else results
+
+
+def write_results(path: Path, results: EvalResults) -> Path:
+    return atomic_write_text(path, results.to_json())
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
@@ -106,8 +81,13 @@ def _p(x: float | None) -> str:
     return f"{x:.3g}" if x >= 0.001 else "<0.001"
 
 
-def write_chart(path: Path, results: dict) -> Path | None:
+def _num(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def write_chart(path: Path, results: EvalResults | dict) -> Path | None:
     """Grouped bars of per-task deltas (percentage points) with CI error bars, plus the mean."""
+    results = _as_dict(results)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,13 +106,15 @@ def write_chart(path: Path, results: dict) -> Path | None:
         vals, lo, hi = [], [], []
         for t in tasks:
             c = results["tasks"][t]["comparisons"][arm]
-            vals.append(100 * c["delta"])
-            lo.append(100 * (c["delta"] - c["ci_low"]))
-            hi.append(100 * (c["ci_high"] - c["delta"]))
+            d, cl, ch = _num(c["delta"]), _num(c["ci_low"]), _num(c["ci_high"])
+            vals.append(100 * d)
+            lo.append(100 * (d - cl))
+            hi.append(100 * (ch - d))
         s = results["summary"][arm]
-        vals.append(100 * s["mean_delta"])
-        lo.append(100 * (s["mean_delta"] - s["ci_low"]))
-        hi.append(100 * (s["ci_high"] - s["mean_delta"]))
+        d, cl, ch = _num(s["mean_delta"]), _num(s["ci_low"]), _num(s["ci_high"])
+        vals.append(100 * d)
+        lo.append(100 * (d - cl))
+        hi.append(100 * (ch - d))
         pos = x - 0.4 + width * (i + 0.5)
         if len(arms) == 1:  # one arm: colour says the sign
             colors = ["#2b8a3e" if v > 0 else "#c92a2a" if v < 0 else "#868e96" for v in vals]
@@ -149,12 +131,39 @@ def write_chart(path: Path, results: dict) -> Path | None:
     if len(arms) > 1:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
-def write_report(path: Path, results: dict) -> Path:
+def _arm_description(info: dict) -> str:
+    act = info["act"]
+    if act is None:
+        return "none (baseline)"
+    heads_map = act.get("heads", {})
+    n_layers = len(heads_map)
+    n_heads = sum(len(v) if isinstance(v, list) else 0 for v in heads_map.values())
+    all_layers = sum(1 for v in heads_map.values() if v == "all")
+    heads = f"{n_heads} heads in {n_layers} layers" + (f" (+{all_layers} layers 'all')" if all_layers else "")
+    desc = f"beta {act['beta']}, tau {act['threshold']}, {heads}, hash `{info['act_hash']}`"
+    if act.get("source"):
+        desc += f"; source: {act['source']}"
+    if info["control"]:
+        desc += "; **control**" + ("" if info["calibrates"] else " (calibrates nothing: should match the baseline)")
+    return desc
+
+
+def _engine_description(info: dict) -> str:
+    eng = info["engine"]
+    if eng["calibration"] is None:
+        told = "ACT off" if eng["act_setting"] is False else f"request act={eng['request']!r}"
+        return f"uncalibrated ({told}; read back)"
+    return f"request act={eng['request']!r}: profile read back, matches"
+
+
+def write_report(path: Path, results: EvalResults | dict) -> Path:
+    results = _as_dict(results)
     arms = list(results["arms"])
     cal = [a for a in arms if not results["arms"][a]["baseline"]]
     st = results["settings"]
@@ -174,44 +183,44 @@ def write_report(path: Path, results: dict) -> Path:
         "",
         "## Arms",
         "",
-        "| arm | calibration | wall time (s) | scored (documents x seeds) |",
-        "|---|---|---:|---:|",
+        "| arm | calibration | engine (read back) | preempted | wall time (s) | scored (documents x seeds) |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for a in arms:
         info = results["arms"][a]
-        act = info["act"]
-        if act is None:
-            desc = "none (baseline)"
-        else:
-            n_layers = len(act.get("heads", {}))
-            n_heads = sum(len(v) if isinstance(v, list) else 0 for v in act.get("heads", {}).values())
-            all_layers = sum(1 for v in act.get("heads", {}).values() if v == "all")
-            heads = f"{n_heads} heads in {n_layers} layers" + (f" (+{all_layers} layers 'all')" if all_layers else "")
-            desc = f"beta {act['beta']}, tau {act['threshold']}, {heads}, hash `{info['act_hash']}`"
-            if act.get("source"):
-                desc += f"; source: {act['source']}"
-        lines.append(f"| {a} | {desc} | {info['wall_time_s']:.1f} | {info['documents']} |")
+        pre = "n/a" if info["preemptions"] is None else str(info["preemptions"])
+        wall = "n/a" if info["wall_time_s"] is None else f"{info['wall_time_s']:.1f}"
+        lines.append(f"| {a} | {_arm_description(info)} | {_engine_description(info)} | {pre} | {wall} | "
+                     f"{info['documents']} |")
+    lines += ["", "Preempted: calibrated requests that vLLM preempted and recomputed while the arm ran "
+              "(their sink statistics come from a different pass)."]
     if results.get("engine_start_s"):
         lines += ["", f"Engine start: {', '.join(f'{s:.1f}' for s in results['engine_start_s'])} s."]
+    if results.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
+    mde_how = (f"MDE = minimum detectable |delta| at this n (paired McNemar, two-sided alpha {st['mde_alpha']}, "
+               f"power {st['mde_power']}, from the observed discordant rate)")
     for arm in cal:
         lines += [
             "",
             f"## {arm} vs baseline",
             "",
-            f"| task | metric | n | baseline | {arm} | delta (points) | {conf}% CI | + / - | McNemar p (exact / mid-p) |",
-            "|---|---|---:|---:|---:|---:|---|---:|---|",
+            f"| task | metric | n | baseline | {arm} | delta (points) | {conf}% CI | + / - | McNemar p (exact / mid-p) "
+            f"| MDE (points) |",
+            "|---|---|---:|---:|---:|---:|---|---:|---|---:|",
         ]
         for t, info in results["tasks"].items():
             c = info["comparisons"][arm]
+            mde = "n/a" if c["mde"] is None else f"{100 * c['mde']:.1f}" + ("" if c["resolved"] else " (!)")
             lines.append(
                 f"| {t} | {info['metric']} | {c['n']} | {_pct(c['base_acc'])} | {_pct(c['treat_acc'])} | "
                 f"{_pct(c['delta'], True)} | [{_pct(c['ci_low'], True)}, {_pct(c['ci_high'], True)}] | "
-                f"{c['improved']} / {c['worsened']} | {_p(c['p_value'])} / {_p(c['p_value_midp'])} |"
+                f"{c['improved']} / {c['worsened']} | {_p(c['p_value'])} / {_p(c['p_value_midp'])} | {mde} |"
             )
         s = results["summary"][arm]
         lines.append(
             f"| **mean over tasks** | | | | | **{_pct(s['mean_delta'], True)}** | "
-            f"[{_pct(s['ci_low'], True)}, {_pct(s['ci_high'], True)}] | {s['improved']} / {s['worsened']} | |"
+            f"[{_pct(s['ci_low'], True)}, {_pct(s['ci_high'], True)}] | {s['improved']} / {s['worsened']} | | |"
         )
     lines += [
         "",
@@ -225,10 +234,11 @@ def write_report(path: Path, results: dict) -> Path:
         "- `+ / -` = documents flipped from wrong to right / right to wrong (per seed). p = McNemar's exact "
         "test on those flips (with several seeds: an exact sign test over documents on the seed-averaged "
         "correctness) and its mid-p variant.",
+        f"- {mde_how}; n/a when no document changed. (!) marks a delta smaller than the MDE: "
+        "this n cannot resolve it.",
         "- Every number comes from the per-sample files `samples_<arm>_<task>.jsonl` (one line per seed and "
         "document: gold, prediction, per-choice log-likelihoods, correctness, prompt); `results.json` holds "
         f"them all (schema `{SCHEMA}` v{SCHEMA_VERSION}).",
         "",
     ]
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write_text(path, "\n".join(lines))

@@ -19,8 +19,8 @@ chosen on; when no evaluated set beats the baseline the empty set is returned (a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 __all__ = ["CombineResult", "combine_heads", "combine_pool"]
 

@@ -29,9 +29,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +133,7 @@ def run_search(
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     timer = _Timer()
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _dt.datetime.now(_dt.UTC)
     model_path = ensure_model(cfg.model)
     shape = model_shape(AutoConfig.from_pretrained(model_path))
     L, H = shape.num_layers, shape.num_heads

@@ -14,8 +14,8 @@ mean over tasks (each task counts the same, whatever its sample count).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

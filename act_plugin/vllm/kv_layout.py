@@ -8,7 +8,7 @@ on tensors so that the CUDA layouts are unit-tested on CPU.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
