@@ -404,8 +404,13 @@ def build_report(prep: Prepared, ranking: Ranking, ver: Verification, comb: Comb
             "tasks_without_profile": sorted(t for t, s in comb.per_task.items() if not s.heads),
         }
     exact_evals = [r for r in prep.store.sets.values() if r.get("heads")]
+    full_pass = [r["seconds"] / max(r.get("cost_fraction", 1.0), 1e-9) for r in exact_evals
+                 if r["part"] == SEARCH and len(r["heads"]) == 1 and r.get("seconds")]
+    per_full = float(np.median(full_pass)) if full_pass else None
     timing = {"total_s": total_s, **{f"{k}_s": v for k, v in ev.seconds.items()},
               "ranking_s": ranking.seconds, "exact_evaluations": len(exact_evals),
+              "full_pass_s_median": per_full,  # one exact search-part pass of a head alone, from layer 0
+              "brute_force_extrapolated_s": per_full * len(prep.candidates) if per_full else None,
               "loadavg_start": list(prep.load_start), "loadavg_end": list(os.getloadavg()),
               "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
               "hf_threads_used": {str(k): v for k, v in sorted(threads_used.items())},
