@@ -187,6 +187,11 @@ def test_split_is_deterministic_disjoint_and_outside_the_reported_split(shared_d
     c = build_search_data(tasks, 20, 30, seed=6, tokenizer=tok, data_dir=shared_data)
     assert a.record() == b.record() and a.search == b.search and a.validation == b.validation
     assert a.record() != c.record()
+    # the search part does not depend on the validation budget (raising it keeps the ranking)
+    d = build_search_data(tasks, 20, 5, seed=5, tokenizer=tok, data_dir=shared_data)
+    assert d.search == a.search
+    assert all(set(d.record()["tasks"][t]["validation"]["rows"]) <= set(rec_v) for t, rec_v in
+               ((t, a.record()["tasks"][t]["validation"]["rows"]) for t in tasks))
     rec = a.record()
     for task in tasks:
         parts = rec["tasks"][task]

@@ -6,10 +6,11 @@ come from the task's ``train`` split (``act_plugin.eval.tasks``), which is disjo
 ``test`` split that evaluations report (a different file, or the other side of a seeded
 carve-out of one file), so nothing the search sees is ever reported.
 
-Per task: ``search_per_task + validation_per_task`` training documents are drawn with the
-search seed (the same draw ``load_samples`` makes), then a second seeded permutation assigns
-the first ``search_per_task`` of them to the search part and the rest to validation. A task
-whose training split is smaller is divided in the same proportion. The file and row of every
+Per task: the training documents are put in a seeded random order; the first
+``search_per_task`` of that order form the search part and the next ``validation_per_task``
+the validation part. The search part therefore does not depend on the validation budget
+(raising it reuses the ranking already paid for). A task whose training split is smaller
+than both budgets is divided in the same proportion. The file and row of every
 document of both parts are recorded in the report (``SearchData.record``).
 """
 
@@ -87,24 +88,34 @@ def _calib(samples, tokenizer) -> CalibrationSet:
     return CalibrationSet(prompts, choices, gold, tasks)
 
 
+def _with_ids(sample, tokenizer):
+    """The sample with its answers' token ids (each checked to be one token in context)."""
+    import dataclasses
+
+    from act_plugin.eval.tasks import label_token_ids
+
+    return dataclasses.replace(sample, choice_token_ids=tuple(label_token_ids(tokenizer, sample.prompt,
+                                                                              sample.choices)))
+
+
 def build_search_data(tasks: list[str], n_search: int, n_validation: int, seed: int, tokenizer: Any,
                       data_dir: Any = None) -> SearchData:
     """Search and validation parts of every task's training split (see the module docs)."""
-    from act_plugin.eval.tasks import get_task, load_docs, load_samples
+    from act_plugin.eval.tasks import get_task, load_samples
     from act_plugin.search.config import SearchConfigError
 
     search_samples, provenance = [], []
     validation: dict[str, CalibrationSet] = {}
+    tok = tokenizer
     for task in tasks:
-        available = len(load_docs(task, "train", data_dir))
-        if available == 0:
+        samples = load_samples(task, "train", data_dir, seed=None)  # every training document, file order
+        if not samples:
             raise SearchConfigError(f"task {task}: its training split is empty")
-        s_n, v_n = split_counts(available, n_search, n_validation)
-        drawn = load_samples(task, "train", data_dir, limit=s_n + v_n, seed=seed, tokenizer=tokenizer)
-        order = list(range(len(drawn)))
+        s_n, v_n = split_counts(len(samples), n_search, n_validation)
+        order = list(range(len(samples)))
         random.Random(f"{seed}:{task}:search/validation").shuffle(order)
-        s_part = [drawn[i] for i in sorted(order[:s_n])]
-        v_part = [drawn[i] for i in sorted(order[s_n:])]
+        s_part = [_with_ids(samples[i], tok) for i in sorted(order[:s_n])]
+        v_part = [_with_ids(samples[i], tok) for i in sorted(order[s_n:s_n + v_n])]
         spec = get_task(task)
         file = spec.files.get("train") or spec.files["all"]
         provenance.append(PartProvenance(task, "search", file, tuple(s.row for s in s_part)))
