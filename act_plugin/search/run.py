@@ -572,7 +572,8 @@ def run_search(
         comb = combine(prep, ev, ver)
         _log(f"shared set: {len(comb.shared.heads)} heads ({comb.note or comb.shared.note}); per-task sets: "
              + (", ".join(f"{t} {len(s.heads)}" for t, s in comb.per_task.items()) or "not asked"), quiet)
-        report = build_report(prep, ranking, ver, comb, ev, time.perf_counter() - t0, threads_used)
+        report = build_report(prep, ranking, ver, comb, ev, time.perf_counter() - t0,
+                              dict(hf.threads.used) if hf is not None else threads_used)
     finally:
         if hf is not None:
             threads_used = dict(hf.threads.used)
