@@ -30,7 +30,9 @@ def main() -> int:
     ap.add_argument("--samples-per-task", type=int, default=38, help="38 x 8 tasks = 304 prompts")
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--verify", choices=["hf", "vllm"], default="vllm")
-    ap.add_argument("--score", choices=["margin", "accuracy"], default="margin")
+    ap.add_argument("--score", choices=["margin", "clipped_margin", "accuracy", "worst_task"], default="margin")
+    ap.add_argument("--validation-per-task", type=int, default=0,
+                    help="validation prompts per task (0: the single-head sweep alone, as timed before)")
     ap.add_argument("--candidates", default=None, help="compact head spec (default: every head)")
     ap.add_argument("--no-combine", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
@@ -46,7 +48,8 @@ def main() -> int:
     out = tempfile.mkdtemp(prefix="act-search-speed-")
     cfg = load_search_config({
         "name": "search-speed", "model": args.model, "tasks": args.tasks.split(","),
-        "samples_per_task": args.samples_per_task, "score": args.score, "method": "fast",
+        "samples_per_task": args.samples_per_task, "validation_per_task": args.validation_per_task,
+        "score": args.score, "method": "fast",
         "candidates": args.candidates, "combine": not args.no_combine,
         "fast": {"top_k": args.top_k, "verify": args.verify},
         "hf": {"threads": args.threads} if args.threads else {},

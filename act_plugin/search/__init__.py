@@ -7,7 +7,8 @@ results. The pieces:
 * :mod:`~act_plugin.search.hf_backend` -- first-order ranking of every head (one backward
   per batch) and exact scores on the transformers path;
 * :mod:`~act_plugin.search.vllm_backend` -- exact scores in one running vLLM engine;
-* :mod:`~act_plugin.search.combine` -- the combined-set step (never below baseline);
+* :mod:`~act_plugin.search.split` -- the seeded search / validation parts of each task's training data;
+* :mod:`~act_plugin.search.select` -- per-task paired acceptance of head sets on validation;
 * :mod:`~act_plugin.search.store` -- resumable partial results;
 * :mod:`~act_plugin.search.run` -- the orchestration and the outputs.
 

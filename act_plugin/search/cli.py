@@ -18,13 +18,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", default=None, help="JSON report path (default: <output>.search.json)")
     parser.add_argument("--heatmap", default=None, help="heatmap PNG path (default: <output>.heatmap.png)")
     parser.add_argument("--method", choices=["fast", "exact"], default=None, help="overrides 'method'")
-    parser.add_argument("--score", choices=["margin", "accuracy"], default=None, help="overrides 'score'")
+    parser.add_argument("--score", choices=["margin", "clipped_margin", "accuracy", "worst_task"], default=None,
+                        help="search-part objective (overrides 'score')")
+    parser.add_argument("--validation-per-task", type=int, default=None,
+                        help="validation prompts per task, held out of the search part (overrides)")
+    parser.add_argument("--alpha", type=float, default=None, help="per-task paired test level on validation")
+    parser.add_argument("--per-task", action="store_true", help="also one head set per task, as engine profiles")
+    parser.add_argument("--profiles-output", default=None, help="engine config with the per-task profiles")
     parser.add_argument("--top-k", type=int, default=None, help="fast: candidates scored exactly (overrides)")
     parser.add_argument("--verify", choices=["hf", "vllm"], default=None, help="fast: exact-score backend")
     parser.add_argument("--check-layers", default=None,
                         help="fast: layers whose heads are all scored exactly to check the ranking, e.g. '4,15,26'")
     parser.add_argument("--candidates", default=None, help="candidate heads, compact spec (e.g. '2-28:*')")
-    parser.add_argument("--samples-per-task", type=int, default=None, help="calibration budget per task")
+    parser.add_argument("--samples-per-task", type=int, default=None, help="search-part prompts per task")
     parser.add_argument("--tasks", default=None, help="comma-separated calibration tasks (overrides)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the calibration draw")
     parser.add_argument("--no-combine", action="store_true", help="skip the combined-set step")
@@ -44,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         "fast.check_layers": args.check_layers, "candidates": args.candidates,
         "samples_per_task": args.samples_per_task, "tasks": args.tasks.split(",") if args.tasks else None,
         "seed": args.seed, "combine": False if args.no_combine else None, "state_dir": args.state_dir,
-        "data_dir": args.data_dir,
+        "data_dir": args.data_dir, "validation_per_task": args.validation_per_task, "alpha": args.alpha,
+        "per_task": True if args.per_task else None, "profiles_output": args.profiles_output,
     }
     cfg = load_search_config(args.config, **overrides)
     from act_plugin.tasks import check_data, resolve_data_dir
@@ -53,23 +60,27 @@ def run(args: argparse.Namespace) -> int:
     check_data(cfg.tasks, data_dir, splits=("train",))
     if args.check:
         print(f"{args.config}: OK -- method {cfg.method}, score {cfg.score}, tasks {cfg.tasks} "
-              f"({cfg.samples_per_task} per task, train splits), data {data_dir} ({how}); output {cfg.output}")
+              f"({cfg.samples_per_task} search + {cfg.validation_per_task} validation prompts per task, train "
+              f"splits), data {data_dir} ({how}); output {cfg.output}")
         return 0
     from act_plugin.search.run import run_search
 
     res = run_search(cfg, progress=not args.no_progress, resume=not args.fresh)
     r = res.report
     sel = r["selected"]
-    print(f"{sel['count']} heads selected: {res.config.to_dict()['heads']}")
-    print(f"calibration {r['score']}: baseline {r['baseline'][r['score']]:.4f} -> "
-          f"{sel['scores'][r['score']]:.4f} ({sel['delta_score']:+.4f})" + (f"; {sel['note']}" if sel["note"] else ""))
-    if r.get("ranking_check"):
-        c = r["ranking_check"]["vs_exact_margin"]
-        if "spearman" in c:
-            print(f"ranking check on layers {r['ranking_check']['layers']}: Spearman {c['spearman']:.3f} over "
-                  f"{c['n']} heads, top-k overlap {c['topk_overlap']}")
+    if res.config is not None:
+        print(f"shared set, {sel['count']} heads: {res.config.to_dict()['heads']}")
+    else:
+        print(f"NO shared head set passed validation ({sel['note']}); {res.output} not written")
+    print(f"search part {r['score']}: gain {sel['delta_score']:+.4f}")
+    v = r.get("validation")
+    if v and v["shared"]["decision"]:
+        d = v["shared"]["decision"]
+        print("validation accuracy (paired, per task): " + ", ".join(
+            f"{t} {e['delta'] * 100:+.1f} pt (n={e['n']}, p={e['mcnemar_p']:.2g})" for t, e in d["per_task"].items()))
+    if res.profiles_path is not None:
+        print(f"per-task profiles: {sorted(res.profiles) or 'none'}; no profile for "
+              f"{(v or {}).get('tasks_without_profile') or 'none'} -> {res.profiles_path}")
     print(f"wall time {r['timing']['total_s']:.1f}s")
-    print(f"config: {res.output}\nreport: {res.report_path}\nheatmap: {res.heatmap_path}")
-    print(f"use it: act-plugin eval with an arm '<name>: {res.output}', or "
-          f"vllm serve MODEL --additional-config '{{\"act\": \"{res.output}\"}}'", file=sys.stderr)
+    print(f"report: {res.report_path}\nheatmap: {res.heatmap_path}")
     return 0

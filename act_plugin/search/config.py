@@ -6,12 +6,15 @@ Example (``configs/search_smollm2.yaml``)::
     model: smollm2-135m                # embedded model name or a model folder
     tasks: [sst2, sst5, mr, subj, agnews, trec, cb, dbpedia]
     split: train                       # the only split a search may use
-    samples_per_task: 38               # calibration budget per task (~300 prompts in all)
+    samples_per_task: 64               # search part per task (rank + verify)
+    validation_per_task: 300           # validation part per task (accept / refuse, paired per task)
     seed: 0
     beta: 0.4
     threshold: 0.1
     candidates: null                   # every (layer, head); or a compact spec "2-28:*"
-    score: margin                      # or accuracy
+    score: clipped_margin              # or margin, accuracy, worst_task
+    alpha: 0.05                        # per-task paired test on validation
+    per_task: true                     # also one set per task, as profiles of one engine config
     method: fast                       # or exact (the paper's brute force, in one vLLM engine)
     fast: {top_k: 16, verify: vllm, check_layers: null}
     output: configs/smollm2_searched.yaml
@@ -100,22 +103,40 @@ class SearchConfig(BaseModel):
     data_dir: str | None = Field(None, description="offline data folder (default $ACT_DATA_DIR or ../shared/data)")
     tasks: list[str] = Field(..., description="calibration tasks (single-token answers) or suites")
     split: str = Field("train", description="must be 'train': never search heads on the split you report")
-    samples_per_task: int = Field(38, ge=1, description="calibration prompts drawn per task (fewer if it has fewer)")
-    seed: int = Field(0, description="seed of the calibration draw")
+    samples_per_task: int = Field(64, ge=1, description="SEARCH part: training prompts per task on which heads "
+                                  "are ranked and verified (fewer if the task has fewer)")
+    validation_per_task: int = Field(
+        300, ge=0, description="VALIDATION part: further training prompts per task (disjoint from the search part) on "
+        "which every head set is accepted or refused, per task, with a paired test; 0 = no validation (the search "
+        "part alone decides, as in the paper). 300 prompts detect a ~5 point change at 10% flips (the report "
+        "gives each task's minimum detectable effect); a 2 point change needs ~2,000")
+    seed: int = Field(0, description="seed of the training draw and of the search/validation division")
     beta: float = Field(0.4, description="ACT beta of every candidate")
     threshold: float = Field(0.1, description="ACT sink threshold tau")
     candidates: Any = Field(None, description="candidate heads, compact spec like ACTConfig heads; null = all")
-    score: Literal["margin", "accuracy"] = Field(
-        "margin", description="'margin': mean log-prob margin of the gold answer over the best wrong one; "
-        "'accuracy': fraction correct (both macro-averaged over tasks)")
+    score: Literal["margin", "clipped_margin", "accuracy", "worst_task"] = Field(
+        "clipped_margin", description="objective on the search part (a gain over the uncalibrated model): 'margin' "
+        "mean log-prob margin of the gold answer over the best wrong one; 'clipped_margin' that margin clipped to "
+        "[-clip, clip]; 'accuracy' net flips; 'worst_task' the smallest per-task margin change (macro over tasks "
+        "otherwise)")
+    clip: float = Field(1.0, gt=0, description="bound of 'clipped_margin' (nats)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the per-task paired test (exact "
+                         "McNemar) on validation: a set that lowers any task's accuracy at p < alpha is refused")
+    validate_singles: bool = Field(True, description="also score every verified single head on validation (shows "
+                                   "which objective generalises; costs one validation pass per verified head)")
+    per_task: bool = Field(False, description="also build one head set per task, written as named profiles in "
+                           "one engine config ('profiles_output'); a task no set helps gets no profile")
+    profiles_output: str | None = Field(None, description="engine config with the per-task profiles (default: "
+                                        "<output>.profiles.yaml)")
     method: Literal["fast", "exact"] = Field("fast", description="'fast' (first-order ranking + exact top-K) or "
                                              "'exact' (every candidate calibrated alone, the paper's procedure)")
     fast: FastOptions = Field(default_factory=FastOptions)
     hf: HFOptions = Field(default_factory=HFOptions)
-    combine: bool = Field(True, description="combined-set step: greedily drop kept heads whose removal helps")
+    combine: bool = Field(True, description="build a combined set (greedy forward selection, each step accepted "
+                          "on validation); false: the best single head that passes validation")
     combine_max_heads: int | None = Field(
-        16, ge=1, description="the combined-set step starts from at most this many kept heads, the best by exact "
-        "single-head gain (each removal pass costs one exact evaluation per head); null = every kept head")
+        16, ge=1, description="heads tried by the combined-set step, the best by exact single-head gain on the "
+        "search part (one validation evaluation each); null = every kept head")
     combine_max_evals: int | None = Field(None, ge=1, description="cap on the combined-set step's evaluations")
     output: str = Field("runs/search/act_searched.yaml", description="the ACT config written (YAML)")
     report: str | None = Field(None, description="JSON of every candidate's scores (default: <output>.search.json)")
@@ -180,6 +201,8 @@ class SearchConfig(BaseModel):
     def _paths(self) -> "SearchConfig":
         if not str(self.output).endswith((".yaml", ".yml")):
             raise SearchConfigError(f"output {self.output!r}: the ACT config is written as YAML (.yaml/.yml)")
+        if self.profiles_output and not str(self.profiles_output).endswith((".yaml", ".yml")):
+            raise SearchConfigError(f"profiles_output {self.profiles_output!r}: written as YAML (.yaml/.yml)")
         return self
 
     # ----------------------------------------------------------------- helpers
@@ -190,6 +213,10 @@ class SearchConfig(BaseModel):
     @property
     def report_path(self) -> Path:
         return Path(self.report) if self.report else _beside(Path(self.output), ".search.json")
+
+    @property
+    def profiles_path(self) -> Path:
+        return Path(self.profiles_output) if self.profiles_output else _beside(Path(self.output), ".profiles.yaml")
 
     @property
     def heatmap_path(self) -> Path:

@@ -374,9 +374,11 @@ class HFSearchBackend:
     # ------------------------------------------------------------------ first order
     def gradients(self, candidates: Iterable[Head], done: dict[int, dict] | None = None,
                   on_batch: Callable[[int, dict], None] | None = None,
-                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """First-order estimate of the calibration score (macro mean margin) change of
-        calibrating each candidate alone: ``grad [L, H]`` (NaN for non-candidates), and the
+                  progress: Callable[[int], None] | None = None,
+                  clip: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """First-order estimate of the calibration score (macro mean margin, clipped to
+        ``[-clip, clip]`` when ``clip`` is given) change of calibrating each candidate
+        alone: ``grad [L, H]`` (NaN for non-candidates), and the
         baseline answer log-probabilities of the (gated, alpha = 0) forward.
 
         ``done`` maps batch index -> a stored record ``{"grad": [[...]], "lp": [[...]]}`` (resume);
@@ -398,6 +400,8 @@ class HFSearchBackend:
                     with torch.enable_grad():
                         lp, kept = self._run(b, 0, keep=self._missing())
                         margin = margins_torch(lp.double(), b.gold, b.valid)
+                        if clip is not None:
+                            margin = margin.clamp(-clip, clip)
                         objective = (margin * b.weights).sum()
                         objective.backward()
                 finally:

@@ -57,8 +57,11 @@ def gain_heatmap(path: str | Path, estimate: np.ndarray | None, exact: np.ndarra
         _panel(ax, data, sub, kept, selected, label)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
+    import io
+
+    from act_plugin.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return p
+    return atomic_write_bytes(Path(path), buf.getvalue())

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Scores", "CalibrationSet", "score_logprobs", "sample_weights", "margins_torch"]
+__all__ = ["Scores", "CalibrationSet", "score_logprobs", "sample_weights", "margins_torch", "per_sample",
+           "OBJECTIVES", "objective_gain", "scores_from_margins"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +122,49 @@ def margins_torch(lp, gold, valid):
     g = lp.gather(1, gold.unsqueeze(1)).squeeze(1)
     wrong = lp.scatter(1, gold.unsqueeze(1), neg)
     return g - wrong.max(dim=1).values
+
+
+# ----------------------------------------------------------------------------- objectives
+#: What the search maximises on its search part (a gain over the uncalibrated model, macro
+#: over tasks unless said otherwise):
+#: ``margin`` mean log-prob margin; ``clipped_margin`` the margin clipped to [-clip, clip]
+#: (a prompt already far right or far wrong cannot pay for others); ``accuracy`` net flips
+#: (prompts turned right minus prompts turned wrong, per prompt); ``worst_task`` the smallest
+#: per-task change of the mean margin (no task may pay for another).
+OBJECTIVES = ("margin", "clipped_margin", "accuracy", "worst_task")
+
+
+def _task_means(values: np.ndarray, tasks: np.ndarray, names: list[str]) -> dict[str, float]:
+    return {t: float(values[tasks == t].mean()) for t in names}
+
+
+def objective_gain(objective: str, margins: np.ndarray, base_margins: np.ndarray, tasks: Sequence[str],
+                   clip: float = 1.0) -> tuple[float, dict[str, float]]:
+    """``(gain, per-task gain)`` of per-sample ``margins`` over ``base_margins`` (same prompts)."""
+    m = np.asarray(margins, dtype=np.float64)
+    b = np.asarray(base_margins, dtype=np.float64)
+    t = np.asarray(tasks)
+    names = list(dict.fromkeys(tasks))
+    if objective in ("margin", "worst_task"):
+        d = m - b
+    elif objective == "clipped_margin":
+        d = np.clip(m, -clip, clip) - np.clip(b, -clip, clip)
+    elif objective == "accuracy":
+        d = (m > 0).astype(np.float64) - (b > 0)
+    else:
+        raise ValueError(f"unknown objective {objective!r} (one of {', '.join(OBJECTIVES)})")
+    per_task = _task_means(d, t, names)
+    gain = min(per_task.values()) if objective == "worst_task" else float(np.mean(list(per_task.values())))
+    return float(gain), per_task
+
+
+def scores_from_margins(margins: np.ndarray, tasks: Sequence[str]) -> Scores:
+    """:class:`Scores` (macro accuracy and margin) of per-sample margins."""
+    m = np.asarray(margins, dtype=np.float64)
+    t = np.asarray(tasks)
+    per_task = {}
+    for name in dict.fromkeys(tasks):
+        k = t == name
+        per_task[name] = {"n": int(k.sum()), "accuracy": float((m[k] > 0).mean()), "margin": float(m[k].mean())}
+    return Scores(accuracy=float(np.mean([v["accuracy"] for v in per_task.values()])),
+                  margin=float(np.mean([v["margin"] for v in per_task.values()])), per_task=per_task)

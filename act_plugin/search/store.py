@@ -1,13 +1,22 @@
 """Resumable partial results: one JSONL file per settings hash.
 
-Every finished unit of work appends one line and flushes it (a killed search loses at most
-the unit in progress): ``{"kind": "grad", "batch": i, ...}`` for a batch of the ranking
-pass, ``{"kind": "set", "backend": "hf"|"vllm", "heads": [[l, h], ...], "scores": {...}}``
-for an exact score (the empty set is the baseline). A rerun with the same settings reads
-the file back and skips what is there. The hash covers everything that changes a number
-(model files, calibration prompts, beta, threshold, backend, batching), not what only
-changes which numbers are computed (candidates, top-K, check layers), so e.g. raising
-``top_k`` reuses every score already paid for.
+Every finished unit of work appends one line and syncs it (a killed search loses at most the
+unit in progress): ``{"kind": "grad", "batch": i, ...}`` for a batch of the ranking pass,
+``{"kind": "set", "backend": "hf"|"vllm", "part": "search"|"val:<task>", "heads": [[l, h], ...],
+"margins": [...]}`` for an exact evaluation of a head set on one part (the empty set is the
+baseline; per-prompt margins, so every objective and every paired test can be computed
+from them). A rerun with the same settings reads the file back and skips what is there.
+
+The hash covers everything that changes a stored number: the model files, the code version
+of the maths (:func:`maths_version`), the prompts of every part (hence the data, the split
+and its seed), the candidate set (the ranking records hold a value for candidates only),
+beta, threshold, backend and batching. What only changes which numbers are computed (top-K,
+check layers, objective, alpha) is left out, so e.g. raising ``top_k`` reuses every score
+already paid for.
+
+A line cut short by an interruption can only be the last one: it is dropped (and the file
+rewritten without it, atomically) before anything is appended. Any other unreadable line is
+an error naming the file and the line: rerun with ``--fresh`` to start over.
 """
 
 from __future__ import annotations
@@ -19,11 +28,31 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SearchStore", "settings_hash", "model_fingerprint"]
+from act_plugin.io import append_line_durable, atomic_write_text
+from act_plugin.search.config import SearchConfigError
+
+__all__ = ["SearchStore", "SearchStoreError", "settings_hash", "model_fingerprint", "maths_version"]
+
+_MATHS_FILES = ("core.py", "search/scoring.py", "search/hf_backend.py")
+
+
+class SearchStoreError(SearchConfigError):
+    """A partial-results file that cannot be read back."""
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def maths_version() -> str:
+    """Hash of the sources that compute a stored number (ACT maths, scores, the HF search path):
+    editing them invalidates earlier partial results instead of mixing old and new numbers."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in _MATHS_FILES:
+        f = root / rel
+        h.update(rel.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"missing"))
+    return h.hexdigest()[:16]
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:
@@ -39,8 +68,12 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def _set_key(backend: str, heads: Iterable) -> str:
-    return backend + ":" + ";".join(f"{int(a)}.{int(b)}" for a, b in sorted((int(a), int(b)) for a, b in heads))
+def _heads(heads: Iterable) -> list[list[int]]:
+    return [[a, b] for a, b in sorted((int(a), int(b)) for a, b in heads)]
+
+
+def _set_key(backend: str, part: str, heads: Iterable) -> str:
+    return f"{backend}|{part}|" + ";".join(f"{a}.{b}" for a, b in _heads(heads))
 
 
 class SearchStore:
@@ -61,29 +94,49 @@ class SearchStore:
         else:
             self._append({"kind": "meta", "key": key, "settings": settings})
 
+    def _error(self, lineno: int, what: str) -> SearchStoreError:
+        return SearchStoreError(f"partial search results {self.path}, line {lineno}: {what}; the file is damaged "
+                                f"-- rerun with --fresh to start the search over (or delete the file)")
+
     def _load(self) -> None:
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by an interruption
-                kind = rec.get("kind")
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        # the last element is "" when the file ends with a newline; anything else there is
+        # a line cut short by an interruption
+        complete, tail = lines[:-1], lines[-1]
+        if tail.strip():
+            atomic_write_text(self.path, "".join(x + "\n" for x in complete))
+        for i, line in enumerate(complete, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise self._error(i, f"not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise self._error(i, "not a JSON object")
+            kind = rec.get("kind")
+            try:
                 if kind == "grad":
+                    rec["grad"], rec["lp"]  # noqa: B018 - presence check
                     self.grads[int(rec["batch"])] = rec
                     self.resumed += 1
                 elif kind == "set":
-                    self.sets[_set_key(rec["backend"], rec["heads"])] = rec
+                    if not isinstance(rec["margins"], list):
+                        raise TypeError("margins is not a list")
+                    self.sets[_set_key(rec["backend"], rec["part"], rec["heads"])] = rec
                     self.resumed += 1
+                elif kind == "meta":
+                    if rec.get("key") != self.key:
+                        raise ValueError(f"it belongs to settings {rec.get('key')!r}, not {self.key!r}")
+                else:
+                    raise ValueError(f"unknown record kind {kind!r}")
+            except (KeyError, TypeError, ValueError) as e:
+                what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                raise self._error(i, f"a {kind!r} record that cannot be used ({what})") from None
 
     def _append(self, rec: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line_durable(self.path, json.dumps(rec))
 
     # ------------------------------------------------------------------ ranking pass
     def add_grad(self, batch: int, rec: dict) -> None:
@@ -92,13 +145,13 @@ class SearchStore:
         self._append(rec)
 
     # ------------------------------------------------------------------ exact scores
-    def get_set(self, backend: str, heads: Iterable) -> dict | None:
-        return self.sets.get(_set_key(backend, heads))
+    def get_set(self, backend: str, part: str, heads: Iterable) -> dict | None:
+        return self.sets.get(_set_key(backend, part, heads))
 
-    def add_set(self, backend: str, heads: Iterable, scores: dict, seconds: float, cost: float) -> dict:
-        heads = [[int(a), int(b)] for a, b in sorted((int(a), int(b)) for a, b in heads)]
-        rec = {"kind": "set", "backend": backend, "heads": heads, "scores": scores, "seconds": seconds,
-               "cost_fraction": cost}
-        self.sets[_set_key(backend, heads)] = rec
+    def add_set(self, backend: str, part: str, heads: Iterable, margins: list[float], seconds: float,
+                cost: float) -> dict:
+        rec = {"kind": "set", "backend": backend, "part": part, "heads": _heads(heads),
+               "margins": [float(x) for x in margins], "seconds": seconds, "cost_fraction": cost}
+        self.sets[_set_key(backend, part, heads)] = rec
         self._append(rec)
         return rec

@@ -22,6 +22,10 @@ def _fmt(x: Any, spec: str = "+.4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _pt(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.2f} pt"
+
+
 def report_markdown(report: dict[str, Any], top: int = 20) -> str:
     r = report
     score = r["score"]
@@ -33,33 +37,68 @@ def report_markdown(report: dict[str, Any], top: int = 20) -> str:
         "",
         f"- model `{r['model']}` ({r['shape']['layers']} layers x {r['shape']['heads']} heads, "
         f"{r['shape']['kv_heads']} KV heads); beta {r['beta']}, threshold {r['threshold']}",
-        f"- calibration set: {r['prompts']} training-split prompts ({r['prompt_tokens']} tokens): "
-        + ", ".join(f"{t} {n}" for t, n in r["tasks"].items()) + f"; seed {r['seed']}",
+        f"- training splits divided (seed {r['seed']}) into a SEARCH part of {r['prompts']} prompts "
+        f"({r['prompt_tokens']} tokens: " + ", ".join(f"{t} {n}" for t, n in r["tasks"].items())
+        + f") and a VALIDATION part of {r['validation_prompts']} prompts ("
+        + ", ".join(f"{t} {n}" for t, n in r["validation_tasks"].items()) + "); rows in the JSON report",
         f"- method `{r['method']}`" + (f" (first-order ranking of every head, top {r['top_k']} scored exactly)"
                                        if r["method"] == "fast" else " (every candidate scored exactly)")
-        + f", exact scores in `{r['exact_backend']}`, score `{score}`",
+        + f", exact scores in `{r['exact_backend']}`, objective `{score}` on the search part",
         f"- wall time {tm['total_s'] / 60:.1f} min"
         + "".join(f"; {k[:-2].replace('_', ' ')} {tm[k]:.0f} s" for k in
-                  ("ranking_s", "baseline_s", "verify_s", "check_s", "combine_s") if (tm.get(k) or 0) >= 0.5)
+                  ("ranking_s", "baseline_s", "verify_s", "check_s", "validate_singles_s", "combine_s",
+                   "per_task_s") if (tm.get(k) or 0) >= 0.5)
         + f" (load average {tm['loadavg_start'][0]:.1f} at start, {tm['cpu_count']} CPUs)"
         + (f"; this run resumed {tm['resumed_records']} stored results of an interrupted run, so its wall time "
-           "covers only the rest (benchmarks/search_speed.py times a search from scratch)"
-           if tm.get("resumed_records") else ""),
+           "covers only the rest" if tm.get("resumed_records") else ""),
         "",
-        "## Result",
+        "## Search part",
         "",
         "| | accuracy | margin |",
         "|---|---:|---:|",
         f"| baseline (no calibration) | {base['accuracy']:.4f} | {base['margin']:.4f} |",
-        f"| selected set ({sel['count']} heads) | {sel['scores']['accuracy']:.4f} | {sel['scores']['margin']:.4f} |",
+        f"| shared set ({sel['count']} heads) | {sel['scores']['accuracy']:.4f} | {sel['scores']['margin']:.4f} |",
         "",
-        f"Selected heads: {_heads(sel['heads']) or '(none)'}."
+        f"Shared set: {_heads(sel['heads']) or '(none)'}."
         + (f" {sel['note'][0].upper()}{sel['note'][1:]}." if sel.get("note") else ""),
         "",
-        f"{len(r['kept'])} exactly scored heads beat the baseline alone; the combined-set step started from "
-        f"{len(r['combine']['start'])} of them and made {r['combine']['evaluations']} evaluations"
-        + ("" if r["combine"].get("complete", True) else " (stopped at its cap)") + ".",
+        f"{len(r['kept'])} exactly scored heads gain alone on the search part.",
     ]
+    v = r.get("validation")
+    if v:
+        lines += ["", f"## Validation (paired per task, exact McNemar, alpha {v['alpha']})", "",
+                  "Rule: " + v["rule"] + ".", ""]
+        dec = (v["shared"] or {}).get("decision")
+        lines += ["| task | n | MDE (10% flips) | baseline | shared set | delta | + / - | p | "
+                  + ("per-task set (heads): delta |" if v["per_task"] else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if v["per_task"] else "")]
+        for t, base_acc in v["baseline_accuracy"].items():
+            e = dec["per_task"][t] if dec else None
+            row = (f"| {t} | {v['mde'][t]['n']} | {v['mde'][t]['at_10pct_discordance'] * 100:.1f} pt | "
+                   f"{base_acc * 100:.1f} | " + (f"{e['accuracy'] * 100:.1f} | {e['delta'] * 100:+.1f} | "
+                                                 f"{e['better']} / {e['worse']} | {e['mcnemar_p']:.3g} |"
+                                                 if e else "- | - | - | - |"))
+            if v["per_task"]:
+                pt = v["per_task"].get(t) or {}
+                pd = pt.get("decision")
+                row += (f" {pd['per_task'][t]['delta'] * 100:+.1f} ({len(pt['heads'])} heads) |" if pd
+                        else " no profile |")
+            lines.append(row)
+        steps = (v["shared"] or {}).get("steps") or []
+        if steps:
+            lines += ["", "Combined-set steps (forward, each judged on validation):", ""]
+            lines += [f"- add L{s['add'][0]}H{s['add'][1]}: mean {s['mean_gain'] * 100:+.2f} pt -> "
+                      f"{'accepted' if s['accepted'] else 'refused: ' + s['why']}" for s in steps]
+    oc = r.get("objective_comparison")
+    if oc:
+        lines += ["", f"## Which search-part objective predicts validation accuracy ({oc['heads']} single heads)",
+                  "", "| objective | Spearman vs validation accuracy gain | kept | kept: mean validation gain | "
+                  "kept: share helping | top-3: mean validation gain |", "|---|---:|---:|---:|---:|---:|"]
+        for name, o in oc["objectives"].items():
+            lines.append(f"| {name} | {_fmt(o['spearman_vs_validation_accuracy'], '+.3f')} | {o['kept']} | "
+                         f"{_pt(o['kept_mean_validation_accuracy_gain'])} | "
+                         f"{_fmt(o['kept_share_helping_on_validation'], '.2f')} | "
+                         f"{o['top3_mean_validation_accuracy_gain'] * 100:+.2f} pt |")
     chk = r.get("ranking_check")
     if chk and "spearman" in chk.get("vs_exact_margin", {}):
         m = chk["vs_exact_margin"]
@@ -76,22 +115,19 @@ def report_markdown(report: dict[str, Any], top: int = 20) -> str:
         lines += ["", f"Over all {rv['n']} exactly scored heads: Spearman {rv['spearman']:.3f}, sign agreement "
                       f"{rv['sign_agreement']:.2f}."]
     rows = [c for c in r["candidates"] if "exact" in c]
-    rows.sort(key=lambda c: -c["exact"]["delta_margin"])
+    rows.sort(key=lambda c: -c["exact"]["gain"])
     lines += [
         "",
-        f"## Exactly scored heads (best {min(top, len(rows))} of {len(rows)} by exact margin gain)",
+        f"## Exactly scored heads (best {min(top, len(rows))} of {len(rows)} by exact {score} gain, search part)",
         "",
-        "| head | rank (estimate) | estimated margin gain | exact margin gain | exact accuracy gain | why | kept |",
-        "|---|---:|---:|---:|---:|---|---|",
+        f"| head | rank (estimate) | estimated gain | exact {score} gain | exact margin gain | exact accuracy gain "
+        "| why | kept |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     base_acc = base["accuracy"]
     for c in rows[:top]:
         e = c["exact"]
-        lines.append(f"| L{c['layer']}H{c['head']} | {c.get('rank') or '-'} | {_fmt(c.get('estimate_delta_margin'))} | "
-                     f"{e['delta_margin']:+.4f} | {e['accuracy'] - base_acc:+.4f} | {e['why']} | "
+        lines.append(f"| L{c['layer']}H{c['head']} | {c.get('rank') or '-'} | {_fmt(c.get('estimate'))} | "
+                     f"{e['gain']:+.4f} | {e['delta_margin']:+.4f} | {e['accuracy'] - base_acc:+.4f} | {e['why']} | "
                      f"{'yes' if c.get('kept') else 'no'} |")
-    if tm.get("brute_force_extrapolated_s"):
-        lines += ["", f"Brute force (every candidate alone, one full calibration pass each, "
-                      f"{tm['full_pass_s_median']:.0f} s per pass here) would take about "
-                      f"{tm['brute_force_extrapolated_s'] / 3600:.1f} h."]
     return "\n".join(lines) + "\n"

@@ -33,7 +33,8 @@ class VLLMSearchBackend:
     name = "vllm"
 
     def __init__(self, model_path: str, calib: CalibrationSet, *, beta: float, threshold: float,
-                 engine: dict[str, Any] | None = None, seed: int = 0, llm: Any = None):
+                 engine: dict[str, Any] | None = None, seed: int = 0, llm: Any = None,
+                 max_prompt_tokens: int | None = None):
         from act_plugin.vllm.env import apply_cpu_defaults, cpu_engine_kwargs
 
         self.calib = calib
@@ -48,7 +49,7 @@ class VLLMSearchBackend:
             from vllm import LLM
 
             kwargs = cpu_engine_kwargs(**{"seed": seed, **(engine or {})})
-            longest = max(len(p) for p in calib.prompts) + 1
+            longest = max(max_prompt_tokens or 0, max(len(p) for p in calib.prompts)) + 1
             if kwargs.get("max_model_len") and kwargs["max_model_len"] < longest:
                 kwargs["max_model_len"] = longest
             llm = LLM(model=model_path, additional_config={"act": {}}, **kwargs)

@@ -1,0 +1,182 @@
+"""Which head sets the search accepts: judged on the validation part, per task, paired.
+
+A head set is compared with the uncalibrated model on the SAME validation prompts of each
+task (paired): ``better`` prompts it turns right, ``worse`` prompts it turns wrong. Per task,
+the exact McNemar test (two-sided binomial test on the discordant prompts) gives ``p``; a task
+is *significantly harmed* when its accuracy drops and ``p < alpha``. The rule of the search
+(:func:`judge`): a set is accepted only if NO task is significantly harmed AND the mean of
+the per-task accuracy changes is positive. The per-task significance is not corrected for
+the number of tasks: that makes refusals more likely, which is the safe side.
+
+Sets are built greedily (:func:`select_forward`): heads are tried in the order the SEARCH
+part ranks them (their exact single-head gain there); a head joins the set only when the
+enlarged set passes :func:`judge` on validation and raises the validation mean gain. Each
+accepted step is therefore a validated step. The same routine builds a per-task set from
+one task's validation prompts.
+
+Validation is also used to pick among the steps, so the validation gain of the final set is
+mildly optimistic; the figures a user should rely on are those of an evaluation on the
+dev/test split, which the search never reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+__all__ = ["TaskEffect", "Decision", "Selection", "mcnemar_p", "min_detectable_effect", "judge",
+           "select_forward"]
+
+Head = tuple[int, int]
+DEFAULT_ALPHA = 0.05
+PLANNING_DISCORDANCE = 0.10  # share of prompts a set changes (flips either way); seen 3-17% on SmolLM2 dev
+
+
+def mcnemar_p(better: int, worse: int) -> float:
+    """Exact two-sided McNemar p-value (binomial test of the discordant pairs, p = 1/2)."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    k = min(better, worse)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def min_detectable_effect(n: int, discordance: float = PLANNING_DISCORDANCE, alpha: float = DEFAULT_ALPHA,
+                          power: float = 0.8) -> float:
+    """Smallest paired accuracy change (fraction) a two-sided test at ``alpha`` detects with
+    ``power`` on ``n`` prompts when the set changes a share ``discordance`` of them
+    (normal approximation: sd of the paired difference ~ sqrt(discordance / n))."""
+    if n <= 0:
+        return float("inf")
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return float(z * math.sqrt(max(discordance, 1.0 / n) / n))
+
+
+@dataclass(frozen=True)
+class TaskEffect:
+    task: str
+    n: int
+    baseline: float  # accuracy (fraction)
+    accuracy: float
+    better: int  # prompts turned right
+    worse: int  # prompts turned wrong
+    p: float  # exact McNemar
+    harmed: bool  # accuracy drops and p < alpha
+
+    @property
+    def delta(self) -> float:
+        return self.accuracy - self.baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "baseline": self.baseline, "accuracy": self.accuracy, "delta": self.delta,
+                "better": self.better, "worse": self.worse, "mcnemar_p": self.p, "significantly_harmed": self.harmed,
+                "mde_at_planning_discordance": min_detectable_effect(self.n)}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The validation verdict on one head set."""
+
+    heads: tuple[Head, ...]
+    effects: dict[str, TaskEffect]
+    alpha: float
+
+    @property
+    def mean_gain(self) -> float:
+        return float(np.mean([e.delta for e in self.effects.values()])) if self.effects else 0.0
+
+    @property
+    def harmed(self) -> list[str]:
+        return [t for t, e in self.effects.items() if e.harmed]
+
+    @property
+    def accepted(self) -> bool:
+        return not self.harmed and self.mean_gain > 0
+
+    @property
+    def reason(self) -> str:
+        if self.harmed:
+            return "significantly harms " + ", ".join(
+                f"{t} ({self.effects[t].delta * 100:+.1f} pt, p={self.effects[t].p:.3g})" for t in self.harmed)
+        if self.mean_gain <= 0:
+            return f"mean validation gain {self.mean_gain * 100:+.2f} pt is not positive"
+        return f"accepted: mean validation gain {self.mean_gain * 100:+.2f} pt, no task significantly harmed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"heads": [list(h) for h in self.heads], "alpha": self.alpha, "mean_gain": self.mean_gain,
+                "accepted": self.accepted, "reason": self.reason,
+                "per_task": {t: e.to_dict() for t, e in self.effects.items()}}
+
+
+def judge(heads: Iterable[Head], baseline: Mapping[str, np.ndarray], trial: Mapping[str, np.ndarray],
+          alpha: float = DEFAULT_ALPHA) -> Decision:
+    """Paired per-task verdict of ``trial`` (per task: bool array, prompt correct) vs ``baseline``."""
+    effects = {}
+    for task, b in baseline.items():
+        b = np.asarray(b, dtype=bool)
+        t = np.asarray(trial[task], dtype=bool)
+        if b.shape != t.shape:
+            raise ValueError(f"task {task}: {t.shape} trial results for {b.shape} baseline results (not paired)")
+        better, worse = int((t & ~b).sum()), int((b & ~t).sum())
+        p = mcnemar_p(better, worse)
+        effects[task] = TaskEffect(task, int(b.size), float(b.mean()) if b.size else 0.0,
+                                   float(t.mean()) if t.size else 0.0, better, worse, p, worse > better and p < alpha)
+    return Decision(tuple(sorted((int(a), int(c)) for a, c in heads)), effects, alpha)
+
+
+@dataclass
+class Selection:
+    """Result of :func:`select_forward`: the accepted set and every step tried."""
+
+    heads: list[Head]
+    decision: Decision | None  # verdict of the accepted set (None: nothing accepted)
+    steps: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+    complete: bool = True
+
+    @property
+    def note(self) -> str:
+        if not self.heads:
+            return "no head set passed the validation rule: nothing is calibrated"
+        return self.decision.reason if self.decision else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"heads": [list(h) for h in self.heads], "decision": self.decision.to_dict() if self.decision else None,
+                "steps": self.steps, "evaluations": self.evaluations, "complete": self.complete, "note": self.note}
+
+
+def select_forward(order: Iterable[Head], evaluate: Callable[[list[Head]], Mapping[str, np.ndarray]],
+                   baseline: Mapping[str, np.ndarray], alpha: float = DEFAULT_ALPHA,
+                   max_evals: int | None = None) -> Selection:
+    """Greedy forward selection validated step by step (see the module docs).
+
+    ``order``: candidate heads, best first (by the search part); ``evaluate(heads)`` returns
+    per task a bool array (validation prompt correct) with ``heads`` calibrated; ``baseline``
+    the same uncalibrated."""
+    current: list[Head] = []
+    current_decision: Decision | None = None
+    sel = Selection(heads=[], decision=None)
+    for h in order:
+        h = (int(h[0]), int(h[1]))
+        if max_evals is not None and sel.evaluations >= max_evals:
+            sel.complete = False
+            break
+        trial = sorted(current + [h])
+        dec = judge(trial, baseline, evaluate(trial), alpha)
+        sel.evaluations += 1
+        best_so_far = current_decision.mean_gain if current_decision else 0.0
+        take = dec.accepted and dec.mean_gain > best_so_far
+        sel.steps.append({"add": list(h), "heads": [list(x) for x in trial], "mean_gain": dec.mean_gain,
+                          "harmed": dec.harmed, "accepted": take,
+                          "why": dec.reason if not take and dec.accepted is False else
+                          ("accepted" if take else f"no gain over the current set ({best_so_far * 100:+.2f} pt)"),
+                          "per_task_delta": {t: e.delta for t, e in dec.effects.items()}})
+        if take:
+            current, current_decision = trial, dec
+    sel.heads, sel.decision = current, current_decision
+    return sel
