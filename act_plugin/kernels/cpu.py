@@ -101,3 +101,13 @@ def calibrate_paged_cpu(
         float(scale), float(beta), float(threshold), int(window or 0), float(cut), int(max_query_len),
         int(max_seq_len), BLOCK_ELEMS,
     )
+
+
+def scratch_peak_bytes(reset: bool = False) -> dict[str, int]:
+    """Peak scratch memory (bytes) the CPU kernel held at once within one call since the last
+    reset, for decode-only calls and for calls with prefill rows: the kernel's whole
+    transient footprint (it allocates nothing through torch). Empty when it is unavailable."""
+    if load() is None:
+        return {}
+    decode, prefill = torch.ops.act_kernels.scratch_peak_bytes(reset)
+    return {"decode": int(decode), "prefill": int(prefill)}

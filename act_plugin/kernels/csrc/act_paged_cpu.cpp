@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +35,21 @@
 namespace {
 
 constexpr float kNonSinkEps = FLT_EPSILON;  // core.NONSINK_EPS
+
+// Scratch memory held by running tasks, its peak within the current call, and the peak
+// per kind of call (0: decode-only, 1: with prefill rows) since the last reset (benchmarks).
+std::atomic<int64_t> g_scratch{0}, g_scratch_peak{0};
+std::atomic<int64_t> g_kind_peak[2] = {0, 0};
+struct ScratchUse {
+  int64_t bytes;
+  explicit ScratchUse(int64_t b) : bytes(b) {
+    const int64_t now = g_scratch.fetch_add(b) + b;
+    int64_t peak = g_scratch_peak.load();
+    while (now > peak && !g_scratch_peak.compare_exchange_weak(peak, now)) {
+    }
+  }
+  ~ScratchUse() { g_scratch.fetch_sub(bytes); }
+};
 
 inline float to_f(float x) { return x; }
 inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -229,6 +245,7 @@ void decode_task(const Args<T>& a, int64_t g, int64_t hs, std::vector<float>& bu
   const int64_t h = a.heads(hs), kvh = a.kv_heads(hs);
   const int64_t lo = a.window > 0 ? std::max<int64_t>(0, L - a.window) : 0, n = L - lo;
   buf.resize(2 * D + 2 * n);
+  ScratchUse use(static_cast<int64_t>(buf.capacity() * sizeof(float)));
   float* q = buf.data();
   float* acc = q + D;
   float* p = acc + D;
@@ -351,6 +368,8 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
   const int64_t rows_per_block =
       std::max<int64_t>(4, std::min<int64_t>({ql, int64_t{64}, block_elems / std::max<int64_t>(1, nk)}));
   std::vector<float> S(rows_per_block * nk);
+  ScratchUse use(static_cast<int64_t>((KT.size() + Q.size() + lse.size() + col.size() + S.size()) *
+                                      sizeof(float)));
   for (int64_t r0 = 0; r0 < ql; r0 += rows_per_block) {
     const int64_t r1 = std::min(ql, r0 + rows_per_block);
     const int64_t kb = W > 0 ? std::max(klo, first + r0 - W + 1) : 0;  // first key of the block's band
@@ -397,6 +416,7 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
   // Pass 2: per row, P_S and o_S over the sink columns only.
   const int64_t ns = static_cast<int64_t>(sinks.size());
   std::vector<float> VS(ns * D, 0.0f), o_s(D), acc(D), p(nk);
+  ScratchUse use2(static_cast<int64_t>((VS.size() + o_s.size() + acc.size() + p.size() + ns * 2 + nk / 4) * 4));
   for (int64_t k = 0; k < ns; ++k) add_value(a.V, a.table, g, kvh, sinks[k], 1.0f, D, &VS[k * D]);
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t pos = first + i;
@@ -461,6 +481,7 @@ void run(const at::Tensor& query, const at::Tensor& output, const at::Tensor& ke
   // decode rows, and waits for a descheduled thread on a loaded machine.
   const int64_t work = max_query_len * std::max<int64_t>(1, max_seq_len) * a.D;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, work));
+  g_scratch_peak.store(0);
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t t = begin; t < end; ++t) {
@@ -472,6 +493,11 @@ void run(const at::Tensor& query, const at::Tensor& output, const at::Tensor& ke
         prefill_task(a, g, hs, ql, block_elems);
     }
   });
+  std::atomic<int64_t>& kind = g_kind_peak[max_query_len > 1 ? 1 : 0];
+  const int64_t call_peak = g_scratch_peak.load();
+  int64_t prev = kind.load();
+  while (call_peak > prev && !kind.compare_exchange_weak(prev, call_peak)) {
+  }
 }
 
 void calibrate_paged(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
@@ -495,9 +521,16 @@ void calibrate_paged(const at::Tensor& query, const at::Tensor& output, const at
 #undef ACT_RUN
 }
 
+std::vector<int64_t> scratch_peak_bytes(bool reset) {
+  std::vector<int64_t> peaks = {g_kind_peak[0].load(), g_kind_peak[1].load()};
+  if (reset) g_kind_peak[0].store(0), g_kind_peak[1].store(0);
+  return peaks;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(act_kernels, m) {
+  m.def("scratch_peak_bytes(bool reset) -> int[]", &scratch_peak_bytes);
   m.def(
       "calibrate_paged(Tensor query, Tensor(a!) output, Tensor key_cache, Tensor value_cache, Tensor block_table, "
       "Tensor seq_lens, Tensor query_start, Tensor query_lens, Tensor heads, Tensor kv_heads, float scale, "
