@@ -94,7 +94,7 @@ def main() -> None:
     print(f"{'setting':28s}{'native ms':>11s}{'fused ms':>10s}{'fused/native':>14s}{'reference ms':>14s}")
     for kind, G, sl, ql in settings:
         p = make_problem(sl, ql, num_heads=H, num_kv_heads=Hkv, head_size=D, block_size=bs, layout="cpu_attn",
-                         dtype=dtype, heads=heads, extra_rows=0, seed=1)
+                         dtype=dtype, heads=heads, extra_rows=0, sink_strength=1.0, seed=1)
         native = _native_call(p, H)
         out = p.output.clone()
         a = list(p.args())

@@ -149,8 +149,9 @@ def test_reference_is_forced_by_env(monkeypatch):
 
 
 def test_unavailable_kernel_falls_back_with_one_log_line(monkeypatch, caplog):
-    saved = dict(cpu._state)
     monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_cpu_op", None)
     monkeypatch.setenv("ACT_KERNEL_NO_BUILD", "1")
     monkeypatch.setenv("ACT_KERNEL", "auto")
     p = make_problem([40, 9], [1, 9], sink_strength=1.5, seed=4)
@@ -163,7 +164,6 @@ def test_unavailable_kernel_falls_back_with_one_log_line(monkeypatch, caplog):
     monkeypatch.setenv("ACT_KERNEL", "cpu")
     with pytest.raises(RuntimeError, match="unavailable"):
         kernels.kernel_name(torch.device("cpu"))
-    cpu._state.update(saved)
 
 
 class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):

@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from act_plugin.kernels.cpu import BLOCK_ELEMS as _CPU_BLOCK_ELEMS
+from act_plugin.kernels.cpu import RECOMPUTE_BELOW as _CPU_CUT
 from act_plugin.kernels.reference import calibrate_paged_reference
 
 __all__ = ["calibrate_paged", "calibrate_paged_reference", "kernel_name"]
@@ -56,14 +58,39 @@ def _triton_available() -> bool:
 
 def kernel_name(device: torch.device) -> str:
     """Which implementation :func:`calibrate_paged` uses on ``device``."""
-    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
+    forced = os.environ.get(KERNEL_ENV, "")
+    key = (device.type, forced)
+    name = _chosen.get(key)
+    if name is None:
+        name = _choose(device, forced.strip().lower())
+        _chosen[key] = name
+    return name
+
+
+_chosen: dict = {}  # (device type, ACT_KERNEL) -> implementation: one lookup per call
+
+
+_cpu_op = None  # torch.ops.act_kernels.calibrate_paged once loaded
+
+
+def _load_cpu_op():
+    global _cpu_op
+    from act_plugin.kernels import cpu
+
+    op = cpu.load()
+    if op is not None:
+        _cpu_op = op
+    return op
+
+
+def _choose(device: torch.device, forced: str) -> str:
     if forced == "reference":
         return "reference"
     if forced in ("", "auto"):
         if device.type == "cpu":
             from act_plugin.kernels import cpu
 
-            return "cpu" if cpu.load() is not None else "reference"
+            return "cpu" if _load_cpu_op() is not None else "reference"
         if device.type == "cuda" and _triton_available():
             return "triton"
         _warn_once(("device", device.type), "ACT: no fused kernel for %s tensors; using the torch reference", device.type)
@@ -71,7 +98,7 @@ def kernel_name(device: torch.device) -> str:
     if forced == "cpu":
         from act_plugin.kernels import cpu
 
-        if cpu.load() is None:
+        if _load_cpu_op() is None:
             raise RuntimeError(f"{KERNEL_ENV}=cpu but the CPU kernel is unavailable: {cpu._state.get('error')}")
         return "cpu"
     if forced == "triton":
@@ -118,15 +145,16 @@ def calibrate_paged(
     :data:`act_plugin.kernels.cpu.RECOMPUTE_BELOW`).
     """
     name = kernel_name(query.device)
-    if name != "reference":
-        dtypes = {query.dtype, output.dtype, key_cache.dtype, value_cache.dtype}
-        if len(dtypes) != 1 or query.dtype not in _FUSED_DTYPES:
-            _warn_once(
-                ("dtype", tuple(sorted(map(str, dtypes)))),
-                "ACT: the fused kernels take one dtype among float32/bfloat16/float16 for query, output and "
-                "KV cache (got %s); using the torch reference", sorted(map(str, dtypes)),
-            )
-            name = "reference"
+    if name != "reference" and not (
+        query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
+    ):
+        dtypes = sorted({str(t.dtype) for t in (query, output, key_cache, value_cache)})
+        _warn_once(
+            ("dtype", *dtypes),
+            "ACT: the fused kernels take one dtype among float32/bfloat16/float16 for query, output and "
+            "KV cache (got %s); using the torch reference", dtypes,
+        )
+        name = "reference"
     if name == "reference":
         calibrate_paged_reference(
             query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
@@ -136,16 +164,16 @@ def calibrate_paged(
         return
     if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
         return  # nothing changes (spec: beta = 1 leaves every row as it is)
-    kwargs = dict(scale=scale, beta=beta, threshold=threshold, window=window, max_query_len=max_query_len,
-                  max_seq_len=max_seq_len, recompute_below=recompute_below)
     if name == "cpu":
-        from act_plugin.kernels import cpu
-
-        cpu.calibrate_paged_cpu(
-            cpu.load(), query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-            heads, kv_heads, **kwargs,
+        cut = _CPU_CUT.get(output.dtype, 1.0 / 16) if recompute_below is None else recompute_below
+        _cpu_op(
+            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
+            float(scale), float(beta), float(threshold), int(window or 0), float(cut), int(max_query_len),
+            int(max_seq_len), _CPU_BLOCK_ELEMS,
         )
         return
+    kwargs = dict(scale=scale, beta=beta, threshold=threshold, window=window, max_query_len=max_query_len,
+                  max_seq_len=max_seq_len, recompute_below=recompute_below)
     if name == "triton":
         from act_plugin.kernels.triton_paged import calibrate_paged_triton
 

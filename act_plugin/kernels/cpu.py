@@ -91,18 +91,6 @@ def load():
     return _state["op"]
 
 
-def calibrate_paged_cpu(
-    op, query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads, *,
-    scale, beta, threshold, window, max_query_len, max_seq_len, recompute_below=None,
-) -> None:
-    cut = RECOMPUTE_BELOW.get(output.dtype, 1.0 / 16) if recompute_below is None else recompute_below
-    op(
-        query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
-        float(scale), float(beta), float(threshold), int(window or 0), float(cut), int(max_query_len),
-        int(max_seq_len), BLOCK_ELEMS,
-    )
-
-
 def scratch_peak_bytes(reset: bool = False) -> dict[str, int]:
     """Peak scratch memory (bytes) the CPU kernel held at once within one call since the last
     reset, for decode-only calls and for calls with prefill rows: the kernel's whole

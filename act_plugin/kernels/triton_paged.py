@@ -28,9 +28,7 @@ import triton
 import triton.language as tl
 
 from act_plugin.core import NONSINK_EPS
-
-# Same cut as the CPU kernel (see act_plugin.kernels.cpu.RECOMPUTE_BELOW).
-RECOMPUTE_BELOW = {torch.float32: 1.0 / 16, torch.bfloat16: 0.5, torch.float16: 0.5}
+from act_plugin.kernels.cpu import RECOMPUTE_BELOW  # the same cut as the CPU kernel
 
 
 @triton.jit
