@@ -32,6 +32,8 @@ SCENARIOS = {
     "prefill_with_cached_prefix": ([90, 33], [25, 1], None),  # mixed: a prefill and a decode row
     "mixed_window": ([60, 45, 20], [60, 1, 7], 9),
     "decode_window": ([100, 17], [1, 1], 16),
+    # entries with no rows (a padded, fixed-size group, as CUDA-graph capture would use) do nothing
+    "padded_group": ([40, 1, 66, 1], [1, 0, 12, 0], None),
 }
 
 

@@ -76,6 +76,7 @@ SCENARIOS = {
     "decode": ([37, 130, 5], [1, 1, 1], None),
     "prefill_two_row_blocks": ([70, 40], [70, 40], None),
     "mixed_window": ([60, 45, 20], [60, 1, 7], 9),
+    "padded_group": ([40, 1, 66, 1], [1, 0, 12, 0], None),
 }
 
 
