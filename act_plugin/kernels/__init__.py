@@ -6,36 +6,106 @@ step, the native attention output, the paged cache viewed as ``[blocks, kv_heads
 D]`` and, per sequence of the group, its block table row, length and query rows; it
 overwrites the selected heads of ``output`` with the ACT result (spec sections 1-2).
 
-Implementations:
+Implementations (``ACT_KERNEL`` = ``auto`` (default), ``reference``, ``cpu`` or ``triton``):
 
+* ``cpu`` (:mod:`act_plugin.kernels.cpu`, C++ with OpenMP): the default on CPU tensors.
+* ``triton`` (:mod:`act_plugin.kernels.triton_paged`): the default on CUDA tensors.
 * ``reference`` (:mod:`act_plugin.kernels.reference`): gathers the sequences' keys and values
   into padded tensors and calls :func:`act_plugin.core.act_attention_blocked`. Readable,
-  any device; every fused kernel is tested against it and against ``core``.
+  any device; every fused kernel is tested against it and against ``core``. Used when the
+  fused kernel of the device is unavailable (one warning says so).
 
-Fused kernels plug in here, chosen per device; ``ACT_KERNEL=reference`` forces the reference.
+The fused kernels read the paged cache in place (any strides), compute each sequence's
+sinks from its own rows only, and change nothing but the calibrated rows and heads. They
+make no device-to-host synchronisation: every bound comes from host integers
+(``max_query_len``, ``max_seq_len``, tensor shapes) and per-sequence lengths are read on
+the device.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
+from act_plugin.kernels.cpu import BLOCK_ELEMS as _CPU_BLOCK_ELEMS
+from act_plugin.kernels.cpu import RECOMPUTE_BELOW as _CPU_CUT
 from act_plugin.kernels.reference import calibrate_paged_reference
 
 __all__ = ["calibrate_paged", "calibrate_paged_reference", "kernel_name"]
 
 KERNEL_ENV = "ACT_KERNEL"
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+logger = logging.getLogger("act_plugin.kernels")
+_warned: set = set()
+
+
+def _warn_once(key, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def kernel_name(device: torch.device) -> str:
     """Which implementation :func:`calibrate_paged` uses on ``device``."""
-    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
-    if forced in ("", "auto"):
-        return "reference"
+    forced = os.environ.get(KERNEL_ENV, "")
+    key = (device.type, forced)
+    name = _chosen.get(key)
+    if name is None:
+        name = _choose(device, forced.strip().lower())
+        _chosen[key] = name
+    return name
+
+
+_chosen: dict = {}  # (device type, ACT_KERNEL) -> implementation: one lookup per call
+
+
+_cpu_op = None  # torch.ops.act_kernels.calibrate_paged once loaded
+
+
+def _load_cpu_op():
+    global _cpu_op
+    from act_plugin.kernels import cpu
+
+    op = cpu.load()
+    if op is not None:
+        _cpu_op = op
+    return op
+
+
+def _choose(device: torch.device, forced: str) -> str:
     if forced == "reference":
         return "reference"
-    raise ValueError(f"{KERNEL_ENV}={forced!r}: expected 'auto' or 'reference'")
+    if forced in ("", "auto"):
+        if device.type == "cpu":
+            from act_plugin.kernels import cpu
+
+            return "cpu" if _load_cpu_op() is not None else "reference"
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        _warn_once(("device", device.type), "ACT: no fused kernel for %s tensors; using the torch reference", device.type)
+        return "reference"
+    if forced == "cpu":
+        from act_plugin.kernels import cpu
+
+        if _load_cpu_op() is None:
+            raise RuntimeError(f"{KERNEL_ENV}=cpu but the CPU kernel is unavailable: {cpu._state.get('error')}")
+        return "cpu"
+    if forced == "triton":
+        if not _triton_available():
+            raise RuntimeError(f"{KERNEL_ENV}=triton but triton is not installed")
+        return "triton"
+    raise ValueError(f"{KERNEL_ENV}={forced!r}: expected 'auto', 'reference', 'cpu' or 'triton'")
 
 
 def calibrate_paged(
@@ -56,6 +126,7 @@ def calibrate_paged(
     window: int | None,
     max_query_len: int,
     max_seq_len: int,
+    recompute_below: float | None = None,
 ) -> None:
     """Overwrite ``output[rows, heads]`` with calibrated attention for one group of sequences.
 
@@ -66,14 +137,49 @@ def calibrate_paged(
     sequence's rows ``query_start .. query_start + query_lens - 1`` of ``query``, which are
     its last ``query_lens`` positions; ``heads`` ``[Hs]`` local query heads to calibrate and
     ``kv_heads`` ``[Hs]`` the KV head each reads. ``max_query_len``/``max_seq_len`` are host
-    integers (bounds, no device sync). Decode steps are ``query_lens == 1``.
+    integers (bounds, no device sync). Decode steps are ``query_lens == 1``; a group may mix
+    decode and prefill sequences.
+
+    ``recompute_below`` (fused kernels): rows whose non-sink mass is below it are recomputed
+    from all V columns instead of corrected on the native output (default per output dtype,
+    :data:`act_plugin.kernels.cpu.RECOMPUTE_BELOW`).
     """
     name = kernel_name(query.device)
+    if name != "reference" and not (
+        query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
+    ):
+        dtypes = sorted({str(t.dtype) for t in (query, output, key_cache, value_cache)})
+        _warn_once(
+            ("dtype", *dtypes),
+            "ACT: the fused kernels take one dtype among float32/bfloat16/float16 for query, output and "
+            "KV cache (got %s); using the torch reference", dtypes,
+        )
+        name = "reference"
     if name == "reference":
         calibrate_paged_reference(
             query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
             heads, kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
             max_query_len=max_query_len, max_seq_len=max_seq_len,
+        )
+        return
+    if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
+        return  # nothing changes (spec: beta = 1 leaves every row as it is)
+    if name == "cpu":
+        cut = _CPU_CUT.get(output.dtype, 1.0 / 16) if recompute_below is None else recompute_below
+        _cpu_op(
+            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
+            float(scale), float(beta), float(threshold), int(window or 0), float(cut), int(max_query_len),
+            int(max_seq_len), _CPU_BLOCK_ELEMS,
+        )
+        return
+    kwargs = dict(scale=scale, beta=beta, threshold=threshold, window=window, max_query_len=max_query_len,
+                  max_seq_len=max_seq_len, recompute_below=recompute_below)
+    if name == "triton":
+        from act_plugin.kernels.triton_paged import calibrate_paged_triton
+
+        calibrate_paged_triton(
+            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
+            **kwargs,
         )
         return
     raise AssertionError(name)  # pragma: no cover

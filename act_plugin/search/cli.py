@@ -7,7 +7,6 @@ heatmap; partial results go to ``state_dir`` so an interrupted search resumes on
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["add_arguments", "run"]
 

@@ -31,9 +31,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -143,7 +144,7 @@ def prepare(cfg: SearchConfig, resume: bool = True) -> Prepared:
 
     from act_plugin.models import ensure_model
 
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _dt.datetime.now(_dt.UTC)
     load_start = os.getloadavg()
     model_path = ensure_model(cfg.model)
     shape = model_shape(AutoConfig.from_pretrained(model_path))

@@ -22,9 +22,10 @@ dev/test split, which the search never reads.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 

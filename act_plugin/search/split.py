@@ -101,8 +101,8 @@ def _with_ids(sample, tokenizer):
 def build_search_data(tasks: list[str], n_search: int, n_validation: int, seed: int, tokenizer: Any,
                       data_dir: Any = None) -> SearchData:
     """Search and validation parts of every task's training split (see the module docs)."""
-    from act_plugin.tasks import get_task, load_samples
     from act_plugin.search.config import SearchConfigError
+    from act_plugin.tasks import get_task, load_samples
 
     search_samples, provenance = [], []
     validation: dict[str, CalibrationSet] = {}

