@@ -23,6 +23,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the
+        # umask), or the existing file's mode when it is replaced.
+        os.fchmod(fd, _target_mode(p))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -36,6 +39,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise
     _fsync_dir(p.parent)
     return p
+
+
+def _target_mode(p: Path) -> int:
+    try:
+        return p.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
