@@ -59,11 +59,15 @@ class PagedProblem:
             vv = v.index_select(0, self.kv_heads)[None]
             q_pos = torch.arange(L - ql, L)[None]
             k_pos = torch.arange(L)[None]
-            kw = dict(scale=self.scale, beta=beta, threshold=threshold, window=self.window)
             if blocked_elems is None:
-                res = act_attention_dense(q, kk, vv, q_pos, k_pos, **kw)
+                res = act_attention_dense(
+                    q, kk, vv, q_pos, k_pos, scale=self.scale, beta=beta, threshold=threshold, window=self.window
+                )
             else:
-                res = act_attention_blocked(q, kk, vv, q_pos, k_pos, max_block_elems=blocked_elems, **kw)
+                res = act_attention_blocked(
+                    q, kk, vv, q_pos, k_pos, scale=self.scale, beta=beta, threshold=threshold, window=self.window,
+                    max_block_elems=blocked_elems,
+                )
             out[q0 : q0 + ql, self.heads] = res.out[0].permute(1, 0, 2)
         return out
 
@@ -167,4 +171,22 @@ def make_problem(
         query_lens=torch.tensor(query_lens, dtype=torch.long), heads=heads_t, kv_heads=heads_t // (H // Hkv),
         max_query_len=max(query_lens), max_seq_len=max(seq_lens), scale=scale, window=window,
         keys=keys, values=values, raw_cache=kv,
+    )
+
+
+def problem_to(p: PagedProblem, device: str | torch.device) -> PagedProblem:
+    """The same problem on ``device``: the raw cache is moved once and the key/value views
+    rebuilt with the layout's strides (the kernels must read the backend's own layout)."""
+    raw = p.raw_cache.to(device)
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        return torch.as_strided(raw, t.size(), t.stride(), t.storage_offset())
+
+    move = lambda t: t.to(device)  # noqa: E731
+    return PagedProblem(
+        query=move(p.query), output=move(p.output), key_cache=view(p.key_cache), value_cache=view(p.value_cache),
+        block_table=move(p.block_table), seq_lens=move(p.seq_lens), query_start=move(p.query_start),
+        query_lens=move(p.query_lens), heads=move(p.heads), kv_heads=move(p.kv_heads),
+        max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, scale=p.scale, window=p.window,
+        keys=p.keys, values=p.values, raw_cache=raw,
     )

@@ -232,10 +232,18 @@ def _prefill_pass2(
             sink_mass += tl.sum(ps, axis=1)
             nonsink_mass += tl.sum(pr, axis=1)
             vp = v_ptr + blk[:, None] * sv0 + kvh * sv1 + (j % page)[:, None] * sv2 + d[None, :] * sv3
-            v = tl.load(vp, mask=jm[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            # float32 operands: exact products (no TF32) whatever the cache dtype
-            acc_sink += tl.dot(ps, v, input_precision="ieee")
-            acc_rest += tl.dot(pr, v, input_precision="ieee")
+            v = tl.load(vp, mask=jm[:, None] & dmask[None, :], other=0.0)
+            if QK_FP32:
+                # float32 caches: exact float32 products (no TF32), as the reference
+                v = v.to(tl.float32)
+                acc_sink += tl.dot(ps, v, input_precision="ieee")
+                acc_rest += tl.dot(pr, v, input_precision="ieee")
+            else:
+                # 16-bit caches: probabilities rounded to the cache dtype on tensor cores with
+                # float32 accumulation, as flash attention does (float32 "ieee" dots run on
+                # CUDA cores and cost ~10x); the sink masses above stay float32
+                acc_sink += tl.dot(ps.to(v.dtype), v)
+                acc_rest += tl.dot(pr.to(v.dtype), v)
         active = rm & (sink_mass > 0.0) & (nonsink_mass > eps)
         factor = 1.0 + (1.0 - beta) * sink_mass / tl.where(active, nonsink_mass, 1.0)
         res = beta * acc_sink + factor[:, None] * acc_rest
@@ -246,7 +254,7 @@ def _prefill_pass2(
 def calibrate_paged_triton(
     query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads, *,
     scale, beta, threshold, window, max_query_len, max_seq_len, recompute_below=None,
-    block_n: int = 64, block_m: int = 32,
+    block_n: int = 64, block_m: int = 64,
 ) -> None:
     """Same contract as :func:`act_plugin.kernels.calibrate_paged`; no host synchronisation."""
     G = block_table.shape[0]
@@ -256,7 +264,8 @@ def calibrate_paged_triton(
     block_d = max(16, triton.next_power_of_2(D))
     cut = RECOMPUTE_BELOW.get(output.dtype, 1.0 / 16) if recompute_below is None else recompute_below
     win = int(window or 0)
-    qs, os_, ks, vs, bts = query.stride(), output.stride(), key_cache.stride(), value_cache.stride(), block_table.stride()
+    qs, os_, bts = query.stride(), output.stride(), block_table.stride()
+    ks, vs = key_cache.stride(), value_cache.stride()
     _decode_kernel[(G, Hs)](
         query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
         *qs, *os_, *ks, *vs, *bts,
