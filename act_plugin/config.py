@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,7 +27,7 @@ __all__ = ["ACTConfig", "ACTEngineConfig", "ACTConfigError", "ModelShape", "mode
            "ALL_HEADS",
            "MAX_INDEX", "SINGLE_PROFILE", "RESERVED_PROFILE_NAMES"]
 
-ALL_HEADS = "all"
+ALL_HEADS: Final = "all"
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 # Largest layer or head index a config may name. Checked before a range is expanded, so a
 # typo like "0-1000000000:*" is an error instead of a billion-element set; no model has
@@ -97,14 +97,14 @@ def _parse_heads(value: Any) -> dict[int, list[int] | Literal["all"]]:
                 continue
             if ":" not in part:
                 raise ACTConfigError(f"heads: {part.strip()!r} needs the form 'LAYERS:HEADS', e.g. '2-28:*'")
-            layers, heads = part.split(":", 1)
-            groups[layers] = heads
+            layer_part, head_part = part.split(":", 1)
+            groups[layer_part] = head_part
         value = groups
     if not isinstance(value, Mapping):
         raise ACTConfigError(
             f"heads: expected a mapping layer -> heads or a string like '2-28:*', got {type(value).__name__}"
         )
-    heads: dict[int, set[int] | str] = {}
+    heads: dict[int, set[int] | Literal["all"]] = {}
     for layer_spec, head_spec in value.items():
         layers = parse_index_spec(layer_spec, f"heads: layer key {layer_spec!r}")
         if layers == ALL_HEADS:
@@ -153,9 +153,9 @@ def model_shape(model_config: Any) -> ModelShape:
     get = hf.get if isinstance(hf, Mapping) else lambda key, default=None: getattr(hf, key, default)
     layers = get("num_hidden_layers") or get("n_layer") or get("num_layers")
     heads = get("num_attention_heads") or get("n_head")
-    kv = get("num_key_value_heads") or heads
     if not layers or not heads:
         raise ACTConfigError(f"cannot read num_hidden_layers / num_attention_heads from {type(hf).__name__}")
+    kv = get("num_key_value_heads") or heads
     name = get("_name_or_path") or getattr(model_config, "model", None) or "model"
     return ModelShape(num_layers=int(layers), num_heads=int(heads), num_kv_heads=int(kv), name=str(name) or "model")
 

@@ -27,9 +27,10 @@ Importing this module registers the attention implementations ``"act_sdpa"`` and
 ``"act_eager"`` in transformers' ``AttentionInterface`` *and* ``AttentionMaskInterface``
 (the mask registry entry is the base implementation's own mask builder, so every layer
 receives exactly the mask the base implementation would get); ``enable_act`` calls
-``model.set_attn_implementation("act_<base>")`` with ``<base>`` the model's current one. ``disable_act`` restores the previous
-implementation. One name per base is needed because transformers builds the attention mask
-from the implementation name: a bare ``"act"`` would get no mask at all.
+``model.set_attn_implementation("act_<base>")`` with ``<base>`` the model's current one.
+``disable_act`` restores the previous implementation. One name per base is needed because
+transformers builds the attention mask from the implementation name: a bare ``"act"`` would
+get no mask at all.
 
 The act attention function always runs the base implementation (``sdpa``, or the model's
 own ``eager_attention_forward``) on all heads, unchanged; in a calibrated layer it then
@@ -73,7 +74,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -95,6 +96,14 @@ SUPPORTED_BASES = ("sdpa", "eager")
 _PREFIX = "act_"
 
 
+class _HFModel(Protocol):
+    """What this module uses of a transformers ``PreTrainedModel`` (``enable_act`` checks both with hasattr)."""
+
+    config: Any
+
+    def set_attn_implementation(self, attn_implementation: str | dict) -> Any: ...
+
+
 def act_impl_name(base: str) -> str:
     """The attention implementation name registered for ACT on top of ``base``."""
     return _PREFIX + base
@@ -111,10 +120,12 @@ def _eager_fn(module: nn.Module) -> Callable:
     cls = type(module)
     fn = _EAGER_CACHE.get(cls)
     if fn is None:
-        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
-        if fn is None:
-            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-        _EAGER_CACHE[cls] = fn
+        found = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if found is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward
+
+            found = eager_attention_forward
+        fn = _EAGER_CACHE[cls] = found
     return fn
 
 
@@ -415,7 +426,8 @@ def _mask_visibility(mask: Any, B: int, Lq: int, Lk: int) -> torch.Tensor | None
 
 def _attention_modules(model: nn.Module, num_layers: int) -> dict[nn.Module, int]:
     """Attention modules of the text decoder, by ``layer_idx``."""
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_cfg = cast(_HFModel, model).config
+    text_cfg = model_cfg.get_text_config() if hasattr(model_cfg, "get_text_config") else model_cfg
     found: dict[nn.Module, int] = {}
     for mod in model.modules():
         idx = getattr(mod, "layer_idx", None)
@@ -424,7 +436,7 @@ def _attention_modules(model: nn.Module, num_layers: int) -> dict[nn.Module, int
         if not any(hasattr(mod, p) for p in ("q_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv")):
             continue  # a decoder layer or cache helper that also carries layer_idx
         cfg = getattr(mod, "config", None)
-        if cfg is not None and cfg is not text_cfg and cfg is not model.config:
+        if cfg is not None and cfg is not text_cfg and cfg is not model_cfg:
             continue  # e.g. a vision tower's attention
         found[mod] = idx
     return found
@@ -449,9 +461,10 @@ def enable_act(model: nn.Module, config: Any, *, capture: bool = False, capture_
         disable_act(model)
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         raise TypeError(f"enable_act needs a transformers PreTrainedModel, got {type(model).__name__}")
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    shape = model_shape(model.config)
-    heads = cfg.validate_for(model.config)
+    hf_model = cast(_HFModel, model)
+    text_cfg = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
+    shape = model_shape(hf_model.config)
+    heads = cfg.validate_for(hf_model.config)
 
     base = getattr(text_cfg, "_attn_implementation", None) or "sdpa"
     if base not in SUPPORTED_BASES:
@@ -459,7 +472,7 @@ def enable_act(model: nn.Module, config: Any, *, capture: bool = False, capture_
             f"ACT (HF path) calibrates on top of the 'sdpa' or 'eager' attention implementation; this model uses "
             f"{base!r}. Call model.set_attn_implementation('sdpa') (or load with attn_implementation='sdpa') first."
         )
-    previous = _current_impl(model)
+    previous = _current_impl(hf_model)
 
     attn_modules = _attention_modules(model, shape.num_layers)
     missing = sorted(set(heads) - set(attn_modules.values()))
@@ -469,9 +482,9 @@ def enable_act(model: nn.Module, config: Any, *, capture: bool = False, capture_
             f"{type(model).__name__} ({shape.describe()})"
         )
     handle = ACTHandle(model, cfg, heads, base, previous, shape.num_heads, capture=capture, capture_probs=capture_probs)
-    model.set_attn_implementation(act_impl_name(base))
+    hf_model.set_attn_implementation(act_impl_name(base))
     if getattr(text_cfg, "_attn_implementation", None) != act_impl_name(base):
-        model.set_attn_implementation(previous)
+        hf_model.set_attn_implementation(previous)
         raise RuntimeError(
             f"{type(model).__name__} did not accept the attention implementation {act_impl_name(base)!r} "
             "(it does not dispatch attention through transformers' AttentionInterface)"
@@ -481,7 +494,7 @@ def enable_act(model: nn.Module, config: Any, *, capture: bool = False, capture_
     return handle
 
 
-def _current_impl(model: nn.Module) -> str | dict:
+def _current_impl(model: _HFModel) -> str | dict:
     cfg = model.config
     subs = {}
     for key in getattr(cfg, "sub_configs", {}) or {}:
@@ -502,7 +515,8 @@ def disable_act(model: nn.Module) -> bool:
     if handle is None:
         return False
     try:
-        model.set_attn_implementation(handle.previous)
+        # only models enable_act accepted (it checked for set_attn_implementation) are in _MODELS
+        cast(_HFModel, model).set_attn_implementation(handle.previous)
     finally:
         handle._teardown()
     return True

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -44,7 +44,7 @@ from act_plugin.config import (
 __all__ = ["EvalConfig", "load_eval_config", "BASELINE", "ALL"]
 
 BASELINE = "baseline"
-ALL = "all"  # limit: every document of each task's split
+ALL: Final = "all"  # limit: every document of each task's split
 # Keys of an arm mapping that are options of the arm, not of its ACT config.
 _ARM_OPTIONS = ("control", "config")
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

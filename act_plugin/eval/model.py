@@ -85,7 +85,10 @@ class ActVLLM(VLLM):
                 raise ACTConfigError("give the ACT config either as act=... or in additional_config, not both")
             extra["act"] = self.act_config.to_dict()
             kwargs["additional_config"] = extra
-        elif isinstance(kwargs.get("additional_config"), dict) and kwargs["additional_config"].get("act", False) is not False:
+        elif (
+            isinstance(kwargs.get("additional_config"), dict)
+            and kwargs["additional_config"].get("act", False) is not False
+        ):
             # ({"act": False} is a vanilla engine: ACT explicitly off, ACT_CONFIG ignored)
             self.act_config = ACTEngineConfig.from_any(kwargs["additional_config"]["act"])
         self.next_token = _as_bool(next_token, "next_token")

@@ -116,6 +116,7 @@ def write_chart(path: Path, results: EvalResults | dict) -> Path | None:
         lo.append(100 * (d - cl))
         hi.append(100 * (ch - d))
         pos = x - 0.4 + width * (i + 0.5)
+        colors: list[str] | tuple[float, float, float, float]
         if len(arms) == 1:  # one arm: colour says the sign
             colors = ["#2b8a3e" if v > 0 else "#c92a2a" if v < 0 else "#868e96" for v in vals]
         else:  # several arms: one colour per arm, so the legend reads right (the zero line shows the sign)

@@ -18,15 +18,15 @@ lm-eval output moved to ``lm_eval_raw.json`` only (``{arm: {task: {seed: ...}}}`
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "EvalResults", "ArmResult", "EngineArm", "TaskResult", "ComparisonResult",
            "ArmSummary", "json_schema"]
 
-SCHEMA = "act-plugin/eval-results"
-SCHEMA_VERSION = 2
+SCHEMA: Final = "act-plugin/eval-results"
+SCHEMA_VERSION: Final = 2
 
 
 class _Model(BaseModel):

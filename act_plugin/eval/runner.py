@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -573,6 +573,7 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
             comparisons[arm] = ComparisonResult(**{k: (_f(v) if isinstance(v, float) else v) for k, v in d.items()},
                                                 discordant_rate=rate, mde=mde, resolved=resolved)
             if not resolved:
+                assert mde is not None  # unresolved means 0 < |delta| < mde
                 warnings.append(
                     f"{task}, {arm}: n = {c.n} documents resolves effects of at least {100 * mde:.1f} points "
                     f"(paired, alpha {MDE_ALPHA}, power {MDE_POWER}); the reported {100 * c.delta:+.1f} is "
@@ -592,9 +593,12 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
         pairs = [(_matrix(records[(BASELINE, t)], seeds)[1], _matrix(records[(arm, t)], seeds)[1]) for t in lm_tasks]
         lo, hi = macro_bootstrap_ci(pairs, cfg.bootstrap_resamples, cfg.confidence, cfg.stats_seed)
         comps = [tasks_out[t].comparisons[arm] for t in lm_tasks]
+        # A delta is None only for a task with no documents (NaN written as null); np.mean then raises
+        # TypeError, so the comparisons below only ever see floats.
+        deltas = cast(list[float], [c.delta for c in comps])
         summary[arm] = ArmSummary(
-            mean_delta=_f(float(np.mean([c.delta for c in comps]))), ci_low=_f(lo), ci_high=_f(hi),
-            tasks_up=sum(c.delta > 0 for c in comps), tasks_down=sum(c.delta < 0 for c in comps),
+            mean_delta=_f(float(np.mean(deltas))), ci_low=_f(lo), ci_high=_f(hi),
+            tasks_up=sum(d > 0 for d in deltas), tasks_down=sum(d < 0 for d in deltas),
             improved=sum(c.improved for c in comps), worsened=sum(c.worsened for c in comps),
         )
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -70,7 +72,7 @@ def kernel_name(device: torch.device) -> str:
 _chosen: dict = {}  # (device type, ACT_KERNEL) -> implementation: one lookup per call
 
 
-_cpu_op = None  # torch.ops.act_kernels.calibrate_paged once loaded
+_cpu_op: Callable[..., Any] | None = None  # torch.ops.act_kernels.calibrate_paged once loaded
 
 
 def _load_cpu_op():
@@ -93,7 +95,9 @@ def _choose(device: torch.device, forced: str) -> str:
             return "cpu" if _load_cpu_op() is not None else "reference"
         if device.type == "cuda" and _triton_available():
             return "triton"
-        _warn_once(("device", device.type), "ACT: no fused kernel for %s tensors; using the torch reference", device.type)
+        _warn_once(
+            ("device", device.type), "ACT: no fused kernel for %s tensors; using the torch reference", device.type
+        )
         return "reference"
     if forced == "cpu":
         from act_plugin.kernels import cpu
@@ -166,20 +170,21 @@ def calibrate_paged(
         return  # nothing changes (spec: beta = 1 leaves every row as it is)
     if name == "cpu":
         cut = _CPU_CUT.get(output.dtype, 1.0 / 16) if recompute_below is None else recompute_below
+        # "cpu" is only chosen (and cached in _chosen) after _load_cpu_op() returned the op and set _cpu_op
+        assert _cpu_op is not None
         _cpu_op(
             query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
             float(scale), float(beta), float(threshold), int(window or 0), float(cut), int(max_query_len),
             int(max_seq_len), _CPU_BLOCK_ELEMS,
         )
         return
-    kwargs = dict(scale=scale, beta=beta, threshold=threshold, window=window, max_query_len=max_query_len,
-                  max_seq_len=max_seq_len, recompute_below=recompute_below)
     if name == "triton":
         from act_plugin.kernels.triton_paged import calibrate_paged_triton
 
         calibrate_paged_triton(
             query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
-            **kwargs,
+            scale=scale, beta=beta, threshold=threshold, window=window, max_query_len=max_query_len,
+            max_seq_len=max_seq_len, recompute_below=recompute_below,
         )
         return
     raise AssertionError(name)  # pragma: no cover

@@ -50,7 +50,9 @@ def calibrate_paged_reference(
     max_query_len: int,
     max_seq_len: int,
 ) -> None:
-    token_index, row_valid, q_pos, k_pos = padded_positions(seq_lens, query_start, query_lens, max_query_len, max_seq_len)
+    token_index, row_valid, q_pos, k_pos = padded_positions(
+        seq_lens, query_start, query_lens, max_query_len, max_seq_len
+    )
     G, Lq = token_index.shape
     H = query.shape[1]
     k = gather_kv(key_cache, block_table, max_seq_len, kv_heads)

@@ -274,8 +274,10 @@ def combine(prep: Prepared, ev: Evaluator, ver: Verification) -> Combination:
             one = select_forward([h], shared_eval, base_ok, cfg.alpha)
             shared.steps += one.steps
             shared.evaluations += one.evaluations
-            if one.heads and (shared.decision is None or one.decision.mean_gain > shared.decision.mean_gain):
-                shared.heads, shared.decision = one.heads, one.decision
+            if one.heads:
+                assert one.decision is not None  # select_forward sets heads and decision together
+                if shared.decision is None or one.decision.mean_gain > shared.decision.mean_gain:
+                    shared.heads, shared.decision = one.heads, one.decision
     per_task: dict[str, Selection] = {}
     if cfg.per_task:
         gain_key = "margin" if cfg.score == "worst_task" else cfg.score
@@ -284,9 +286,11 @@ def combine(prep: Prepared, ev: Evaluator, ver: Verification) -> Combination:
                                             cfg.clip)[1][task]) for h in ver.singles}
             order = sorted((h for h, g in task_gain.items() if g > 0), key=lambda h: (-task_gain[h], h))
             order = order[: cfg.combine_max_heads]
-            per_task[task] = select_forward(
-                order, lambda heads, t=task: ev.validation_correct(heads, "per_task", [t]), {task: base_ok[task]},
-                cfg.alpha, cfg.combine_max_evals)
+
+            def task_eval(heads: list[Head], t: str = task) -> dict[str, np.ndarray]:
+                return ev.validation_correct(heads, "per_task", [t])
+
+            per_task[task] = select_forward(order, task_eval, {task: base_ok[task]}, cfg.alpha, cfg.combine_max_evals)
     return Combination(shared, per_task, True)
 
 
@@ -539,9 +543,10 @@ def run_search(
             ranking = rank(prep, hf, progress)
             _log(f"ranking pass: {ranking.seconds:.1f}s for {len(prep.candidates)} heads", quiet)
         if prep.exact_backend == "hf":
+            assert hf is not None  # loaded above: exact_backend "hf" always loads the HF backend
             ev.backends[SEARCH] = hf
-            for t, c in d.validation.items():
-                ev.backends[_val_part(t)] = HFSearchBackend(
+            for task, c in d.validation.items():
+                ev.backends[_val_part(task)] = HFSearchBackend(
                     prep.model_path, c, beta=cfg.beta, threshold=cfg.threshold, batch_tokens=cfg.hf.batch_tokens,
                     threads=cfg.hf.threads, cache_hidden=cfg.hf.cache_hidden, model=hf.model, self_check=False)
             top = sorted(prep.candidates, key=lambda h: (-ranking.estimates.get(h, 0.0), h))[: cfg.fast.top_k]

@@ -96,7 +96,7 @@ class VLLMSearchBackend:
         if self._owned and self.llm is not None:
             llm, self.llm = self.llm, None
             try:
-                llm.llm_engine.engine_core.shutdown()  # type: ignore[attr-defined]
+                llm.llm_engine.engine_core.shutdown()
             except Exception:  # pragma: no cover - best effort
                 pass
             del llm

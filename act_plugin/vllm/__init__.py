@@ -25,6 +25,7 @@ Turning ACT on::
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 logger = logging.getLogger("act_plugin")
 
@@ -70,7 +71,9 @@ def _install_backend_guard() -> None:
 
     from act_plugin.vllm.selfcheck import check_backend_choice
 
-    platform_cls = type(current_platform)
+    # Any: a classmethod of vLLM's platform class is replaced below (get_attn_backend_cls wrapped), which its
+    # declared type does not allow; the wrapper keeps the original signature.
+    platform_cls: Any = type(current_platform)
     original = getattr(platform_cls, "get_attn_backend_cls", None)
     if original is None or getattr(original, "_act_wrapped", False):
         return

@@ -42,7 +42,11 @@ def _act_on(engine: Any) -> bool:
     if cfg is None:
         return True  # unknown kind of engine: let the RPC answer
     additional = getattr(cfg, "additional_config", None)
-    return isinstance(additional, dict) and isinstance(additional.get(ADDITIONAL_CONFIG_KEY), dict) and not act_explicitly_off(additional)
+    return (
+        isinstance(additional, dict)
+        and isinstance(additional.get(ADDITIONAL_CONFIG_KEY), dict)
+        and not act_explicitly_off(additional)
+    )
 
 
 def _validated(engine: Any, config: Any) -> ACTEngineConfig:
@@ -140,7 +144,9 @@ def _get_steps(engine: Any) -> Steps:
     return _one_config((yield ("act_get_config", ())))
 
 
-_OFF_STATUS = {"config": None, "runner": None, "layers": [], "preemptions": 0, "unroutable": 0, "workers": []}
+_OFF_STATUS: dict[str, Any] = {
+    "config": None, "runner": None, "layers": [], "preemptions": 0, "unroutable": 0, "workers": [],
+}
 
 
 def _status_steps(engine: Any) -> Steps:

@@ -30,7 +30,9 @@ def install_config_hook() -> None:
     """Wrap the current platform's ``check_and_update_config`` (idempotent)."""
     from vllm.platforms import current_platform
 
-    platform_cls = type(current_platform)
+    # Any: a classmethod of vLLM's platform class is replaced below (check_and_update_config wrapped), which its
+    # declared type does not allow; the wrapper keeps the original signature.
+    platform_cls: Any = type(current_platform)
     original = platform_cls.__dict__.get("check_and_update_config")
     if original is None or getattr(original.__func__, "_act_wrapped", False):
         return
@@ -76,7 +78,8 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     if sched.max_num_batched_tokens < model_config.max_model_len:
         sched.max_num_batched_tokens = model_config.max_model_len
         changed.append(f"max_num_batched_tokens={model_config.max_model_len}")
-    if getattr(sched, "max_num_scheduled_tokens", None) is not None and sched.max_num_scheduled_tokens < model_config.max_model_len:
+    max_scheduled = getattr(sched, "max_num_scheduled_tokens", None)
+    if max_scheduled is not None and max_scheduled < model_config.max_model_len:
         sched.max_num_scheduled_tokens = model_config.max_model_len
 
     changed += _limit_cuda_graphs(vllm_config)
@@ -148,7 +151,9 @@ def _check_supported(vllm_config: Any) -> None:
     if vllm_config.speculative_config is not None:
         raise ACTEngineError("ACT does not support speculative decoding; remove the speculative config")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise ACTEngineError("ACT supports tensor parallelism but not pipeline parallelism (pipeline_parallel_size > 1)")
+        raise ACTEngineError(
+            "ACT supports tensor parallelism but not pipeline parallelism (pipeline_parallel_size > 1)"
+        )
     if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
         raise ACTEngineError("ACT does not support decode context parallelism (decode_context_parallel_size > 1)")
     if getattr(vllm_config.parallel_config, "prefill_context_parallel_size", 1) > 1:

@@ -156,7 +156,9 @@ class WorkerState:
             self._heads_cache[key] = got
         return got
 
-    def local_heads(self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device) -> torch.Tensor | None:
+    def local_heads(
+        self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device
+    ) -> torch.Tensor | None:
         """Local query-head indices of ``prof`` in ``layer`` for this worker (None = none)."""
         key = (prof.hash, layer, num_local_heads, device)
         if key in self._heads_cache:

@@ -17,13 +17,16 @@ self-check (:mod:`act_plugin.vllm.selfcheck`).
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from act_plugin.capabilities import LayerFeatures
 from act_plugin.vllm.calibrate import PLAN_ATTR, LayerCalibrator
 from act_plugin.vllm.kv_layout import KVSplit
 from act_plugin.vllm.plan import build_step_plan
 from act_plugin.vllm.settings import act_configured
+
+if TYPE_CHECKING:
+    from vllm.v1.attention.backend import AttentionBackend
 
 
 def act_enabled_for_current_engine() -> bool:
@@ -92,7 +95,7 @@ class ACTImplMixin:
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        result = super().forward(  # type: ignore[misc]
+        result = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output,
             output_scale=output_scale, output_block_scale=output_block_scale,
         )
@@ -105,7 +108,7 @@ class ACTImplMixin:
 def act_builder(native_builder: type) -> type:
     """Subclass of a native metadata builder whose metadata carries the ACT step plan."""
 
-    class ACTMetadataBuilder(native_builder):  # type: ignore[valid-type, misc]
+    class ACTMetadataBuilder(native_builder):
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
             super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
             from act_plugin.vllm.runtime import init_worker_state
@@ -135,7 +138,7 @@ def act_impl(native_impl: type, kv_split: KVSplit) -> type:
     return cls
 
 
-def act_backend(native_backend: type, kv_split: KVSplit, impl_base: type | None = None) -> type:
+def act_backend(native_backend: type[AttentionBackend], kv_split: KVSplit, impl_base: type | None = None) -> type:
     """The wrapper of ``native_backend``: native parts without ACT, ACT parts with it.
 
     ``impl_base`` replaces the native ``Impl`` as the base of the ACT impl (for backends that
