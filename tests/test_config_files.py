@@ -15,7 +15,7 @@ def test_act_and_engine_files_share_the_act_wrapper(tmp_path: Path):
     f.write_text("act:\n  beta: 0.4\n  heads: {3: [1, 2]}\n")
     single = ACTConfig.from_file(f)
     engine = ACTEngineConfig.from_any(str(f))
-    assert single.heads == {3: [1, 2]} and engine.profiles["default"] == single and engine.default == "default"
+    assert single.heads == {3: [1, 2]} and engine.profiles["act"] == single and engine.default == "act"
     g = tmp_path / "b.json"
     g.write_text('{"act": {"profiles": {"p": {"beta": 0.5, "heads": "1:0"}}, "default": null}}')
     assert ACTEngineConfig.from_any(g).profiles["p"].beta == 0.5

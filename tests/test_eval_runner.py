@@ -85,9 +85,9 @@ class FakeEngine(LM):
 
 @pytest.fixture
 def fake_engine(monkeypatch):
-    import act_plugin.lmeval as lmeval
+    import act_plugin.eval.model as eval_model
 
-    monkeypatch.setattr(lmeval, "ActVLLM", FakeEngine)
+    monkeypatch.setattr(eval_model, "ActVLLM", FakeEngine)
     monkeypatch.setattr(runner, "engine_status", lambda lm: lm.status())
     monkeypatch.delenv("ACT_CONFIG", raising=False)
     FakeEngine.started = []

@@ -593,8 +593,11 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
         pairs = [(_matrix(records[(BASELINE, t)], seeds)[1], _matrix(records[(arm, t)], seeds)[1]) for t in lm_tasks]
         lo, hi = macro_bootstrap_ci(pairs, cfg.bootstrap_resamples, cfg.confidence, cfg.stats_seed)
         comps = [tasks_out[t].comparisons[arm] for t in lm_tasks]
-        # A delta is None only for a task with no documents (NaN written as null); np.mean then raises
-        # TypeError, so the comparisons below only ever see floats.
+        # A delta is None only for a task with no scored documents (NaN written as null)
+        empty = [t for t, c in zip(lm_tasks, comps) if c.delta is None]
+        if empty:
+            raise ACTConfigError(f"eval: no documents were scored for task(s) {', '.join(empty)} (arm {arm!r}); "
+                                 f"check the task's split in the data folder and the config's limit")
         deltas = cast(list[float], [c.delta for c in comps])
         summary[arm] = ArmSummary(
             mean_delta=_f(float(np.mean(deltas))), ci_low=_f(lo), ci_high=_f(hi),

@@ -15,6 +15,7 @@ keeps the arm it was admitted with.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Generator
 from typing import Any
@@ -151,7 +152,7 @@ _OFF_STATUS: dict[str, Any] = {
 
 def _status_steps(engine: Any) -> Steps:
     if not _act_on(engine):
-        return dict(_OFF_STATUS)
+        return copy.deepcopy(_OFF_STATUS)  # callers may change the lists they get
     results = yield ("act_status", ())
     cfg = _one_config([r["config"] for r in results])
     return {
