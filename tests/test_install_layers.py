@@ -32,6 +32,7 @@ def _loaded_after(modules: list[str], code: str = "") -> dict[str, list[str]]:
     script = f"""
 import builtins, importlib, json, pkgutil, sys
 WATCH = {EVAL_EXTRA!r}
+GPU_ONLY = ("flashinfer",)
 ours = []
 _import, _import_module = builtins.__import__, importlib.import_module
 
@@ -57,7 +58,13 @@ for m in {modules!r}:
     else:
         names.append(m)
 for n in names:
-    importlib.import_module(n)
+    try:
+        importlib.import_module(n)
+    except ModuleNotFoundError as e:
+        # a wrapper of a GPU-only backend (flashinfer) imports vLLM's native backend, which
+        # needs its GPU library; vLLM only loads it where that library is installed
+        if e.name not in GPU_ONLY:
+            raise
 {code}
 print(json.dumps({{"imported": names, "ours": ours, "modules": sorted(sys.modules)}}))
 """

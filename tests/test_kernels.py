@@ -45,17 +45,11 @@ def _fused_cpu(monkeypatch):
 
 
 def _run(p, beta, threshold, fn=calibrate_paged, **extra):
-    out = p.output.clone()
-    args = list(p.args())
-    args[1] = out
-    fn(*args, **p.kwargs(beta, threshold), **extra)
-    return out
+    return p.calibrated(fn, beta, threshold, **extra)
 
 
 def _check(p, got, beta, threshold, dtype):
-    exp = p.expected(beta, threshold)
-    scale = exp.abs().max().item()
-    err = (got.to(torch.float32) - exp).abs().max().item()
+    err, scale, exp = p.error_vs_core(got, beta, threshold)
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} (scale {scale:.3g})"
     # the blocked core path gives the same answer as the dense one it is checked against
     blocked = p.expected(beta, threshold, blocked_elems=256)

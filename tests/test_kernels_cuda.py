@@ -29,18 +29,13 @@ SCENARIOS = {
 
 
 def _run_cuda(p, beta, threshold):
-    out = p.output.clone()
-    args = list(p.args())
-    args[1] = out
-    calibrate_paged(*args, **p.kwargs(beta, threshold))
+    out = p.calibrated(calibrate_paged, beta, threshold)
     torch.cuda.synchronize()
     return out
 
 
 def _check(p_cpu, got, beta, threshold, dtype):
-    exp = p_cpu.expected(beta, threshold)
-    scale = exp.abs().max().item()
-    err = (got.cpu().to(torch.float32) - exp).abs().max().item()
+    err, scale, _ = p_cpu.error_vs_core(got, beta, threshold)
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} (scale {scale:.3g})"
 
 

@@ -58,17 +58,11 @@ def tp():
 
 
 def _run(tp, p, beta, threshold, **extra):
-    out = p.output.clone()
-    args = list(p.args())
-    args[1] = out
-    tp.calibrate_paged_triton(*args, **p.kwargs(beta, threshold), **extra)
-    return out
+    return p.calibrated(tp.calibrate_paged_triton, beta, threshold, **extra)
 
 
 def _check(p, got, beta, threshold, dtype):
-    exp = p.expected(beta, threshold)
-    scale = exp.abs().max().item()
-    err = (got.to(torch.float32) - exp).abs().max().item()
+    err, scale, _ = p.error_vs_core(got, beta, threshold)
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} (scale {scale:.3g})"
 
 

@@ -175,13 +175,9 @@ class EvalConfig(BaseModel):
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, v: Any) -> Any:
-        from act_plugin.tasks import resolve_task_names
+        from act_plugin.tasks import parse_task_list
 
-        if isinstance(v, str):
-            v = [t for t in v.split(",") if t.strip()]
-        if not isinstance(v, list) or not v:
-            raise ACTConfigError("tasks must be a non-empty list (e.g. [sst2, arc_easy] or [classification])")
-        return resolve_task_names(v)
+        return parse_task_list(v, "(e.g. [sst2, arc_easy] or [classification])")
 
     @field_validator("limit", mode="before")
     @classmethod

@@ -9,7 +9,9 @@ with :mod:`act_plugin.core` without going through any gather.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,6 +47,22 @@ class PagedProblem:
     def kwargs(self, beta: float, threshold: float) -> dict:
         return dict(scale=self.scale, beta=beta, threshold=threshold, window=self.window,
                     max_query_len=self.max_query_len, max_seq_len=self.max_seq_len)
+
+    def calibrated(self, fn: Callable[..., None], beta: float, threshold: float, **extra: Any) -> torch.Tensor:
+        """A copy of the native output calibrated in place by ``fn`` (a ``calibrate_paged``
+        implementation); the problem itself is left unchanged."""
+        out = self.output.clone()
+        args = list(self.args())
+        args[1] = out
+        fn(*args, **self.kwargs(beta, threshold), **extra)
+        return out
+
+    def error_vs_core(self, got: torch.Tensor, beta: float, threshold: float) -> tuple[float, float, torch.Tensor]:
+        """``(max abs error, max abs expected value, expected)`` of ``got`` (any device)
+        against :meth:`expected` (dense core, float32)."""
+        exp = self.expected(beta, threshold)
+        err = (got.detach().cpu().to(torch.float32) - exp).abs().max().item()
+        return err, exp.abs().max().item(), exp
 
     def expected(self, beta: float, threshold: float, blocked_elems: int | None = None) -> torch.Tensor:
         """float32 ``[T, H, D]``: the native output with the calibrated heads' rows replaced by

@@ -112,12 +112,49 @@ def _decode_kernel(
 
 
 @triton.jit
-def _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, sk0, sk1, sk2, sk3, sbt0, sbt1, page, scale,
-                    PRECISION: tl.constexpr):
+def _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, rm, pos, row_lo, sk0, sk1, sk2, sk3, sbt0, sbt1,
+                    page, scale, PRECISION: tl.constexpr):
+    """Scaled scores of the block's rows against keys ``j``, -inf where a row cannot see
+    the key (causal, sliding window, padding); also the keys' cache blocks."""
     blk = tl.load(bt_ptr + g * sbt0 + (j // page) * sbt1, mask=jm, other=0).to(tl.int64)
     kp = k_ptr + blk[None, :] * sk0 + kvh * sk1 + (j % page)[None, :] * sk2 + d[:, None] * sk3
     kt = tl.load(kp, mask=dmask[:, None] & jm[None, :], other=0.0).to(q.dtype)  # [BLOCK_D, BLOCK_N]
-    return tl.dot(q, kt, input_precision=PRECISION) * scale, blk
+    s = tl.dot(q, kt, input_precision=PRECISION) * scale
+    vis = rm[:, None] & jm[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] >= row_lo[:, None])
+    return tl.where(vis, s, -float("inf")), blk
+
+
+@triton.jit
+def _prefill_rows(q_ptr, seq_lens_ptr, q_start_ptr, heads_ptr, kv_heads_ptr, g, hs, mb, ql, sq0, sq1, sq2, head_dim,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, QK_FP32: tl.constexpr):
+    """The block of rows ``mb`` of sequence ``g`` for calibrated head ``hs``: lengths,
+    positions, masks and the queries (shared by both prefill passes)."""
+    L = tl.load(seq_lens_ptr + g).to(tl.int32)
+    row0 = tl.load(q_start_ptr + g).to(tl.int64)
+    h = tl.load(heads_ptr + hs).to(tl.int64)
+    kvh = tl.load(kv_heads_ptr + hs).to(tl.int64)
+    first = L - ql
+    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = i < ql
+    pos = first + i
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < head_dim
+    q = tl.load(q_ptr + (row0 + i)[:, None] * sq0 + h * sq1 + d[None, :] * sq2,
+                mask=rm[:, None] & dmask[None, :], other=0.0)
+    if QK_FP32:
+        q = q.to(tl.float32)
+    return L, row0, h, kvh, first, i, rm, pos, d, dmask, q
+
+
+@triton.jit
+def _prefill_key_range(L, first, mb, pos, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys the block's rows can see: ``[k_lo, k_end)`` (k_lo aligned to BLOCK_N) and each
+    row's lowest visible position under the sliding window."""
+    k_end = tl.minimum(L, first + (mb + 1) * BLOCK_M)
+    k_lo = tl.where(window > 0, tl.maximum(first + mb * BLOCK_M - window + 1, 0), 0)
+    k_lo = (k_lo // BLOCK_N) * BLOCK_N
+    row_lo = tl.where(window > 0, pos - window + 1, 0)
+    return k_lo, k_end, row_lo
 
 
 @triton.jit
@@ -134,33 +171,17 @@ def _prefill_pass1(
     hs = gh % num_sel
     ql = tl.load(q_lens_ptr + g).to(tl.int32)
     if (ql > 1) & (mb * BLOCK_M < ql):
-        L = tl.load(seq_lens_ptr + g).to(tl.int32)
-        row0 = tl.load(q_start_ptr + g).to(tl.int64)
-        h = tl.load(heads_ptr + hs).to(tl.int64)
-        kvh = tl.load(kv_heads_ptr + hs).to(tl.int64)
-        first = L - ql
-        i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rm = i < ql
-        pos = first + i
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < head_dim
-        q = tl.load(q_ptr + (row0 + i)[:, None] * sq0 + h * sq1 + d[None, :] * sq2,
-                    mask=rm[:, None] & dmask[None, :], other=0.0)
-        if QK_FP32:
-            q = q.to(tl.float32)
-        k_end = tl.minimum(L, first + (mb + 1) * BLOCK_M)
-        k_lo = tl.where(window > 0, tl.maximum(first + mb * BLOCK_M - window + 1, 0), 0)
-        k_lo = (k_lo // BLOCK_N) * BLOCK_N
-        row_lo = tl.where(window > 0, pos - window + 1, 0)
+        L, row0, h, kvh, first, i, rm, pos, d, dmask, q = _prefill_rows(
+            q_ptr, seq_lens_ptr, q_start_ptr, heads_ptr, kv_heads_ptr, g, hs, mb, ql, sq0, sq1, sq2, head_dim,
+            BLOCK_M, BLOCK_D, QK_FP32)
+        k_lo, k_end, row_lo = _prefill_key_range(L, first, mb, pos, window, BLOCK_M, BLOCK_N)
         m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         z = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(k_lo, k_end, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             jm = j < k_end
-            s, _ = _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, sk0, sk1, sk2, sk3, sbt0, sbt1,
-                                   page, scale, PRECISION)
-            vis = rm[:, None] & jm[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] >= row_lo[:, None])
-            s = tl.where(vis, s, -float("inf"))
+            s, _ = _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, rm, pos, row_lo,
+                                   sk0, sk1, sk2, sk3, sbt0, sbt1, page, scale, PRECISION)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m = m_new
@@ -169,10 +190,9 @@ def _prefill_pass1(
         for start in range(k_lo, k_end, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             jm = j < k_end
-            s, _ = _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, sk0, sk1, sk2, sk3, sbt0, sbt1,
-                                   page, scale, PRECISION)
-            vis = rm[:, None] & jm[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] >= row_lo[:, None])
-            p = tl.exp(tl.where(vis, s - lse[:, None], -float("inf")))
+            s, _ = _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, rm, pos, row_lo,
+                                   sk0, sk1, sk2, sk3, sbt0, sbt1, page, scale, PRECISION)
+            p = tl.exp(s - lse[:, None])
             tl.atomic_add(col_ptr + gh * max_k + j, tl.sum(p, axis=0), mask=jm)
 
 
@@ -191,25 +211,11 @@ def _prefill_pass2(
     hs = gh % num_sel
     ql = tl.load(q_lens_ptr + g).to(tl.int32)
     if (ql > 1) & (mb * BLOCK_M < ql):
-        L = tl.load(seq_lens_ptr + g).to(tl.int32)
-        row0 = tl.load(q_start_ptr + g).to(tl.int64)
-        h = tl.load(heads_ptr + hs).to(tl.int64)
-        kvh = tl.load(kv_heads_ptr + hs).to(tl.int64)
-        first = L - ql
-        i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rm = i < ql
-        pos = first + i
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < head_dim
-        q = tl.load(q_ptr + (row0 + i)[:, None] * sq0 + h * sq1 + d[None, :] * sq2,
-                    mask=rm[:, None] & dmask[None, :], other=0.0)
-        if QK_FP32:
-            q = q.to(tl.float32)
+        L, row0, h, kvh, first, i, rm, pos, d, dmask, q = _prefill_rows(
+            q_ptr, seq_lens_ptr, q_start_ptr, heads_ptr, kv_heads_ptr, g, hs, mb, ql, sq0, sq1, sq2, head_dim,
+            BLOCK_M, BLOCK_D, QK_FP32)
         lse = tl.load(lse_ptr + gh * max_q + i, mask=rm, other=0.0)
-        k_end = tl.minimum(L, first + (mb + 1) * BLOCK_M)
-        k_lo = tl.where(window > 0, tl.maximum(first + mb * BLOCK_M - window + 1, 0), 0)
-        k_lo = (k_lo // BLOCK_N) * BLOCK_N
-        row_lo = tl.where(window > 0, pos - window + 1, 0)
+        k_lo, k_end, row_lo = _prefill_key_range(L, first, mb, pos, window, BLOCK_M, BLOCK_N)
         sink_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
         nonsink_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_sink = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -217,10 +223,9 @@ def _prefill_pass2(
         for start in range(k_lo, k_end, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             jm = j < k_end
-            s, blk = _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, sk0, sk1, sk2, sk3, sbt0, sbt1,
-                                     page, scale, PRECISION)
-            vis = rm[:, None] & jm[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] >= row_lo[:, None])
-            p = tl.exp(tl.where(vis, s - lse[:, None], -float("inf")))
+            s, blk = _prefill_scores(q, k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, rm, pos, row_lo,
+                                     sk0, sk1, sk2, sk3, sbt0, sbt1, page, scale, PRECISION)
+            p = tl.exp(s - lse[:, None])
             # column score: mean attention over the rows of this call that see key j
             i_lo = tl.maximum(j - first, 0)
             i_hi = tl.where(window > 0, tl.minimum(ql - 1, j + window - 1 - first), ql - 1)

@@ -152,13 +152,9 @@ class SearchConfig(BaseModel):
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, v: Any) -> Any:
-        from act_plugin.tasks import get_task, resolve_task_names
+        from act_plugin.tasks import get_task, parse_task_list
 
-        if isinstance(v, str):
-            v = [t for t in v.split(",") if t.strip()]
-        if not isinstance(v, list) or not v:
-            raise SearchConfigError("tasks must be a non-empty list of calibration tasks (e.g. [sst2, agnews])")
-        names = resolve_task_names(v)
+        names = parse_task_list(v, "of calibration tasks (e.g. [sst2, agnews])", SearchConfigError)
         for n in names:
             if n.startswith("lm_eval:"):
                 raise SearchConfigError(f"task {n!r}: a search reads project tasks only (their training splits)")

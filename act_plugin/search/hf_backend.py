@@ -9,7 +9,9 @@ A self-check against the model's own ``forward`` guards architectures this loop 
 model (it is the Llama/Mistral/Qwen2 family loop).
 
 Attention goes through an implementation registered in transformers' ``AttentionInterface``
-as ``"act_search_sdpa"``: sdpa on every head, then, depending on the active mode,
+as ``"act_search_sdpa"``: sdpa on every head, then, depending on the mode the layer loop passes
+to each decoder layer as the keyword argument ``act_search_mode`` (transformers hands a
+layer's extra keyword arguments to its attention function; no global state),
 
 * ``exact``: the heads of the configuration under test are replaced by
   :func:`act_plugin.calibration.calibrate_heads` (the entry point every other path uses);
@@ -76,14 +78,14 @@ class _Mode:
         self.gate_heads = gate_heads or {}
 
 
-_ACTIVE: _Mode | None = None
+MODE_KWARG = "act_search_mode"
 
 
 def _search_attention(module, query, key, value, attention_mask, *args, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    mode: _Mode | None = kwargs.pop(MODE_KWARG, None)
     out, weights = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
-    mode = _ACTIVE
     if mode is None:
         return out, weights
     layer = module.layer_idx
@@ -275,8 +277,9 @@ class HFSearchBackend:
         return inner
 
     def _run(self, batch: Batch, start: int = 0, h: torch.Tensor | None = None,
-             keep: Iterable[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Answer log-probabilities ``[B, Cmax]`` (float32); optionally the inputs of ``keep`` layers."""
+             keep: Iterable[int] = (), mode: _Mode | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Answer log-probabilities ``[B, Cmax]`` (float32) with the attention in ``mode``
+        (None: plain sdpa); optionally the inputs of ``keep`` layers."""
         keep = set(keep)
         L = batch.ids.shape[1]
         pos_ids = torch.arange(L).unsqueeze(0)
@@ -289,7 +292,7 @@ class HFSearchBackend:
             if i in keep:
                 kept[i] = h.detach()
             h = self.inner.layers[i](h, attention_mask=None, position_ids=pos_ids, position_embeddings=pe,
-                                     past_key_values=None, use_cache=False)
+                                     past_key_values=None, use_cache=False, **{MODE_KWARG: mode})
         last = h[torch.arange(h.shape[0]), batch.last]
         logits = self.model.get_output_embeddings()(self.inner.norm(last)).float()
         lp = torch.log_softmax(logits, dim=-1).gather(1, batch.choice_ids)
@@ -297,10 +300,8 @@ class HFSearchBackend:
 
     def _self_check(self) -> None:
         """The layer loop must reproduce the model's own forward (right padding included)."""
-        global _ACTIVE
         b = self.batches[-1]  # longest prompts: padding shows up in the shorter ones
         with torch.no_grad():
-            _ACTIVE = None
             lp, _ = self._run(b)
             for r in (0, len(b.samples) - 1):
                 n = int(b.last[r]) + 1
@@ -352,18 +353,13 @@ class HFSearchBackend:
 
     def _pass(self, exact: dict[int, torch.Tensor], start: int, keep: Iterable[int] = (),
               progress: Callable[[int], None] | None = None) -> np.ndarray:
-        global _ACTIVE
         keep = list(keep)
         out = np.full((len(self.calib), self.calib.max_choices), np.nan)
         with torch.no_grad():
             for b in self.batches:
                 self.threads.update()
-                _ACTIVE = self._positions_mode("exact", b, exact=exact)
-                try:
-                    h0 = self._cache[start][b.index] if start > 0 else None
-                    lp, kept = self._run(b, start, h0, keep=keep)
-                finally:
-                    _ACTIVE = None
+                h0 = self._cache[start][b.index] if start > 0 else None
+                lp, kept = self._run(b, start, h0, keep=keep, mode=self._positions_mode("exact", b, exact=exact))
                 for layer, t in kept.items():
                     self._cache.setdefault(layer, {})[b.index] = t
                 out[list(b.samples)] = lp.numpy()
@@ -383,7 +379,6 @@ class HFSearchBackend:
 
         ``done`` maps batch index -> a stored record ``{"grad": [[...]], "lp": [[...]]}`` (resume);
         ``on_batch(index, record)`` is called after each computed batch."""
-        global _ACTIVE
         cand = sorted({(int(a), int(b)) for a, b in candidates})
         by_layer = group_by_layer(cand)
         heads_t = {layer: torch.tensor(hs, dtype=torch.long) for layer, hs in by_layer.items()}
@@ -395,17 +390,14 @@ class HFSearchBackend:
             if rec is None:
                 self.threads.update()
                 gates = {layer: torch.zeros(len(hs), requires_grad=True) for layer, hs in heads_t.items()}
-                _ACTIVE = self._positions_mode("gate", b, gates=gates, gate_heads=heads_t)
-                try:
-                    with torch.enable_grad():
-                        lp, kept = self._run(b, 0, keep=self._missing())
-                        margin = margins_torch(lp.double(), b.gold, b.valid)
-                        if clip is not None:
-                            margin = margin.clamp(-clip, clip)
-                        objective = (margin * b.weights).sum()
-                        objective.backward()
-                finally:
-                    _ACTIVE = None
+                mode = self._positions_mode("gate", b, gates=gates, gate_heads=heads_t)
+                with torch.enable_grad():
+                    lp, kept = self._run(b, 0, keep=self._missing(), mode=mode)
+                    margin = margins_torch(lp.double(), b.gold, b.valid)
+                    if clip is not None:
+                        margin = margin.clamp(-clip, clip)
+                    objective = (margin * b.weights).sum()
+                    objective.backward()
                 g = np.zeros((self.num_layers, self.num_heads))
                 for layer, hs in by_layer.items():
                     gr = gates[layer].grad
@@ -431,18 +423,13 @@ class HFSearchBackend:
     def gated_objective(self, alphas: dict[Head, float]) -> float:
         """The ranking objective (macro mean margin) with head ``(l, h)`` interpolated
         ``alpha`` of the way to its calibrated output (no gradient; for checks)."""
-        global _ACTIVE
         by_layer = group_by_layer((layer, (int(h), float(a))) for (layer, h), a in sorted(alphas.items()))
         heads_t = {layer: torch.tensor([h for h, _ in v], dtype=torch.long) for layer, v in by_layer.items()}
         gates = {layer: torch.tensor([a for _, a in v], dtype=torch.float32) for layer, v in by_layer.items()}
         total = 0.0
         with torch.no_grad():
             for b in self.batches:
-                _ACTIVE = self._positions_mode("gate", b, gates=gates, gate_heads=heads_t)
-                try:
-                    lp, _ = self._run(b, 0)
-                finally:
-                    _ACTIVE = None
+                lp, _ = self._run(b, 0, mode=self._positions_mode("gate", b, gates=gates, gate_heads=heads_t))
                 total += float((margins_torch(lp.double(), b.gold, b.valid) * b.weights).sum())
         return total
 

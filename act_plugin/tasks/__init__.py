@@ -62,6 +62,7 @@ from act_plugin.tasks.registry import (
     TaskSpec,
     get_task,
     lm_eval_name,
+    parse_task_list,
     resolve_task_names,
 )
 from act_plugin.tasks.tokens import label_token_ids
@@ -85,6 +86,7 @@ __all__ = [
     "load_docs",
     "load_samples",
     "label_token_ids",
+    "parse_task_list",
     "lm_eval_dataset",
     "write_lm_eval_tasks",
     "render_lm_eval_tasks",

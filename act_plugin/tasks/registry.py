@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from act_plugin.config import ACTConfigError
 from act_plugin.tasks.readers import (
@@ -164,6 +165,17 @@ def lm_eval_name(name: str) -> str:
     if name.startswith("lm_eval:"):
         return name.split(":", 1)[1]
     return get_task(name).lm_eval_name
+
+
+def parse_task_list(value: Any, what: str, error: type[ACTConfigError] = ACTConfigError) -> list[str]:
+    """A config's ``tasks`` entry: a list or a comma-separated string of task and suite names,
+    resolved by :func:`resolve_task_names`; ``what`` completes the message for an empty or
+    malformed entry (e.g. ``"(e.g. [sst2, arc_easy])"``)."""
+    if isinstance(value, str):
+        value = [t for t in value.split(",") if t.strip()]
+    if not isinstance(value, list) or not value:
+        raise error(f"tasks must be a non-empty list {what}")
+    return resolve_task_names(value)
 
 
 def resolve_task_names(names: Iterable[str]) -> list[str]:

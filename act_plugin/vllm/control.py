@@ -80,37 +80,35 @@ async def _arun(engine: Any, steps: Steps) -> Any:
     call = next(steps)
     while True:
         try:
-            result = await engine.collective_rpc(call[0], args=call[1])
+            result, error = await engine.collective_rpc(call[0], args=call[1]), None
         except Exception as e:  # the step may roll back (one more RPC) before re-raising
-            try:
-                call = steps.throw(e)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            call = steps.send(result)
-        except StopIteration as stop:
-            return stop.value
+            result, error = None, e
+        done, call = _resume(steps, result, error)
+        if done:
+            return call
 
 
 def _drive(steps: Steps, rpc: Callable[[str, tuple], Any]) -> Any:
     call = next(steps)
     while True:
         try:
-            result = rpc(*call)
-        except TypeError:
+            result, error = rpc(*call), None
+        except TypeError:  # the sync API on an async engine: nothing was sent
             steps.close()
             raise
         except Exception as e:
-            try:
-                call = steps.throw(e)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            call = steps.send(result)
-        except StopIteration as stop:
-            return stop.value
+            result, error = None, e
+        done, call = _resume(steps, result, error)
+        if done:
+            return call
+
+
+def _resume(steps: Steps, result: Any, error: Exception | None) -> tuple[bool, Any]:
+    """Hand one RPC's outcome to the operation: ``(False, next call)`` or ``(True, answer)``."""
+    try:
+        return False, (steps.throw(error) if error is not None else steps.send(result))
+    except StopIteration as stop:
+        return True, stop.value
 
 
 def _sync(result: Any, api: str) -> Any:
