@@ -16,8 +16,12 @@ def test_omp_threads_bind():
 def test_apply_cpu_defaults_binds_this_process_cores(monkeypatch):
     monkeypatch.setattr(env, "on_cpu_platform", lambda: True)
     monkeypatch.setattr(env.os, "sched_getaffinity", lambda pid: {4, 5, 7}, raising=False)
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    # setenv first so that monkeypatch restores the variables after apply_cpu_defaults sets
+    # them (delenv of an absent variable records nothing, and cores 4,5,7 would leak into
+    # every later engine start of the session)
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     assert env.apply_cpu_defaults(kv_cache_gib=3) is True
     assert env.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "4,5,7"
     assert env.os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
