@@ -77,20 +77,19 @@ def _run(engine: Any, steps: Steps, api: str) -> Any:
 
 
 async def _arun(engine: Any, steps: Steps) -> Any:
-    call = next(steps)
-    while True:
+    done, call = _resume(steps, None, None)  # an operation may answer without any RPC
+    while not done:
         try:
             result, error = await engine.collective_rpc(call[0], args=call[1]), None
         except Exception as e:  # the step may roll back (one more RPC) before re-raising
             result, error = None, e
         done, call = _resume(steps, result, error)
-        if done:
-            return call
+    return call
 
 
 def _drive(steps: Steps, rpc: Callable[[str, tuple], Any]) -> Any:
-    call = next(steps)
-    while True:
+    done, call = _resume(steps, None, None)  # an operation may answer without any RPC
+    while not done:
         try:
             result, error = rpc(*call), None
         except TypeError:  # the sync API on an async engine: nothing was sent
@@ -99,8 +98,7 @@ def _drive(steps: Steps, rpc: Callable[[str, tuple], Any]) -> Any:
         except Exception as e:
             result, error = None, e
         done, call = _resume(steps, result, error)
-        if done:
-            return call
+    return call
 
 
 def _resume(steps: Steps, result: Any, error: Exception | None) -> tuple[bool, Any]:
