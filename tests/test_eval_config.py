@@ -167,3 +167,129 @@ def test_cli_limit_all(tmp_path: Path, capsys, shared_data):
     assert "limit all" in capsys.readouterr().out
     assert main(["eval", str(p), "--check", "--limit", "lots"]) == 2
     assert "limit must be 'all'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- per-task arms
+# A profiles file as `act-plugin search` (per_task: true) writes it: header comments, one
+# profile per task a set helps, no default.
+PROFILES_FILE = """# Per-task ACT profiles found by `act-plugin search` (test) for smollm2-135m
+# No profile (no set helped on validation; run uncalibrated): cb
+profiles:
+  sst2: {beta: 0.4, threshold: 0.1, heads: {'1': [0]}, name: sst2}
+  mr: {beta: 0.4, threshold: 0.1, heads: {'19': [3]}, name: mr}
+  dbpedia: {beta: 0.3, threshold: 0.1, heads: {'5': [1, 2]}, name: dbpedia}
+default: null
+"""
+PER_TASK_TASKS = ["sst2", "mr", "cb"]
+
+
+def _per_task(tmp_path: Path, arm, tasks=PER_TASK_TASKS, text=PROFILES_FILE, **changes):
+    (tmp_path / "arms").mkdir(exist_ok=True)
+    (tmp_path / "arms" / "profiles.yaml").write_text(text)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "tasks": tasks, "arms": {"baseline": None, "per_task": arm}, **changes}))
+    return load_eval_config(path)
+
+
+def test_per_task_arm_from_a_file_relative_to_the_config(tmp_path: Path):
+    from act_plugin.eval.config import PerTaskArm
+
+    c = _per_task(tmp_path, {"profiles": "arms/profiles.yaml"})
+    arm = c.arms["per_task"]
+    assert isinstance(arm, PerTaskArm) and c.is_per_task("per_task") and not c.is_per_task("baseline")
+    assert arm.source == str(tmp_path / "arms" / "profiles.yaml")
+    assert c.act_for("per_task", "sst2").heads == {1: [0]} and c.act_for("per_task", "mr").heads == {19: [3]}
+    assert c.act_for("per_task", "cb") is None and c.act_for("baseline", "sst2") is None
+    assert [c.runs("per_task", t) for t in PER_TASK_TASKS] == [True, True, False]
+    assert c.uncalibrated_tasks("per_task") == ["cb"] and c.profiles_outside("per_task") == ["dbpedia"]
+    assert c.calibrates("per_task") and c.controls == []
+    # the task without a profile is not a piece of the run; the baseline runs every task
+    assert c.pieces == [("baseline", t) for t in PER_TASK_TASKS] + [("per_task", "sst2"), ("per_task", "mr")]
+    assert c.profile_name("per_task", "sst2") == "per_task.sst2" and c.profile_name("per_task", "cb") is None
+    assert list(c.engine_profiles()) == ["per_task.sst2", "per_task.mr"]  # dbpedia (not in the eval) is left out
+    notes = "\n".join(c.arm_notes())
+    assert "arm 'per_task': per-task profiles for sst2, mr" in notes
+    assert "arm 'per_task': UNCALIBRATED (no profile) on cb" in notes
+    assert "ignored profiles (tasks not in this eval): dbpedia" in notes
+    again = load_eval_config(c.to_dict())  # what config.yaml holds loads back the same
+    assert again.arms == c.arms and again.pieces == c.pieces
+
+
+def test_per_task_arm_relative_to_the_current_directory_and_inline(tmp_path: Path, monkeypatch):
+    (tmp_path / "profiles.yaml").write_text(PROFILES_FILE)
+    monkeypatch.chdir(tmp_path)
+    c = cfg(tasks=PER_TASK_TASKS, arms={"baseline": None, "p": {"profiles": "profiles.yaml"}})
+    assert c.arms["p"].source == str(tmp_path / "profiles.yaml") and c.uncalibrated_tasks("p") == ["cb"]
+    # inline; profile names are matched to the project's task names (act_sst2 is sst2's lm-eval name)
+    c = cfg(tasks=["sst2", "lm_eval:hellaswag", "mr"],
+            arms={"baseline": None, "p": {"profiles": {"act_sst2": {"beta": 0.4, "heads": "1:0"},
+                                                       "lm_eval:hellaswag": {"beta": 0.5, "heads": "3:1"}}}})
+    assert c.act_for("p", "sst2").heads == {1: [0]} and c.act_for("p", "lm_eval:hellaswag").beta == 0.5
+    assert c.uncalibrated_tasks("p") == ["mr"] and c.profile_name("p", "lm_eval:hellaswag") == "p.lm_eval:hellaswag"
+    # a single arm beside it keeps its one config on every task
+    c = cfg(tasks=PER_TASK_TASKS, arms={"baseline": None, "act": {"heads": "2:0"}, "p": {"profiles": "profiles.yaml"}})
+    assert c.runs("act", "cb") and c.profile_name("act", "cb") == "act" and c.act_for("act", "cb").heads == {2: [0]}
+    assert list(c.engine_profiles()) == ["act", "p.sst2", "p.mr"]
+    assert list(c.engine_profiles(["p"])) == ["p.sst2", "p.mr"]
+
+
+@pytest.mark.parametrize("arm, text, pattern", [
+    ({"profiles": "arms/nope.yaml"}, PROFILES_FILE, r"arm 'per_task': profiles file not found: arms/nope.yaml"),
+    ({"profiles": "arms/profiles.yaml"}, "profiles:\n  sst2: {beta: 2.0, heads: '1:0'}\n",
+     r"arm 'per_task': .*profiles.yaml: profile 'sst2': .*beta must be in \[0, 1\]"),
+    ({"profiles": "arms/profiles.yaml"}, "profiles: [\n", r"arm 'per_task': .*profiles.yaml: not valid YAML"),
+    ({"profiles": "arms/profiles.yaml"}, "beta: 0.4\nheads: '1:0'\n",
+     r"arm 'per_task': .*profiles.yaml holds no 'profiles'.*give the path as the arm itself"),
+    ({"profiles": "arms/profiles.yaml"}, "profiles:\n  sst2: {heads: '1:0'}\ndefault: sst2\n",
+     r"arm 'per_task': .*default profile 'sst2': a per-task arm runs a task without a profile uncalibrated"),
+    ({"profiles": {"sst2": {"heads": "1:0"}, "act_sst2": {"heads": "2:0"}}}, PROFILES_FILE,
+     r"arm 'per_task': two profiles name task 'sst2'"),
+    ({"profiles": {"sst2": {"heads": "1:0"}}, "beta": 0.4}, PROFILES_FILE,
+     r"arm 'per_task': a per-task arm takes 'profiles'.*got \['beta'\]"),
+    ({"profiles": "arms/profiles.yaml", "config": "x.yaml"}, PROFILES_FILE,
+     r"arm 'per_task': give either 'config: PATH' .* or 'profiles'"),
+    ("arms/profiles.yaml", PROFILES_FILE,
+     r"arm 'per_task': .*profiles.yaml holds per-task profiles, not one ACT config: give the arm as "
+     r"'\{profiles: arms/profiles.yaml\}'"),
+    ({"profiles": 3}, PROFILES_FILE, r"arm 'per_task': profiles must be a path or a mapping"),
+])
+def test_bad_per_task_arms(tmp_path: Path, arm, text, pattern):
+    with pytest.raises(ACTConfigError, match=pattern):
+        _per_task(tmp_path, arm, text=text)
+
+
+def test_a_per_task_arm_that_calibrates_nothing_is_refused_unless_a_control(tmp_path: Path):
+    # no task of the eval has a profile
+    with pytest.raises(ACTConfigError, match=r"arm 'per_task': no task of this eval \(cb, agnews\) has a profile "
+                                             r"\(profiles: sst2, mr, dbpedia\).*'control: true' on the arm"):
+        _per_task(tmp_path, {"profiles": "arms/profiles.yaml"}, tasks=["cb", "agnews"])
+    c = _per_task(tmp_path, {"profiles": "arms/profiles.yaml", "control": True}, tasks=["cb", "agnews"])
+    assert c.controls == ["per_task"] and not c.calibrates("per_task") and c.pieces == [
+        ("baseline", "cb"), ("baseline", "agnews")]
+    # a profile that is an identity (beta 1, or no heads)
+    for bad, why in (("{beta: 1.0, heads: '1:0'}", "beta is 1"), ("{beta: 0.4}", "it names no heads")):
+        text = f"profiles:\n  sst2: {{heads: '1:0'}}\n  mr: {bad}\n"
+        with pytest.raises(ACTConfigError, match=rf"arm 'per_task': the profile for task 'mr' calibrates nothing "
+                                                 rf"\({why}.*'control: true' on the arm"):
+            _per_task(tmp_path, {"profiles": "arms/profiles.yaml"}, text=text)
+        c = _per_task(tmp_path, {"profiles": "arms/profiles.yaml", "control": True}, text=text)
+        assert c.calibrates("per_task") and c.runs("per_task", "mr")  # sst2's profile still calibrates
+    # an identity profile for a task outside the eval is ignored, like the profile itself
+    c = _per_task(tmp_path, {"profiles": "arms/profiles.yaml"}, text="profiles:\n  sst2: {heads: '1:0'}\n"
+                                                                     "  trec: {beta: 1.0, heads: '1:0'}\n")
+    assert c.profiles_outside("per_task") == ["trec"]
+
+
+def test_engine_profile_names_must_not_collide():
+    with pytest.raises(ACTConfigError, match=r"arm 'p' \(task 'sst2'\) and arm 'p.sst2' would both be the engine "
+                                             r"profile 'p.sst2'; rename one of the arms"):
+        cfg(arms={"baseline": None, "p.sst2": {"heads": "2:0"}, "p": {"profiles": {"sst2": {"heads": "1:0"}}}})
+
+
+def test_cli_check_prints_what_a_per_task_arm_calibrates(tmp_path: Path, capsys, shared_data):
+    from act_plugin.cli import main
+
+    _per_task(tmp_path, {"profiles": "arms/profiles.yaml"})
+    assert main(["eval", str(tmp_path / "exp.yaml"), "--check", "--data-dir", str(shared_data)]) == 0
+    out = capsys.readouterr().out
+    assert "arm 'per_task': UNCALIBRATED (no profile) on cb" in out and "dbpedia" in out and ": OK" in out

@@ -183,3 +183,41 @@ def test_vanilla_baseline_engine_ignores_an_exported_act_config(smollm2_path, sh
     assert base.act_setting is False and base.config is None and base.calibration is None and base.request is None
     assert act.calibration == cfg.arms["act"].to_dict() and list(act.config["profiles"]) == ["act"]
     assert run.results.arms["baseline"].preemptions == 0
+
+
+# ------------------------------------------------------------------------ per-task arms
+def test_per_task_arm_on_the_real_engine(smollm2_path, shared_data, tmp_path):
+    """One shared engine; a per-task arm with a profile for sst2 only: sst2's requests run
+    that profile (read back from the engine) and score differently from the baseline; mr has
+    no profile, is not run in the arm, and its records are the baseline's."""
+    from act_plugin.eval.results import EvalResults
+    from act_plugin.eval.runner import run_eval
+
+    profile = {"beta": 0.4, "heads": "2-27:0,4"}
+    cfg = load_eval_config({**config(smollm2_path, shared_data), "tasks": ["sst2", "mr"], "limit": 4,
+                            "arms": {"baseline": None, "per_task": {"profiles": {"sst2": profile}}}})
+    run = run_eval(cfg, output_dir=tmp_path / "out", progress=False)
+    out, r = run.output_dir, run.results
+    assert EvalResults.from_json((out / "results.json").read_text()) == r
+
+    arm = r.arms["per_task"]
+    sst2, mr = arm.tasks["sst2"], arm.tasks["mr"]
+    # read back from the engine: the one engine holds the task's profile; sst2's requests ran exactly it
+    assert list(sst2.engine.config["profiles"]) == ["per_task.sst2"] and sst2.engine.config["default"] is None
+    assert sst2.engine.request == "per_task.sst2" and sst2.engine.calibration == cfg.act_for("per_task",
+                                                                                             "sst2").to_dict()
+    assert sst2.calibrated and not mr.calibrated and mr.engine is None and mr.act is None
+    assert r.arms["baseline"].engine.request == "off" and r.arms["baseline"].engine.calibration is None
+
+    # sst2: calibrated, so other log-likelihoods than the baseline's on the same prompts
+    base = read_samples(out / "samples_baseline_sst2.jsonl")
+    mine = read_samples(out / "samples_per_task_sst2.jsonl")
+    assert [x["prompt"] for x in base] == [x["prompt"] for x in mine] and len(mine) == 4
+    assert max(abs(a - b) for x, y in zip(base, mine) for a, b in zip(x["loglikelihoods"], y["loglikelihoods"])) > 1e-3
+    # mr: not run in the arm; the baseline's records, delta 0, marked
+    assert not (out / "samples_per_task_mr.jsonl").exists()
+    assert list(json.loads((out / "lm_eval_raw.json").read_text())["per_task"]) == ["sst2"]
+    c = r.tasks["mr"].comparisons["per_task"]
+    assert not c.calibrated and c.delta == 0 and r.tasks["mr"].samples["per_task"] == "samples_baseline_mr.jsonl"
+    assert r.summary["per_task"].uncalibrated_tasks == ["mr"]
+    assert "mr (**uncalibrated: no profile for this task**)" in (out / "report.md").read_text()

@@ -77,3 +77,72 @@ def test_committed_results_schema_is_current():
 
     committed = Path(__file__).resolve().parents[1] / "docs" / "eval_results.schema.json"
     assert json.loads(committed.read_text()) == json_schema(), "regenerate docs/eval_results.schema.json"
+
+
+def test_assembly_with_a_per_task_arm_reuses_the_baseline_on_a_task_without_a_profile(tmp_path):
+    """sst2 has a profile in the per-task arm, mr none: mr's comparison is the baseline's
+    records against themselves (delta 0), marked uncalibrated in results.json and report.md."""
+    from act_plugin.eval.results import EvalResults
+
+    cfg = load_eval_config({"name": "fake", "model": "smollm2-135m", "tasks": ["sst2", "mr"],
+                            "bootstrap_resamples": 500,
+                            "arms": {"baseline": None, "per_task": {"profiles": {"sst2": {"beta": 0.4,
+                                                                                         "heads": "2-5:0,4;7:1"}}}}})
+    rng = np.random.default_rng(1)
+    gold = list(rng.integers(0, 2, 12))
+    versions = {"act_plugin": "0", "lm_eval": "0", "vllm": "0", "torch": "0", "python": "3"}
+    state = runner.RunState.open(tmp_path, runner.run_inputs(cfg, "/m", tmp_path, versions))
+    correct = {}
+    for arm, task in cfg.pieces:
+        correct[(arm, task)] = list(rng.integers(0, 2, 12))
+        records = runner._records(task, f"act_{task}", arm, 0, _fake_samples(correct[(arm, task)], gold), "acc")
+        name = f"samples_{arm}_{task}.jsonl"
+        write_samples(tmp_path / name, records)
+        request = "off" if arm == "baseline" else f"per_task.{task}"
+        state.record({"arm": arm, "task": task, "samples": name, "records": len(records), "wall_time_s": 1.0,
+                      "lm_eval": {"0": {"acc,none": float(np.mean(correct[(arm, task)]))}}, "lm_eval_raw": {},
+                      "preemptions": 0, "engine": {"act_setting": None, "request": request, "config": None,
+                                                   "calibration": None, "preemptions": 0}})
+    assert ("per_task", "mr") not in correct  # never run
+    results = runner.assemble(cfg, state, "/m", tmp_path, "test", {"sst2": "act_sst2", "mr": "act_mr"}, [0],
+                              versions)
+    runner.write_outputs(tmp_path, cfg, state, results)
+    saved = EvalResults.from_json((tmp_path / "results.json").read_text())  # valid against the schema
+
+    mr = saved.tasks["mr"]
+    c = mr.comparisons["per_task"]
+    assert not c.calibrated and c.delta == 0 and c.improved == c.worsened == 0 and c.n == 12
+    assert mr.samples["per_task"] == "samples_baseline_mr.jsonl" and mr.accuracy["per_task"] == mr.accuracy["baseline"]
+    assert mr.lm_eval["per_task"] == mr.lm_eval["baseline"]
+    sst2 = saved.tasks["sst2"].comparisons["per_task"]
+    assert sst2.calibrated and sst2.delta == pytest.approx(np.mean(correct[("per_task", "sst2")]) -
+                                                           np.mean(correct[("baseline", "sst2")]))
+    arm = saved.arms["per_task"]
+    assert arm.per_task and arm.act is None and arm.tasks["sst2"].calibrated and arm.tasks["sst2"].act["beta"] == 0.4
+    assert arm.tasks["mr"].model_dump() == {"calibrated": False, "profile": None, "act": None, "act_hash": None,
+                                            "engine": None}
+    assert arm.engine.request == "per_task.sst2" and arm.documents == 24 and arm.wall_time_s == 1.0
+    assert saved.summary["per_task"].uncalibrated_tasks == ["mr"]
+    assert saved.summary["per_task"].mean_delta == pytest.approx(sst2.delta / 2)
+    assert saved.arms["baseline"].tasks is None and not saved.arms["baseline"].per_task
+
+    report = (tmp_path / "report.md").read_text()
+    assert "| mr (**uncalibrated: no profile for this task**) | acc | 12 |" in report
+    assert "| sst2 | acc | 12 |" in report
+    assert "| sst2 | `per_task.sst2` | 0.4 | 0.1 | `2-5:0,4; 7:1` (9 heads in 5 layers) |" in report
+    assert "| mr | **uncalibrated (no profile)**" in report
+    assert "per-task profiles: 1 of 2 tasks calibrated" in report and "**uncalibrated (no profile): mr**" in report
+    assert "Uncalibrated in per_task (no profile for the task): mr." in report
+    assert (tmp_path / "deltas.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("spec", ["2-27:0,4", "1:0", "2-5:0;7:1-3,5;8:*;9:*", "3:1;5:1", "0:0-7,9"])
+def test_heads_spec_reads_back_as_the_same_heads(spec):
+    from act_plugin.config import ACTConfig
+    from act_plugin.eval.report import heads_spec
+
+    act = ACTConfig.from_any({"heads": spec})
+    shown = heads_spec(act.to_dict()["heads"])
+    assert ACTConfig.from_any({"heads": shown}).heads == act.heads
+    assert heads_spec(ACTConfig.from_any({"heads": "2-5:0;7:1-3,5;8:*;9:*"}).to_dict()["heads"]) == \
+        "2-5:0; 7:1-3,5; 8-9:*"

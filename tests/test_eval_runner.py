@@ -35,6 +35,7 @@ class FakeEngine(LM):
     honours_act_off = True  # False: an engine that reads ACT_CONFIG even when told ACT is off
     crash_after_calls: int | None = None
     calls = 0
+    seen: list[tuple[str | None, str | None]] = []  # (request's act value, hash of the calibration it ran with)
 
     def __init__(self, pretrained, act=None, next_token=True, batch_size="auto", additional_config=None, **engine):
         super().__init__()
@@ -69,6 +70,7 @@ class FakeEngine(LM):
             profile = self.config.resolve_request(self.arm)
             calibration = self.config.profiles[profile] if profile else None
         tag = "off" if calibration is None or calibration.is_identity else calibration.hash
+        FakeEngine.seen.append((self.arm, calibration.hash if calibration is not None else None))
         out = []
         for r in requests:
             context, continuation = r.args
@@ -94,6 +96,7 @@ def fake_engine(monkeypatch):
     FakeEngine.honours_act_off = True
     FakeEngine.crash_after_calls = None
     FakeEngine.calls = 0
+    FakeEngine.seen = []
     return FakeEngine
 
 
@@ -230,3 +233,159 @@ def test_report_flags_controls_and_unresolved_effects(fake_engine, shared_data, 
                        for w in run.results.warnings)
     assert "MDE (points)" in report and "power 0.8" in report
     assert run.results.arms["baseline"].engine.request == "off"  # shared engine: told per request
+
+
+# ------------------------------------------------------------------------ per-task arms
+SST2_PROFILE = {"beta": 0.4, "heads": "1:0"}
+CB_PROFILE = {"beta": 0.3, "heads": "19:3"}
+
+
+def _per_task_arms(profiles: dict) -> dict:
+    return {"baseline": None, "act": ACT, "per_task": {"profiles": profiles}}
+
+
+def _hash(act: dict) -> str:
+    return ACTConfig.from_any(act).hash
+
+
+@pytest.mark.parametrize("share_engine", [True, False])
+def test_per_task_arm_runs_each_task_with_its_profile_and_reuses_the_baseline_without_one(
+        share_engine, fake_engine, shared_data, tmp_path):
+    # sst2 has a profile, cb none (dbpedia's is not in this eval: ignored)
+    cfg = make_cfg(shared_data, share_engine=share_engine,
+                   arms=_per_task_arms({"sst2": SST2_PROFILE, "dbpedia": CB_PROFILE}))
+    run = runner.run_eval(cfg, output_dir=tmp_path / "out", progress=False)
+    out, r = run.output_dir, run.results
+
+    # routing: the arm's sst2 requests name its sst2 profile and ran with it; cb was never sent
+    sent = {arm for arm, _ in fake_engine.seen}
+    assert {h for arm, h in fake_engine.seen if arm == "per_task.sst2"} == {_hash(SST2_PROFILE)}
+    assert not any(arm and arm.startswith("per_task") and arm != "per_task.sst2" for arm in sent)
+    assert {h for arm, h in fake_engine.seen if arm == "act"} == {_hash(ACT)}
+    if share_engine:  # one engine holding every arm's profiles
+        (engine,) = fake_engine.started
+        assert set(engine.config.profiles) == {"act", "per_task.sst2"} and engine.config.default is None
+    else:  # baseline vanilla, then each arm's own engine; the per-task arm's with no default
+        base, act, per_task = fake_engine.started
+        assert base.setting is False and act.config.default == "act"
+        assert set(per_task.config.profiles) == {"per_task.sst2"} and per_task.config.default is None
+
+    # only the pieces that run were run: cb in the per-task arm is the baseline's
+    state = json.loads((out / runner.STATE_FILE).read_text())
+    assert sorted(state["pieces"]) == ["act/cb", "act/sst2", "baseline/cb", "baseline/sst2", "per_task/sst2"]
+    assert not (out / "samples_per_task_cb.jsonl").exists()
+    raw = json.loads((out / "lm_eval_raw.json").read_text())
+    assert list(raw["per_task"]) == ["sst2"]
+
+    arm = r.arms["per_task"]
+    assert arm.per_task and arm.act is None and arm.calibrates and not arm.control
+    assert arm.tasks is not None and r.arms["act"].tasks is None and not r.arms["act"].per_task
+    sst2, cb = arm.tasks["sst2"], arm.tasks["cb"]
+    assert sst2.calibrated and sst2.profile == "per_task.sst2" and sst2.act_hash == _hash(SST2_PROFILE)
+    assert sst2.engine.request == "per_task.sst2"
+    assert sst2.engine.calibration == ACTConfig.from_any(SST2_PROFILE).to_dict()  # read back from the engine
+    assert arm.engine.request == "per_task.sst2"
+    assert not cb.calibrated and cb.profile is None and cb.act is None and cb.engine is None
+    assert arm.documents == r.arms["baseline"].documents
+
+    # the uncovered task: the baseline's records, delta 0, marked
+    c = r.tasks["cb"].comparisons["per_task"]
+    assert not c.calibrated and c.delta == 0 and c.improved == c.worsened == 0 and c.resolved
+    assert r.tasks["cb"].samples["per_task"] == r.tasks["cb"].samples["baseline"] == "samples_baseline_cb.jsonl"
+    assert r.tasks["cb"].accuracy["per_task"] == r.tasks["cb"].accuracy["baseline"]
+    assert r.tasks["cb"].comparisons["act"].calibrated  # a single arm runs every task
+    # the covered task ran calibrated: other scores than the baseline's
+    assert r.tasks["sst2"].comparisons["per_task"].calibrated
+    base = read_samples(out / "samples_baseline_sst2.jsonl")
+    mine = read_samples(out / "samples_per_task_sst2.jsonl")
+    assert [x["loglikelihoods"] for x in base] != [x["loglikelihoods"] for x in mine]
+    assert r.summary["per_task"].uncalibrated_tasks == ["cb"] and r.summary["act"].uncalibrated_tasks == []
+    assert r.summary["per_task"].mean_delta == pytest.approx(r.tasks["sst2"].comparisons["per_task"].delta / 2)
+    assert any(w.startswith("arm 'per_task' has no profile for task(s) cb: UNCALIBRATED") for w in r.warnings)
+
+    saved = EvalResults.from_json((out / "results.json").read_text())  # valid against the schema
+    assert saved.arms["per_task"].tasks["cb"].calibrated is False
+    report = (out / "report.md").read_text()
+    assert "| cb (**uncalibrated: no profile for this task**) |" in report
+    assert "### per_task: profile per task" in report and "| sst2 | `per_task.sst2` | 0.4 | 0.1 | `1:0`" in report
+    assert "| cb | **uncalibrated (no profile)**" in report and "Uncalibrated in per_task (no profile" in report
+    assert "**uncalibrated (no profile): cb**" in report  # the arms table
+    assert (out / "deltas.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_read_back_checks_every_task_of_a_per_task_arm(shared_data):
+    cfg = make_cfg(shared_data, tasks=["sst2", "cb", "mr"], arms=_per_task_arms({"sst2": SST2_PROFILE,
+                                                                                  "cb": CB_PROFILE}))
+    right = {"config": runner.engine_setting(cfg, "per_task"), "preemptions": 0}
+    for task, profile in (("sst2", SST2_PROFILE), ("cb", CB_PROFILE)):
+        got = runner.read_back(cfg, "per_task", task, right)
+        assert got["request"] == f"per_task.{task}"
+        assert got["calibration"] == ACTConfig.from_any(profile).to_dict()
+    assert runner.read_back(cfg, "act", "mr", right)["request"] == "act"
+    with pytest.raises(ValueError, match="no profile for task 'mr'"):
+        runner.request_value(cfg, "per_task", "mr")
+    # an engine holding the tasks' profiles swapped: each task would run the other's
+    swapped = ACTEngineConfig.from_any(right["config"]).to_dict()
+    p = swapped["profiles"]
+    p["per_task.sst2"], p["per_task.cb"] = p["per_task.cb"], p["per_task.sst2"]
+    with pytest.raises(RuntimeError, match=r"arm 'per_task', task 'sst2': the engine runs .*'19'.* for requests "
+                                           r"with act='per_task.sst2'.*Refusing to report a different arm"):
+        runner.read_back(cfg, "per_task", "sst2", {"config": swapped})
+    # an engine without the task's profile
+    del p["per_task.cb"]
+    with pytest.raises(RuntimeError, match=r"arm 'per_task', task 'cb': unknown ACT profile 'per_task.cb'"):
+        runner.read_back(cfg, "per_task", "cb", {"config": swapped})
+    # one engine per arm: the per-task arm's own engine holds its profiles, no default
+    own = make_cfg(shared_data, tasks=["sst2", "cb", "mr"], share_engine=False,
+                   arms=_per_task_arms({"sst2": SST2_PROFILE, "cb": CB_PROFILE}))
+    assert runner.engine_setting(own, "per_task") == {
+        "profiles": {"per_task.sst2": ACTConfig.from_any(SST2_PROFILE).to_dict(),
+                     "per_task.cb": ACTConfig.from_any(CB_PROFILE).to_dict()}, "default": None}
+    assert runner.request_value(own, "per_task", "cb") == "per_task.cb" and runner.request_value(own, "baseline",
+                                                                                                "cb") is None
+    with pytest.raises(RuntimeError, match=r"arm 'per_task', task 'sst2': the engine runs no calibration"):
+        runner.read_back(own, "per_task", "sst2", {"config": None})
+
+
+def test_piece_keys_follow_each_tasks_profile(tmp_path, shared_data):
+    versions = {"act_plugin": "0", "lm_eval": "0", "vllm": "0", "torch": "0", "python": "3"}
+
+    def state(profiles, act=ACT):
+        cfg = make_cfg(shared_data, arms={**_per_task_arms(profiles), "act": act})
+        return runner.RunState(tmp_path, runner.run_inputs(cfg, "/m", shared_data, versions))
+
+    a = state({"sst2": SST2_PROFILE, "cb": CB_PROFILE})
+    b = state({"sst2": SST2_PROFILE, "cb": {**CB_PROFILE, "beta": 0.2}})  # cb's profile edited
+    assert a.key == b.key  # the same run: it resumes in the same folder
+    assert a.piece_key("per_task", "sst2") == b.piece_key("per_task", "sst2")
+    assert a.piece_key("per_task", "cb") != b.piece_key("per_task", "cb")  # only that piece re-runs
+    assert all(a.piece_key(arm, t) == b.piece_key(arm, t) for arm in ("baseline", "act") for t in TASKS)
+    assert a.piece_key("per_task", "sst2") != a.piece_key("act", "sst2")
+    assert state({"sst2": SST2_PROFILE, "cb": CB_PROFILE}, act={**ACT, "beta": 0.3}).key != a.key  # one config
+
+
+def test_editing_one_tasks_profile_reruns_only_that_task(fake_engine, shared_data, tmp_path):
+    out = tmp_path / "out"
+    first = runner.run_eval(make_cfg(shared_data, arms=_per_task_arms({"sst2": SST2_PROFILE, "cb": CB_PROFILE})),
+                            output_dir=out, progress=False)
+    assert not first.reused and first.results.tasks["cb"].comparisons["per_task"].calibrated
+    sst2_bytes = (out / "samples_per_task_sst2.jsonl").read_bytes()
+    # cb's profile edited: every other piece is reused, cb re-runs with the new profile
+    edited = {**CB_PROFILE, "beta": 0.2}
+    fake_engine.seen = []
+    second = runner.run_eval(make_cfg(shared_data, arms=_per_task_arms({"sst2": SST2_PROFILE, "cb": edited})),
+                             output_dir=out, progress=False)
+    assert sorted(second.reused) == sorted(p for p in [(a, t) for a in ("baseline", "act", "per_task")
+                                                       for t in TASKS] if p != ("per_task", "cb"))
+    assert {arm for arm, _ in fake_engine.seen} == {"per_task.cb"}
+    assert {h for _, h in fake_engine.seen} == {_hash(edited)}
+    assert (out / "samples_per_task_sst2.jsonl").read_bytes() == sst2_bytes
+    assert second.results.arms["per_task"].tasks["cb"].act_hash == _hash(edited)
+    # cb's profile removed: nothing runs; cb's piece is dropped and the baseline's records stand for it
+    fake_engine.seen = []
+    third = runner.run_eval(make_cfg(shared_data, arms=_per_task_arms({"sst2": SST2_PROFILE})), output_dir=out,
+                            progress=False)
+    assert not fake_engine.seen and len(third.reused) == 5
+    assert not (out / "samples_per_task_cb.jsonl").exists()
+    c = third.results.tasks["cb"].comparisons["per_task"]
+    assert not c.calibrated and c.delta == 0 and third.results.summary["per_task"].uncalibrated_tasks == ["cb"]

@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_eval_config(args.config, **overrides)
     data_dir, how = resolve_data_dir(cfg.data_dir)
     check_data(cfg.tasks, data_dir)
+    for line in cfg.arm_notes():  # what each per-task arm calibrates, before anything runs
+        print(line)
     if args.check:
         print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, limit {cfg.limit}, "
               f"data {data_dir} ({how})")
@@ -47,15 +49,16 @@ def run(args: argparse.Namespace) -> int:
     r = result.results
     print(f"\nresults: {result.output_dir}", file=sys.stderr)
     if result.reused:
-        total = len(cfg.arms) * len(cfg.tasks)
+        total = len(cfg.pieces)
         again = ""
         if len(result.reused) == total:
             again = " (nothing re-run: delete the folder or pass another -o to run again)"
         print(f"resumed: {len(result.reused)} finished (arm, task) pieces reused of {total}{again}", file=sys.stderr)
     for arm, s in r.summary.items():
+        uncal = f"; uncalibrated (no profile): {', '.join(s.uncalibrated_tasks)}" if s.uncalibrated_tasks else ""
         print(f"{arm} vs baseline: mean delta {_pts(s.mean_delta)} points "
               f"[{_pts(s.ci_low)}, {_pts(s.ci_high)}] over {len(r.tasks)} tasks "
-              f"({s.improved} flips up, {s.worsened} down)")
+              f"({s.improved} flips up, {s.worsened} down{uncal})")
     for w in r.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"report: {result.output_dir / 'report.md'}")

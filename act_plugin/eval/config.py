@@ -18,15 +18,32 @@ report calls it calibrated, so it is refused unless marked as a deliberate contr
       identity: {control: true, beta: 1.0, heads: "2-27:0,4"}
       searched: {control: false, config: searched.yaml}   # 'config': a path, with arm options
 
-Paths: calibrated arms given as paths are read relative to the eval config's folder (then
-the current directory); ``data_dir`` and ``output_dir`` are relative to the current
-directory.
+A per-task arm calibrates each task with its own profile, as ``act-plugin search`` with
+``per_task: true`` writes them (``{"profiles": {<task>: ACT config}, "default": null}``)::
+
+    arms:
+      baseline: null
+      per_task: {profiles: smollm2_searched_profiles.yaml}     # a path, or inline:
+      mine: {profiles: {sst2: {beta: 0.4, heads: "1:0"}, mr: {beta: 0.4, heads: "19:3"}}}
+
+Task ``t`` runs with the profile named ``t`` (a project task name such as ``sst2``, or
+``lm_eval:<task>``). A task without a profile runs uncalibrated in that arm: it is not run
+again, its records are the baseline's (delta 0), and the start-up message, ``report.md`` and
+``results.json`` say so. Profiles for tasks outside the eval are ignored (and listed at
+start-up). Refused unless the arm is a control: no task of the eval has a profile, or a
+profile calibrates nothing.
+
+Paths: calibrated arms and profiles files given as paths are read relative to the eval
+config's folder (then the current directory); ``data_dir`` and ``output_dir`` are relative to
+the current directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -36,19 +53,49 @@ from act_plugin.config import (
     RESERVED_PROFILE_NAMES,
     ACTConfig,
     ACTConfigError,
+    ACTEngineConfig,
     engine_args,
     explain_validation,
+    parse_act_file,
     read_config_mapping,
 )
 
-__all__ = ["EvalConfig", "load_eval_config", "BASELINE", "ALL"]
+__all__ = ["EvalConfig", "PerTaskArm", "load_eval_config", "BASELINE", "ALL"]
 
 BASELINE = "baseline"
 ALL: Final = "all"  # limit: every document of each task's split
 # Keys of an arm mapping that are options of the arm, not of its ACT config.
 _ARM_OPTIONS = ("control", "config")
+# Keys of a per-task arm (besides the arm option 'control').
+_PER_TASK_KEYS = ("profiles", "source")
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RESERVED = RESERVED_PROFILE_NAMES - {BASELINE}
+
+
+class PerTaskArm(BaseModel):
+    """An arm that calibrates each task with its own ACT profile (task name -> config);
+    a task without a profile runs uncalibrated in this arm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profiles: dict[str, ACTConfig] = Field(..., description="task (project task name or lm_eval:<task>) -> "
+                                                            "the ACT config that task runs with")
+    source: str | None = Field(None, description="the profiles file it was read from (informational)")
+
+    def profile(self, task: str) -> ACTConfig | None:
+        """The ACT config of ``task`` (None: no profile, the task runs uncalibrated)."""
+        return self.profiles.get(task)
+
+    def hash_for(self, tasks: Iterable[str]) -> str:
+        """Stable hash of the profiles these tasks run with (tasks without one count as none)."""
+        payload = {t: (p.hash if (p := self.profile(t)) is not None else None) for t in tasks}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"profiles": {t: p.to_dict() for t, p in self.profiles.items()}}
+        if self.source:
+            out["source"] = self.source
+        return out
 
 
 class EvalConfig(BaseModel):
@@ -60,8 +107,9 @@ class EvalConfig(BaseModel):
     description: str | None = Field(None, description="free text shown in the report")
     model: str = Field(..., description="embedded model name (smollm2-135m), model folder or hub id")
     engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments (LLM(**engine))")
-    arms: dict[str, ACTConfig | None] = Field(
-        ..., description="'baseline' (no calibration) plus calibrated arms: name -> ACT config (inline or path)"
+    arms: dict[str, ACTConfig | PerTaskArm | None] = Field(
+        ..., description="'baseline' (no calibration) plus calibrated arms: name -> ACT config (inline or path), "
+                         "or {profiles: PATH or {task: ACT config}} for a per-task arm"
     )
     controls: list[str] = Field(
         default_factory=list,
@@ -106,6 +154,11 @@ class EvalConfig(BaseModel):
                     raise ACTConfigError(f"arm '{name}': control must be true or false, got {control!r}")
                 if control and str(name) not in controls:
                     controls.append(str(name))
+                if "config" in spec and "profiles" in spec:
+                    raise ACTConfigError(
+                        f"arm '{name}': give either 'config: PATH' (one ACT config for every task) or "
+                        f"'profiles' (one ACT config per task), not both"
+                    )
                 if "config" in spec:
                     if set(spec) != {"config"}:
                         raise ACTConfigError(
@@ -126,14 +179,47 @@ class EvalConfig(BaseModel):
         if BASELINE in self.controls:
             raise ACTConfigError("'baseline' is the reference, not a control arm: remove it from the controls")
         for name, act in self.calibrated_arms.items():
-            if act.is_identity and name not in self.controls:
-                why = "beta is 1 (no change)" if act.beta == 1.0 else "it names no heads"
+            if isinstance(act, PerTaskArm):
+                self._check_per_task(name, act)
+            elif act.is_identity and name not in self.controls:
                 raise ACTConfigError(
-                    f"arm '{name}' calibrates nothing ({why}): it would run as the baseline while the report "
-                    f"calls it calibrated. Fix its ACT config, or mark it a deliberate control "
+                    f"arm '{name}' calibrates nothing ({_why_identity(act)}): it would run as the baseline while "
+                    f"the report calls it calibrated. Fix its ACT config, or mark it a deliberate control "
                     f"('control: true' on the arm)"
                 )
+        self._check_profile_names()
         return self
+
+    def _check_per_task(self, name: str, arm: PerTaskArm) -> None:
+        if name in self.controls:
+            return  # a deliberate control may calibrate nothing (no profile, or beta 1)
+        covered = [t for t in self.tasks if arm.profile(t) is not None]
+        if not covered:
+            raise ACTConfigError(
+                f"arm '{name}': no task of this eval ({', '.join(self.tasks)}) has a profile (profiles: "
+                f"{', '.join(arm.profiles) or 'none'}), so the arm would calibrate nothing. Name profiles after "
+                f"the eval's tasks, add those tasks to 'tasks', or mark the arm a deliberate control "
+                f"('control: true' on the arm)"
+            )
+        for task in covered:
+            act = arm.profiles[task]
+            if act.is_identity:
+                raise ACTConfigError(
+                    f"arm '{name}': the profile for task '{task}' calibrates nothing ({_why_identity(act)}): "
+                    f"the report would call the task calibrated. Fix the profile, remove it (the task then runs "
+                    f"uncalibrated, and says so), or mark the arm a deliberate control ('control: true' on the arm)"
+                )
+
+    def _check_profile_names(self) -> None:
+        """Every arm's engine profile name must be unique: a shared engine holds them all."""
+        seen: dict[str, str] = {}
+        for name, arm, task, _ in self._engine_entries(self.calibrated_arms):
+            who = f"arm '{arm}'" + (f" (task '{task}')" if task is not None else "")
+            if name in seen:
+                raise ACTConfigError(
+                    f"{who} and {seen[name]} would both be the engine profile {name!r}; rename one of the arms"
+                )
+            seen[name] = who
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -146,7 +232,7 @@ class EvalConfig(BaseModel):
         if not isinstance(v, Mapping) or not v:
             raise ACTConfigError("arms must map arm names to ACT configs, with a 'baseline' arm (null)")
         base_dir = (info.context or {}).get("base_dir") if info.context else None
-        arms: dict[str, ACTConfig | None] = {}
+        arms: dict[str, ACTConfig | PerTaskArm | None] = {}
         for name, spec in v.items():
             name = str(name)
             if not _ARM_NAME.match(name):
@@ -221,8 +307,84 @@ class EvalConfig(BaseModel):
 
     # ----------------------------------------------------------------- helpers
     @property
-    def calibrated_arms(self) -> dict[str, ACTConfig]:
+    def calibrated_arms(self) -> dict[str, ACTConfig | PerTaskArm]:
+        """Every arm but the baseline (controls included)."""
         return {n: c for n, c in self.arms.items() if c is not None}
+
+    def is_per_task(self, arm: str) -> bool:
+        return isinstance(self.arms[arm], PerTaskArm)
+
+    def act_for(self, arm: str, task: str) -> ACTConfig | None:
+        """The ACT config ``arm`` runs ``task`` with (None: uncalibrated)."""
+        act = self.arms[arm]
+        return act.profile(task) if isinstance(act, PerTaskArm) else act
+
+    def runs(self, arm: str, task: str) -> bool:
+        """Whether (arm, task) is run. A per-task arm's task without a profile is not: an
+        uncalibrated run would only reproduce the baseline's records, which it reuses."""
+        act = self.arms[arm]
+        return not isinstance(act, PerTaskArm) or act.profile(task) is not None
+
+    @property
+    def pieces(self) -> list[tuple[str, str]]:
+        """The (arm, task) pieces that run."""
+        return [(a, t) for a in self.arms for t in self.tasks if self.runs(a, t)]
+
+    def uncalibrated_tasks(self, arm: str) -> list[str]:
+        """Tasks a per-task arm has no profile for (they run uncalibrated); [] for other arms."""
+        return [t for t in self.tasks if not self.runs(arm, t)]
+
+    def profiles_outside(self, arm: str) -> list[str]:
+        """A per-task arm's profiles for tasks this eval does not run (ignored)."""
+        act = self.arms[arm]
+        return [t for t in act.profiles if t not in self.tasks] if isinstance(act, PerTaskArm) else []
+
+    def profile_name(self, arm: str, task: str | None) -> str | None:
+        """The engine profile that runs ``arm`` on ``task``: the arm's name, or ``<arm>.<task>``
+        for a per-task arm (None: the baseline, or a task without a profile)."""
+        act = self.arms[arm]
+        if act is None:
+            return None
+        if isinstance(act, PerTaskArm):
+            return f"{arm}.{task}" if task is not None and act.profile(task) is not None else None
+        return arm
+
+    def engine_profiles(self, arms: Iterable[str] | None = None) -> dict[str, ACTConfig]:
+        """Engine profile name -> ACT config for ``arms`` (default: every calibrated arm);
+        per-task arms contribute a profile per task of this eval that has one."""
+        entries = self._engine_entries(self.calibrated_arms if arms is None else arms)
+        return {name: act for name, _, _, act in entries}
+
+    def _engine_entries(self, arms: Iterable[str]) -> Iterator[tuple[str, str, str | None, ACTConfig]]:
+        """(engine profile name, arm, task or None for every task, ACT config) of ``arms``."""
+        for arm in arms:
+            act = self.arms[arm]
+            if isinstance(act, PerTaskArm):
+                for task in self.tasks:
+                    profile, name = act.profile(task), self.profile_name(arm, task)
+                    if profile is not None and name is not None:
+                        yield name, arm, task, profile
+            elif act is not None:
+                yield arm, arm, None, act
+
+    def arm_notes(self) -> list[str]:
+        """What each per-task arm calibrates, for the start-up message: the tasks with a
+        profile, those without (uncalibrated) and profiles this eval ignores."""
+        lines = []
+        for arm, act in self.calibrated_arms.items():
+            if not isinstance(act, PerTaskArm):
+                continue
+            covered = [t for t in self.tasks if self.runs(arm, t)]
+            lines.append(f"arm '{arm}': per-task profiles for {', '.join(covered) or 'no task'}"
+                         + (f" (from {act.source})" if act.source else ""))
+            missing = self.uncalibrated_tasks(arm)
+            if missing:
+                lines.append(f"arm '{arm}': UNCALIBRATED (no profile) on {', '.join(missing)}: not run, the "
+                             f"baseline's records stand for them (delta 0)")
+            outside = self.profiles_outside(arm)
+            if outside:
+                lines.append(f"arm '{arm}': ignored profiles (tasks not in this eval): {', '.join(outside)}")
+        return lines
 
     @property
     def lm_eval_limit(self) -> int | float | None:
@@ -231,8 +393,8 @@ class EvalConfig(BaseModel):
 
     def calibrates(self, arm: str) -> bool:
         """Whether the arm can change any output (False: baseline and no-op controls)."""
-        act = self.arms[arm]
-        return act is not None and not act.is_identity
+        acts = [self.act_for(arm, t) for t in self.tasks] if self.is_per_task(arm) else [self.arms[arm]]
+        return any(isinstance(a, ACTConfig) and not a.is_identity for a in acts)
 
     @property
     def run_seeds(self) -> list[int]:
@@ -245,15 +407,96 @@ class EvalConfig(BaseModel):
         return data
 
 
-def _load_arm(spec: Any, base_dir: Path | None) -> ACTConfig:
-    if isinstance(spec, (str, Path)) and not (isinstance(spec, str) and spec.strip().startswith("{")):
-        p = Path(spec).expanduser()
-        candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
-        for c in candidates:
-            if c.is_file():
-                return ACTConfig.from_file(c)
-        raise ACTConfigError(f"ACT config file not found: {spec} (looked in {', '.join(str(c) for c in candidates)})")
+def _why_identity(act: ACTConfig) -> str:
+    return "beta is 1 (no change)" if act.beta == 1.0 else "it names no heads"
+
+
+def _is_path(spec: Any) -> bool:
+    return isinstance(spec, (str, Path)) and not (isinstance(spec, str) and spec.strip().startswith("{"))
+
+
+def _find_file(spec: str | Path, base_dir: Path | None, kind: str) -> Path:
+    """A config file named in the eval config: relative to its folder, then the current directory."""
+    p = Path(spec).expanduser()
+    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ACTConfigError(f"{kind} file not found: {spec} (looked in {', '.join(str(c) for c in candidates)})")
+
+
+def _load_arm(spec: Any, base_dir: Path | None) -> ACTConfig | PerTaskArm:
+    if isinstance(spec, Mapping) and "profiles" in spec:
+        return _load_per_task(spec, base_dir)
+    if _is_path(spec):
+        path = _find_file(spec, base_dir, "ACT config")
+        data = parse_act_file(path, lambda d: d)
+        if isinstance(data, Mapping) and "profiles" in data:
+            # an engine config of per-task profiles read as one ACT config would fail on
+            # 'profiles'; say how to use it instead
+            raise ACTConfigError(
+                f"{path} holds per-task profiles, not one ACT config: give the arm as '{{profiles: {spec}}}' to "
+                f"calibrate each task with its own profile"
+            )
+        return ACTConfig.from_file(path)
     return ACTConfig.from_any(spec)
+
+
+def _load_per_task(spec: Mapping[str, Any], base_dir: Path | None) -> PerTaskArm:
+    """A per-task arm: ``{profiles: PATH}`` (an engine config with 'profiles', as the search
+    writes it) or ``{profiles: {task: ACT config}}``; profile names are matched to task names."""
+    extra = sorted(str(k) for k in spec if k not in _PER_TASK_KEYS)
+    if extra:
+        raise ACTConfigError(
+            f"a per-task arm takes 'profiles' (a path, or task -> ACT config) and the option 'control'; got "
+            f"{extra} (each profile carries its own beta and heads)"
+        )
+    given, source = spec["profiles"], spec.get("source")
+    if _is_path(given):
+        path = _find_file(given, base_dir, "profiles")
+        data = parse_act_file(path, lambda d: d)
+        if not isinstance(data, Mapping) or "profiles" not in data:
+            raise ACTConfigError(
+                f"{path} holds no 'profiles' (an engine config {{profiles: {{task: ACT config}}, default: null}}, "
+                f"as 'act-plugin search' writes with per_task: true); for one ACT config on every task give "
+                f"the path as the arm itself"
+            )
+        where, source = f"{path}: ", source or str(path)
+    elif isinstance(given, Mapping):
+        data, where = {"profiles": given}, ""
+    else:
+        raise ACTConfigError(f"profiles must be a path or a mapping task -> ACT config, got {given!r}")
+    try:
+        engine = ACTEngineConfig.from_any(data)
+    except ACTConfigError as e:
+        raise ACTConfigError(f"{where}{e}") from None
+    if engine.default is not None:
+        raise ACTConfigError(
+            f"{where}default profile '{engine.default}': a per-task arm runs a task without a profile "
+            f"uncalibrated, never with a default; set 'default: null'"
+        )
+    if not engine.profiles:
+        raise ACTConfigError(f"{where}no profiles")
+    profiles: dict[str, ACTConfig] = {}
+    for name, act in engine.profiles.items():
+        task = _task_name(name)
+        if task in profiles:
+            raise ACTConfigError(f"{where}two profiles name task '{task}'; keep one")
+        profiles[task] = act
+    return PerTaskArm(profiles=profiles, source=None if source is None else str(source))
+
+
+def _task_name(profile: str) -> str:
+    """The eval task a profile is for: its project task name (``act_sst2`` -> ``sst2``), or
+    the name as given (``lm_eval:<task>``, or a name no task has: then it is never used)."""
+    from act_plugin.tasks import get_task
+
+    if profile.startswith("lm_eval:"):
+        return profile
+    try:
+        return get_task(profile).name
+    except ACTConfigError:
+        return profile
 
 
 def load_eval_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> EvalConfig:

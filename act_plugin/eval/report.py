@@ -104,8 +104,12 @@ def write_chart(path: Path, results: EvalResults | dict) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.2))
     for i, arm in enumerate(arms):
         vals, lo, hi = [], [], []
-        for t in tasks:
+        pos = x - 0.4 + width * (i + 0.5)
+        for j, t in enumerate(tasks):
             c = results["tasks"][t]["comparisons"][arm]
+            if not c.get("calibrated", True):  # a zero bar would read as "calibrated, no change"
+                ax.text(pos[j], 0, "uncalibrated (no profile)", rotation=90, ha="center", va="bottom", fontsize=7,
+                        color="#495057")
             d, cl, ch = _num(c["delta"]), _num(c["ci_low"]), _num(c["ci_high"])
             vals.append(100 * d)
             lo.append(100 * (d - cl))
@@ -115,20 +119,23 @@ def write_chart(path: Path, results: EvalResults | dict) -> Path | None:
         vals.append(100 * d)
         lo.append(100 * (d - cl))
         hi.append(100 * (ch - d))
-        pos = x - 0.4 + width * (i + 0.5)
         colors: list[str] | tuple[float, float, float, float]
         if len(arms) == 1:  # one arm: colour says the sign
             colors = ["#2b8a3e" if v > 0 else "#c92a2a" if v < 0 else "#868e96" for v in vals]
         else:  # several arms: one colour per arm, so the legend reads right (the zero line shows the sign)
             colors = plt.get_cmap("tab10")(i % 10)
+        label = f"{arm} (per-task profiles)" if results["arms"][arm].get("per_task") else arm
         ax.bar(pos, vals, width * 0.9, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=3, color=colors,
-               edgecolor="black", linewidth=0.5, label=arm, alpha=0.85)
+               edgecolor="black", linewidth=0.5, label=label, alpha=0.85)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, ha="right")
     conf = int(round(100 * results["settings"]["confidence"]))
     ax.set_ylabel(f"accuracy delta vs baseline (points, {conf}% CI)")
-    ax.set_title(f"{results.get('name') or 'eval'}: {results['model']['name']}")
+    title = f"{results.get('name') or 'eval'}: {results['model']['name']}"
+    if len(arms) == 1 and results["arms"][arms[0]].get("per_task"):  # no legend to say it
+        title += f" ({arms[0]}: per-task profiles)"
+    ax.set_title(title)
     if len(arms) > 1:
         ax.legend()
     fig.tight_layout()
@@ -138,29 +145,87 @@ def write_chart(path: Path, results: EvalResults | dict) -> Path | None:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _arm_description(info: dict) -> str:
-    act = info["act"]
-    if act is None:
-        return "none (baseline)"
-    heads_map = act.get("heads", {})
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and runs[-1][1] == v - 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def heads_spec(heads: dict[str, Any]) -> str:
+    """An ACT config's heads as the compact spec a config reads back ('2-27:0,4; 30:*');
+    neighbouring layers with the same heads are merged."""
+    groups: list[list[Any]] = []  # [first layer, last layer, heads]
+    for layer in sorted(heads, key=int):
+        h = heads[layer]
+        if groups and groups[-1][2] == h and groups[-1][1] == int(layer) - 1:
+            groups[-1][1] = int(layer)
+        else:
+            groups.append([int(layer), int(layer), h])
+    return "; ".join(f"{lo if lo == hi else f'{lo}-{hi}'}:{'*' if h == 'all' else _ranges(h)}" for lo, hi, h in groups)
+
+
+def _heads_count(heads_map: dict[str, Any]) -> str:
     n_layers = len(heads_map)
     n_heads = sum(len(v) if isinstance(v, list) else 0 for v in heads_map.values())
     all_layers = sum(1 for v in heads_map.values() if v == "all")
-    heads = f"{n_heads} heads in {n_layers} layers" + (f" (+{all_layers} layers 'all')" if all_layers else "")
-    desc = f"beta {act['beta']}, tau {act['threshold']}, {heads}, hash `{info['act_hash']}`"
-    if act.get("source"):
-        desc += f"; source: {act['source']}"
+    return f"{n_heads} heads in {n_layers} layers" + (f" (+{all_layers} layers 'all')" if all_layers else "")
+
+
+def _uncalibrated(info: dict) -> list[str]:
+    return [t for t, x in (info.get("tasks") or {}).items() if not x["calibrated"]]
+
+
+def _arm_description(info: dict) -> str:
+    act = info["act"]
+    if info.get("per_task"):
+        tasks = info["tasks"] or {}
+        n = sum(x["calibrated"] for x in tasks.values())
+        desc = f"per-task profiles: {n} of {len(tasks)} tasks calibrated (profiles below), hash `{info['act_hash']}`"
+        missing = _uncalibrated(info)
+        if missing:
+            desc += f"; **uncalibrated (no profile): {', '.join(missing)}** (the baseline's records)"
+    elif act is None:
+        return "none (baseline)"
+    else:
+        desc = f"beta {act['beta']}, tau {act['threshold']}, {_heads_count(act.get('heads', {}))}, " \
+               f"hash `{info['act_hash']}`"
+        if act.get("source"):
+            desc += f"; source: {act['source']}"
     if info["control"]:
         desc += "; **control**" + ("" if info["calibrates"] else " (calibrates nothing: should match the baseline)")
     return desc
 
 
-def _engine_description(info: dict) -> str:
+def _engine_description(arm: str, info: dict) -> str:
     eng = info["engine"]
+    if info.get("per_task"):
+        if not any(x["calibrated"] for x in (info["tasks"] or {}).values()):
+            return "not run: uncalibrated on every task (no profile)"
+        return f"request act='{arm}.<task>' on each task with a profile: that profile read back, matches"
     if eng["calibration"] is None:
         told = "ACT off" if eng["act_setting"] is False else f"request act={eng['request']!r}"
         return f"uncalibrated ({told}; read back)"
     return f"request act={eng['request']!r}: profile read back, matches"
+
+
+def _profiles_table(arm: str, info: dict) -> list[str]:
+    """A per-task arm's profile per task (or that the task ran uncalibrated)."""
+    lines = ["", f"### {arm}: profile per task", "", "| task | engine profile | beta | tau | heads | hash |",
+             "|---|---|---:|---:|---|---|"]
+    for t, x in (info["tasks"] or {}).items():
+        act = x["act"]
+        if act is None:
+            lines.append(f"| {t} | **uncalibrated (no profile)**: not run, the baseline's records | | | | |")
+            continue
+        heads = act.get("heads", {})
+        lines.append(f"| {t} | `{x['profile']}` | {act['beta']} | {act['threshold']} | "
+                     f"`{heads_spec(heads)}` ({_heads_count(heads)}) | `{x['act_hash']}` |")
+    return lines
 
 
 def write_report(path: Path, results: EvalResults | dict) -> Path:
@@ -191,10 +256,13 @@ def write_report(path: Path, results: EvalResults | dict) -> Path:
         info = results["arms"][a]
         pre = "n/a" if info["preemptions"] is None else str(info["preemptions"])
         wall = "n/a" if info["wall_time_s"] is None else f"{info['wall_time_s']:.1f}"
-        lines.append(f"| {a} | {_arm_description(info)} | {_engine_description(info)} | {pre} | {wall} | "
+        lines.append(f"| {a} | {_arm_description(info)} | {_engine_description(a, info)} | {pre} | {wall} | "
                      f"{info['documents']} |")
     lines += ["", "Preempted: calibrated requests that vLLM preempted and recomputed while the arm ran "
               "(their sink statistics come from a different pass)."]
+    for a in arms:
+        if results["arms"][a].get("per_task"):
+            lines += _profiles_table(a, results["arms"][a])
     if results.get("engine_start_s"):
         lines += ["", f"Engine start: {', '.join(f'{s:.1f}' for s in results['engine_start_s'])} s."]
     if results.get("warnings"):
@@ -213,8 +281,9 @@ def write_report(path: Path, results: EvalResults | dict) -> Path:
         for t, info in results["tasks"].items():
             c = info["comparisons"][arm]
             mde = "n/a" if c["mde"] is None else f"{100 * c['mde']:.1f}" + ("" if c["resolved"] else " (!)")
+            task = t if c.get("calibrated", True) else f"{t} (**uncalibrated: no profile for this task**)"
             lines.append(
-                f"| {t} | {info['metric']} | {c['n']} | {_pct(c['base_acc'])} | {_pct(c['treat_acc'])} | "
+                f"| {task} | {info['metric']} | {c['n']} | {_pct(c['base_acc'])} | {_pct(c['treat_acc'])} | "
                 f"{_pct(c['delta'], True)} | [{_pct(c['ci_low'], True)}, {_pct(c['ci_high'], True)}] | "
                 f"{c['improved']} / {c['worsened']} | {_p(c['p_value'])} / {_p(c['p_value_midp'])} | {mde} |"
             )
@@ -223,6 +292,10 @@ def write_report(path: Path, results: EvalResults | dict) -> Path:
             f"| **mean over tasks** | | | | | **{_pct(s['mean_delta'], True)}** | "
             f"[{_pct(s['ci_low'], True)}, {_pct(s['ci_high'], True)}] | {s['improved']} / {s['worsened']} | | |"
         )
+        if s.get("uncalibrated_tasks"):
+            lines += ["", f"Uncalibrated in {arm} (no profile for the task): {', '.join(s['uncalibrated_tasks'])}. "
+                      f"Not run: the baseline's records stand for them, so their delta is 0 by construction; "
+                      f"they count in the mean (the per-task arm as deployed runs them uncalibrated)."]
     lines += [
         "",
         f"![per-task accuracy deltas]({results['files']['chart']})",

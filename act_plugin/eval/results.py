@@ -13,6 +13,11 @@ Changes from v1: each arm records what the engine was told and what it read back
 effect (``mde``) and whether the observed delta is resolved at that n; ``settings.limit``
 is ``"all"`` instead of ``null``; ``warnings`` lists what the report warns about; the
 lm-eval output moved to ``lm_eval_raw.json`` only (``{arm: {task: {seed: ...}}}``).
+
+Added within v2: per-task arms (each task calibrated with its own profile): ``arms.*.per_task``
+and ``arms.*.tasks`` (per task: its profile or null, whether it was calibrated, the engine
+read-back); ``tasks.*.comparisons.*.calibrated`` (false: the arm has no profile for the task,
+so its records are the baseline's and the delta is 0); ``summary.*.uncalibrated_tasks``.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "EvalResults", "ArmResult", "EngineArm", "TaskResult", "ComparisonResult",
-           "ArmSummary", "json_schema"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "EvalResults", "ArmResult", "ArmTaskResult", "EngineArm", "TaskResult",
+           "ComparisonResult", "ArmSummary", "json_schema"]
 
 SCHEMA: Final = "act-plugin/eval-results"
 SCHEMA_VERSION: Final = 2
@@ -80,16 +85,35 @@ class EngineArm(_Model):
                     "different sink statistics); null when the engine does not count them")
 
 
+class ArmTaskResult(_Model):
+    """A per-task arm on one task: the profile it ran with, or none."""
+
+    calibrated: bool = Field(description="false: the arm has no profile for this task, so the task was not run "
+                                         "in this arm; its records are the baseline's (delta 0)")
+    profile: str | None = Field(description="the engine profile the task's requests named (null: not run)")
+    act: dict[str, Any] | None = Field(description="the task's profile (null: no profile, uncalibrated)")
+    act_hash: str | None
+    engine: EngineArm | None = Field(description="what the engine was told and read back for this task "
+                                                 "(null: not run)")
+
+
 class ArmResult(_Model):
     baseline: bool
     control: bool = Field(description="marked a deliberate control in the config")
-    calibrates: bool = Field(description="false for the baseline and for arms with no heads or beta 1")
-    act: dict[str, Any] | None = Field(description="the arm's ACT config (null for the baseline)")
-    act_hash: str | None
-    engine: EngineArm
+    calibrates: bool = Field(description="false for the baseline and for arms with no heads or beta 1 "
+                                         "(a per-task arm: on every task it has a profile for)")
+    act: dict[str, Any] | None = Field(description="the arm's ACT config (null for the baseline and for a "
+                                                   "per-task arm: see 'tasks')")
+    act_hash: str | None = Field(description="hash of the ACT config (a per-task arm: of its tasks' profiles)")
+    engine: EngineArm = Field(description="the engine read-back (a per-task arm: its first calibrated task's, "
+                                          "every task's in 'tasks')")
     wall_time_s: float | None = Field(description="time spent scoring this arm (all its tasks and seeds)")
     preemptions: int | None = Field(description="sum over the arm's tasks (null: not counted)")
-    documents: int = Field(description="scored (document, seed) pairs over all tasks")
+    documents: int = Field(description="scored (document, seed) pairs over all tasks (a per-task arm's tasks "
+                                       "without a profile count the baseline's)")
+    per_task: bool = Field(False, description="each task calibrated with its own profile ('tasks')")
+    tasks: dict[str, ArmTaskResult] | None = Field(
+        None, description="per-task arm: task -> its profile and whether it was calibrated (null: other arms)")
 
 
 class ComparisonResult(_Model):
@@ -114,6 +138,8 @@ class ComparisonResult(_Model):
                                              "settings.mde_power; from the observed discordant rate); "
                                              "null when no document changed")
     resolved: bool = Field(description="false when 0 < |delta| < mde: this n cannot resolve the reported effect")
+    calibrated: bool = Field(True, description="false: a per-task arm with no profile for this task ran it "
+                                               "uncalibrated; its records are the baseline's (not re-run), delta 0")
 
 
 class TaskResult(_Model):
@@ -138,6 +164,9 @@ class ArmSummary(_Model):
     tasks_down: int
     improved: int
     worsened: int
+    uncalibrated_tasks: list[str] = Field(
+        default_factory=list, description="tasks the arm ran uncalibrated (a per-task arm without a profile for "
+                                          "them): delta 0, included in the mean")
 
 
 class Files(_Model):

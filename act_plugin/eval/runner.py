@@ -10,6 +10,12 @@ started with that arm's config as its one profile, and the baseline a vanilla en
 one after the other, never two at once. Every arm's calibration is read back from the engine
 (:func:`act_plugin.vllm.control.get_act_status`) and checked against the config before it runs.
 
+A per-task arm (:class:`act_plugin.eval.config.PerTaskArm`) contributes one profile per task
+that has one, named ``<arm>.<task>``, and each task's requests name that task's profile (its
+own engine, with ``share_engine: false``, holds just those, with no default). A task without
+a profile is not run in that arm: its records are the baseline's (an uncalibrated run would
+only reproduce them), compared at delta 0 and marked ``calibrated: false``.
+
 Files: each (arm, task) is a piece written as it finishes (``samples_<arm>_<task>.jsonl``,
 then its entry in ``run_state.json``); ``results.json`` (:class:`act_plugin.eval.results.EvalResults`),
 ``report.md``, ``deltas.png``, ``config.yaml`` and ``lm_eval_raw.json`` once all pieces are
@@ -44,10 +50,11 @@ import numpy as np
 
 from act_plugin.config import ACTConfig, ACTConfigError, ACTEngineConfig
 from act_plugin.eval import report as _report
-from act_plugin.eval.config import BASELINE, EvalConfig
+from act_plugin.eval.config import BASELINE, EvalConfig, PerTaskArm
 from act_plugin.eval.results import (
     ArmResult,
     ArmSummary,
+    ArmTaskResult,
     ComparisonResult,
     EngineArm,
     EvalResults,
@@ -160,9 +167,31 @@ def run_inputs(cfg: EvalConfig, model_path: str, data_dir: Path, versions: dict[
         "model": model_path, "engine": dict(cfg.engine), "share_engine": cfg.share_engine,
         "tasks": list(cfg.tasks), "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "seeds": cfg.run_seeds,
         "data_dir": str(data_dir), "next_token": cfg.next_token, "batch_size": cfg.batch_size,
-        "arms": {a: (c.hash if c is not None else None) for a, c in cfg.arms.items()},
+        "arms": {a: _arm_inputs(cfg, a) for a in cfg.arms},
         "versions": {k: versions[k] for k in ("act_plugin", "lm_eval", "vllm", "torch")},
     }
+
+
+def _arm_inputs(cfg: EvalConfig, arm: str) -> str | dict[str, str | None] | None:
+    """An arm's ACT hash; for a per-task arm, each task's profile hash (None: no profile)."""
+    act = cfg.arms[arm]
+    if isinstance(act, PerTaskArm):
+        return {t: (p.hash if (p := act.profile(t)) is not None else None) for t in cfg.tasks}
+    return act.hash if act is not None else None
+
+
+def _run_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs that name the run: a per-task arm's profile hashes are left out, so that
+    editing one task's profile re-runs only that task's piece (its piece key changes)
+    instead of refusing the folder as another run."""
+    arms = {a: ("per-task" if isinstance(h, dict) else h) for a, h in inputs["arms"].items()}
+    return {**inputs, "arms": arms}
+
+
+def _runs(inputs: dict[str, Any], arm: str, task: str) -> bool:
+    """Whether the run's inputs run (arm, task): not a per-task arm's task without a profile."""
+    h = inputs["arms"][arm]
+    return not isinstance(h, dict) or h.get(task) is not None
 
 
 def _piece_id(arm: str, task: str) -> str:
@@ -179,14 +208,19 @@ class RunState:
         self.out = out
         self.path = out / STATE_FILE
         self.inputs = inputs
-        self.key = _digest(inputs)
+        self.key = _digest(_run_key_inputs(inputs))
         self.pieces: dict[str, dict[str, Any]] = {}
         self.engine_start_s: list[float] = []
         self.complete = False
 
     def piece_key(self, arm: str, task: str) -> str:
+        """What the piece's numbers depend on: the run's settings and this arm's ACT config on
+        this task (a per-task arm: that task's profile only)."""
         common = {k: v for k, v in self.inputs.items() if k not in ("arms", "tasks")}
-        return _digest({**common, "arm": arm, "act_hash": self.inputs["arms"][arm], "task": task})
+        act_hash = self.inputs["arms"][arm]
+        if isinstance(act_hash, dict):
+            act_hash = act_hash.get(task)
+        return _digest({**common, "arm": arm, "act_hash": act_hash, "task": task})
 
     @classmethod
     def open(cls, out: Path, inputs: dict[str, Any]) -> RunState:
@@ -215,7 +249,8 @@ class RunState:
                 f"{state.path}: unreadable run state ({e}); delete the folder or choose another --output-dir"
             ) from None
         if old_key != state.key:
-            changed = sorted(k for k in set(inputs) | set(old_inputs) if inputs.get(k) != old_inputs.get(k))
+            new, old = _run_key_inputs(inputs), _run_key_inputs(old_inputs)
+            changed = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
             raise ACTConfigError(
                 f"output dir {out} holds a different run (differs in: {', '.join(changed) or 'the inputs'}); "
                 f"choose another --output-dir, or delete it to start over"
@@ -224,8 +259,11 @@ class RunState:
         for pid, piece in (saved.get("pieces") or {}).items():
             samples = out / str(piece.get("samples", ""))
             arm, task = piece.get("arm"), piece.get("task")
-            if (arm in inputs["arms"] and task in inputs["tasks"] and pid == _piece_id(arm, task)
-                    and piece.get("key") == state.piece_key(arm, task) and samples.is_file()
+            ours = arm in inputs["arms"] and task in inputs["tasks"] and pid == _piece_id(arm, task)
+            if ours and not _runs(inputs, arm, task):
+                logger.warning("eval: piece %s of the earlier session is dropped: arm %r has no profile for %s now "
+                               "(the baseline's records stand for it)", pid, arm, task)
+            elif (ours and piece.get("key") == state.piece_key(arm, task) and samples.is_file()
                     and _sha256(samples) == piece.get("samples_sha256")):
                 state.pieces[pid] = piece
             else:
@@ -280,43 +318,58 @@ def engine_status(lm: Any) -> dict[str, Any]:
 def engine_setting(cfg: EvalConfig, arm: str) -> Any:
     """``additional_config["act"]`` of the engine that runs ``arm``: every engine is told its
     ACT setting explicitly, so an exported ``ACT_CONFIG`` can never calibrate an arm. A
-    vanilla engine (the baseline's, without a shared engine) gets ``False``: ACT off."""
+    vanilla engine (the baseline's, without a shared engine) gets ``False``: ACT off. A
+    per-task arm's own engine holds its tasks' profiles with no default (requests name them)."""
     if cfg.share_engine:
-        return ACTEngineConfig(profiles=dict(cfg.calibrated_arms), default=None).to_dict()
+        return ACTEngineConfig(profiles=cfg.engine_profiles(), default=None).to_dict()
     act = cfg.arms[arm]
-    return False if act is None else ACTEngineConfig(profiles={arm: act}, default=arm).to_dict()
+    if act is None:
+        return False
+    if isinstance(act, PerTaskArm):
+        return ACTEngineConfig(profiles=cfg.engine_profiles([arm]), default=None).to_dict()
+    return ACTEngineConfig(profiles={arm: act}, default=arm).to_dict()
 
 
-def request_value(cfg: EvalConfig, arm: str) -> str | None:
-    """The per-request ``extra_args["act"]`` value of ``arm`` (None: none sent, on a vanilla engine)."""
+def request_value(cfg: EvalConfig, arm: str, task: str) -> str | None:
+    """The per-request ``extra_args["act"]`` value of ``arm`` on ``task`` (None: none sent, on
+    a vanilla engine). A per-task arm's task without a profile is never run, so has none."""
     if arm == BASELINE:
         return "off" if cfg.share_engine else None
-    return arm
+    name = cfg.profile_name(arm, task)
+    if name is None:
+        raise ValueError(f"arm '{arm}' has no profile for task '{task}': that piece is not run")
+    return name
 
 
-def read_back(cfg: EvalConfig, arm: str, status: dict[str, Any]) -> dict[str, Any]:
-    """The arm's calibration as the engine reports it, checked against the arm's config:
-    an engine that would run anything else for this arm is an error, never a silent change."""
+def read_back(cfg: EvalConfig, arm: str, task: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The calibration of ``arm`` on ``task`` as the engine reports it, checked against the
+    config: an engine that would run anything else for this (arm, task) is an error, never a
+    silent change (a per-task arm is checked task by task: its requests name one profile each)."""
     raw = status.get("config")
-    request = request_value(cfg, arm)
+    request = request_value(cfg, arm, task)
+    who = f"arm '{arm}'" + (f", task '{task}'" if cfg.is_per_task(arm) else "")
+    told = engine_setting(cfg, arm)
     calibration: ACTConfig | None = None
     if raw is not None:
         engine_cfg = ACTEngineConfig.from_any(raw)
-        profile = engine_cfg.resolve_request(request)
+        try:
+            profile = engine_cfg.resolve_request(request)
+        except ACTConfigError as e:
+            raise RuntimeError(f"{who}: {e} (engine told additional_config act={told!r}). "
+                               f"Refusing to report a different arm.") from None
         calibration = engine_cfg.profiles[profile] if profile is not None else None
-    wanted = cfg.arms[arm]
+    wanted = cfg.act_for(arm, task)
     got_hash = calibration.hash if calibration is not None else None
     want_hash = wanted.hash if wanted is not None else None
     if got_hash != want_hash:
-        told = engine_setting(cfg, arm)
         raise RuntimeError(
-            f"arm '{arm}': the engine runs {calibration.to_dict() if calibration else 'no calibration'} for "
+            f"{who}: the engine runs {calibration.to_dict() if calibration else 'no calibration'} for "
             f"requests with act={request!r}, but the eval config asks for "
             f"{wanted.to_dict() if wanted else 'no calibration'} (engine told additional_config act={told!r}; "
             f"ACT_CONFIG={os.environ.get('ACT_CONFIG')!r}). Refusing to report a different arm."
         )
     return {
-        "act_setting": engine_setting(cfg, arm), "request": request, "config": raw,
+        "act_setting": told, "request": request, "config": raw,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "preemptions": status.get("preemptions"),
     }
@@ -396,11 +449,11 @@ def run_eval(
     reused = [(p["arm"], p["task"]) for p in state.pieces.values()]
     lm_tasks = {t: lm_eval_name(t) for t in cfg.tasks}
     seeds = cfg.run_seeds
-    todo = {arm: [t for t in cfg.tasks if not state.done(arm, t)] for arm in cfg.arms}
+    # a per-task arm's task without a profile is not run: the baseline's records stand for it
+    todo = {arm: [t for t in cfg.tasks if cfg.runs(arm, t) and not state.done(arm, t)] for arm in cfg.arms}
     todo = {arm: tasks for arm, tasks in todo.items() if tasks}
     if reused:
-        logger.warning("eval: resuming in %s: %d of %d pieces reused", out, len(reused),
-                       len(cfg.arms) * len(cfg.tasks))
+        logger.warning("eval: resuming in %s: %d of %d pieces reused", out, len(reused), len(cfg.pieces))
 
     if todo:
         _run_pieces(cfg, state, todo, model_path, data_dir, lm_tasks, seeds, verbose, progress)
@@ -436,12 +489,14 @@ def _run_pieces(cfg, state: RunState, todo: dict[str, list[str]], model_path, da
         return lm
 
     def run_arm(lm, arm: str, bar) -> None:
-        lm.set_arm(request_value(cfg, arm))
-        engine = read_back(cfg, arm, engine_status(lm))
         for task in todo[arm]:
             lm_task = lm_tasks[task]
             t0 = time.perf_counter()
-            before = engine_status(lm).get("preemptions")
+            # per task: a per-task arm names another profile on every task
+            lm.set_arm(request_value(cfg, arm, task))
+            status = engine_status(lm)
+            engine = read_back(cfg, arm, task, status)
+            before = status.get("preemptions")
             records: list[dict] = []
             lm_eval_out: dict[str, dict] = {}
             raw: dict[str, dict] = {}
@@ -548,8 +603,11 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
     """The typed results of a run from its finished pieces (per-sample files + run state)."""
     arms = list(cfg.arms)
     cal = [a for a in arms if a != BASELINE]
-    pieces = {(p["arm"], p["task"]): p for p in state.pieces.values()}
-    records = {(a, t): _report.read_samples(state.out / pieces[(a, t)]["samples"]) for a in arms for t in lm_tasks}
+    ran = {(p["arm"], p["task"]): p for p in state.pieces.values()}
+    # A per-task arm's task without a profile was not run: the baseline's piece stands for it
+    pieces = {(a, t): ran[(a, t) if cfg.runs(a, t) else (BASELINE, t)] for a in arms for t in lm_tasks}
+    files = {p["samples"]: _report.read_samples(state.out / p["samples"]) for p in pieces.values()}
+    records = {key: files[p["samples"]] for key, p in pieces.items()}
     warnings: list[str] = []
     tasks_out: dict[str, TaskResult] = {}
     for task, lm_task in lm_tasks.items():
@@ -571,7 +629,8 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
             mde = minimum_detectable_effect(c.n, rate, MDE_ALPHA, MDE_POWER)
             resolved = not (mde is not None and 0 < abs(c.delta) < mde)
             comparisons[arm] = ComparisonResult(**{k: (_f(v) if isinstance(v, float) else v) for k, v in d.items()},
-                                                discordant_rate=rate, mde=mde, resolved=resolved)
+                                                discordant_rate=rate, mde=mde, resolved=resolved,
+                                                calibrated=cfg.runs(arm, task))
             if not resolved:
                 assert mde is not None  # unresolved means 0 < |delta| < mde
                 warnings.append(
@@ -603,21 +662,31 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
             mean_delta=_f(float(np.mean(deltas))), ci_low=_f(lo), ci_high=_f(hi),
             tasks_up=sum(d > 0 for d in deltas), tasks_down=sum(d < 0 for d in deltas),
             improved=sum(c.improved for c in comps), worsened=sum(c.worsened for c in comps),
+            uncalibrated_tasks=cfg.uncalibrated_tasks(arm),
         )
 
     arms_out = {}
     for a in arms:
         act = cfg.arms[a]
-        mine = [pieces[(a, t)] for t in lm_tasks]
+        mine = [ran[(a, t)] for t in lm_tasks if cfg.runs(a, t)]  # the pieces this arm ran itself
         pre = [p["preemptions"] for p in mine]
-        engine = dict(mine[0]["engine"])
+        # an arm that ran no task (a per-task control without profiles) shows the baseline's engine,
+        # whose records stand for it
+        engine = dict((mine or [pieces[(a, t)] for t in lm_tasks])[0]["engine"])
         engine["preemptions"] = sum(pre) if all(isinstance(x, int) for x in pre) else None
+        per_task = isinstance(act, PerTaskArm)
         arms_out[a] = ArmResult(
             baseline=a == BASELINE, control=a in cfg.controls, calibrates=cfg.calibrates(a),
-            act=act.to_dict() if act is not None else None, act_hash=act.hash if act is not None else None,
+            act=act.to_dict() if isinstance(act, ACTConfig) else None,
+            act_hash=(act.hash_for(lm_tasks) if isinstance(act, PerTaskArm) else act.hash) if act is not None else None,
             engine=EngineArm(**engine), wall_time_s=sum(p["wall_time_s"] for p in mine),
             preemptions=engine["preemptions"], documents=sum(len(records[(a, t)]) for t in lm_tasks),
+            per_task=per_task, tasks=_arm_tasks(cfg, a, ran, lm_tasks) if per_task else None,
         )
+        missing = cfg.uncalibrated_tasks(a)
+        if missing:
+            warnings.append(f"arm '{a}' has no profile for task(s) {', '.join(missing)}: UNCALIBRATED there "
+                            f"(not run; the baseline's records, delta 0, counted in its mean)")
         if a in cfg.controls and not cfg.calibrates(a):
             warnings.append(f"arm '{a}' is a control that calibrates nothing (beta 1 or no heads): "
                             f"it should match the baseline")
@@ -637,6 +706,22 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
                           mde_power=MDE_POWER),
         arms=arms_out, tasks=tasks_out, summary=summary, warnings=warnings,
     )
+
+
+def _arm_tasks(cfg: EvalConfig, arm: str, ran: dict[tuple[str, str], dict], lm_tasks: dict[str, str]
+               ) -> dict[str, ArmTaskResult]:
+    """A per-task arm's profile per task, whether it was calibrated and its engine read-back."""
+    out = {}
+    for t in lm_tasks:
+        act = cfg.act_for(arm, t)
+        piece = ran.get((arm, t)) if cfg.runs(arm, t) else None
+        out[t] = ArmTaskResult(
+            calibrated=cfg.runs(arm, t), profile=cfg.profile_name(arm, t),
+            act=act.to_dict() if act is not None else None, act_hash=act.hash if act is not None else None,
+            # this task's own preemptions, not the engine's running count at read-back
+            engine=EngineArm(**{**piece["engine"], "preemptions": piece["preemptions"]}) if piece is not None else None,
+        )
+    return out
 
 
 def write_outputs(out: Path, cfg: EvalConfig, state: RunState, results: EvalResults) -> dict[str, Path]:
