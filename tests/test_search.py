@@ -425,23 +425,39 @@ def test_tiny_search_valid_outputs_and_resume(tmp_path, shared_data, smollm2_pat
 
 
 def test_shipped_search_outputs_are_consistent(smollm2_path):
-    """configs/smollm2_searched.yaml (what the demo and the README's eval use) is a valid head
-    set for the model and is exactly the set selected by the search report its header names."""
+    """The shipped search outputs are exactly what the search report decided: a shared set
+    (configs/smollm2_searched.yaml) exists only if one passed validation, and then it is the
+    report's selected set; the per-task engine config holds exactly the report's accepted
+    per-task sets, each valid for the model. A stale set the search did not accept can never
+    stay shipped."""
     import re
     from pathlib import Path
 
     from transformers import AutoConfig
 
+    from act_plugin.config import ACTEngineConfig
+
     root = Path(__file__).resolve().parents[1]
-    path = root / "configs" / "smollm2_searched.yaml"
-    cfg = ACTConfig.from_file(path)
-    heads = cfg.validate_for(AutoConfig.from_pretrained(smollm2_path))
-    named = re.search(r"^# Full report: (\S+)$", path.read_text(), re.M)
-    assert named, "the shipped config does not name its search report"
-    report = json.loads((root / named.group(1)).read_text())
-    assert {int(k): tuple(v) for k, v in report["selected"]["heads"].items()} == heads
-    assert {k: tuple(v) for k, v in cfg.heads.items()} == heads
-    assert report["config"]["split"] == "train" and cfg.beta == report["beta"]
-    if report.get("validation"):  # searched with a validation part: the shipped set passed its rule
-        assert report["validation"]["shared"]["decision"]["accepted"]
-    assert load_search_config(root / "configs" / "search_smollm2.yaml").output == "configs/smollm2_searched.yaml"
+    search = load_search_config(root / "configs" / "search_smollm2.yaml")
+    assert search.output == "configs/smollm2_searched.yaml"
+    report = json.loads((root / search.report).read_text())
+    assert report["config"]["split"] == "train" and report["validation"], "shipped sets must come from a validated search"
+    model_cfg = AutoConfig.from_pretrained(smollm2_path)
+    shared = root / search.output
+    if report["validation"]["shared"]["decision"] is None or not report["validation"]["shared"]["decision"]["accepted"]:
+        assert not shared.exists(), f"{shared.name} is shipped, but the search report accepted no shared set"
+    else:
+        cfg = ACTConfig.from_file(shared)
+        heads = cfg.validate_for(model_cfg)
+        named = re.search(r"^# Full report: (\S+)$", shared.read_text(), re.M)
+        assert named and (root / named.group(1)).resolve() == (root / search.report).resolve()
+        assert {int(k): tuple(v) for k, v in report["selected"]["heads"].items()} == heads
+        assert cfg.beta == report["beta"]
+    profiles = ACTEngineConfig.from_any(root / search.profiles_output)
+    accepted = {t: r for t, r in report["validation"]["per_task"].items() if (r.get("decision") or {}).get("accepted")}
+    assert sorted(profiles.profiles) == sorted(accepted)
+    assert profiles.default is None
+    for task, prof in profiles.profiles.items():
+        heads = prof.validate_for(model_cfg)
+        got = sorted((layer, h) for layer, hs in heads.items() for h in hs)
+        assert got == sorted(tuple(x) for x in accepted[task]["heads"]), task
