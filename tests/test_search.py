@@ -398,6 +398,13 @@ def test_tiny_search_valid_outputs_and_resume(tmp_path, shared_data, smollm2_pat
     md = full.report_path.with_suffix(".md").read_text()
     assert "## Validation" in md and "## Ranking check" in md and "## Which search-part objective" in md
     assert set(report["objective_comparison"]["objectives"]) == {"margin", "clipped_margin", "accuracy", "worst_task"}
+    # per (head, task): with validate_singles every verified head has a score on each task's validation part
+    op = report["objective_comparison_per_task"]
+    assert set(op["objectives"]) == {"margin", "clipped_margin", "accuracy"}
+    assert op["pairs"] == 2 * report["objective_comparison"]["heads"] and "per task" in md
+    for key, change in op["validation_accuracy_change"].items():
+        task = key.split("/")[1]
+        assert -1.0 <= change <= 1.0 and task in ("sst2", "agnews")
     assert report["ranking_check"]["vs_exact_margin"]["n"] == 3
     assert full.heatmap_path.stat().st_size > 1000
 
@@ -441,7 +448,7 @@ def test_shipped_search_outputs_are_consistent(smollm2_path):
     search = load_search_config(root / "configs" / "search_smollm2.yaml")
     assert search.output == "configs/smollm2_searched.yaml"
     report = json.loads((root / search.report).read_text())
-    assert report["config"]["split"] == "train" and report["validation"], "shipped sets must come from a validated search"
+    assert report["config"]["split"] == "train" and report["validation"], "shipped sets come from a validated search"
     model_cfg = AutoConfig.from_pretrained(smollm2_path)
     shared = root / search.output
     if report["validation"]["shared"]["decision"] is None or not report["validation"]["shared"]["decision"]["accepted"]:

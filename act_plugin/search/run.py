@@ -330,6 +330,45 @@ def objective_comparison(prep: Prepared, ver: Verification) -> dict[str, Any] | 
     return out
 
 
+def objective_comparison_per_task(prep: Prepared, ver: Verification) -> dict[str, Any] | None:
+    """Which search-part objective predicts the validation accuracy change, over every
+    (verified head, task) pair whose single-head validation score the search already holds
+    (the per-task selection and the first combined-set step score single heads on validation,
+    so this costs nothing extra). Per task, ``margin`` and ``worst_task`` are the same number."""
+    from scipy.stats import spearmanr
+
+    tasks = list(prep.data.search.tasks)
+    pairs: list[tuple[Head, str, float]] = []  # (head, task, validation accuracy change)
+    for h in sorted(ver.singles):
+        for t, base in ver.validation_baseline.items():
+            rec = prep.store.get_set(prep.exact_backend, _val_part(t), [h])
+            if rec is not None:
+                pairs.append((h, t, float(np.mean(np.asarray(rec["margins"]) > 0) - np.mean(base > 0))))
+    if len(pairs) < 3:
+        return None
+    y = np.array([d for _, _, d in pairs])
+    out: dict[str, Any] = {
+        "pairs": len(pairs),
+        "validation_accuracy_change": {f"L{h[0]}H{h[1]}/{t}": d for h, t, d in pairs},
+        "objectives": {},
+    }
+    for obj in OBJECTIVES:
+        if obj == "worst_task":
+            continue  # per task it is the margin
+        g = np.array([objective_gain(obj, ver.singles[h], ver.baseline, tasks, prep.cfg.clip)[1][t]
+                      for h, t, _ in pairs])
+        rho = spearmanr(g, y).statistic if np.ptp(g) > 0 and np.ptp(y) > 0 else float("nan")
+        kept = g > 0
+        out["objectives"][obj] = {
+            "spearman_vs_validation_accuracy": None if np.isnan(rho) else float(rho),
+            "sign_agreement": float(np.mean((g > 0) == (y > 0))),
+            "kept": int(kept.sum()),
+            "kept_mean_validation_accuracy_change": float(y[kept].mean()) if kept.any() else None,
+            "kept_share_helping_on_validation": float(np.mean(y[kept] > 0)) if kept.any() else None,
+        }
+    return out
+
+
 @dataclass
 class SearchResult:
     config: ACTConfig | None  # the shared set (None: no set passed validation)
@@ -435,6 +474,7 @@ def build_report(prep: Prepared, ranking: Ranking, ver: Verification, comb: Comb
                      "note": comb.note or comb.shared.note},
         "validation": validation,
         "objective_comparison": objective_comparison(prep, ver) if comb.validated else None,
+        "objective_comparison_per_task": objective_comparison_per_task(prep, ver) if comb.validated else None,
         "ranking_check": check, "ranking_vs_verified": verified_agreement,
         "candidates": cand_rows, "timing": timing, "config": cfg.to_dict(),
     }

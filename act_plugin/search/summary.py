@@ -99,6 +99,17 @@ def report_markdown(report: dict[str, Any], top: int = 20) -> str:
                          f"{_pt(o['kept_mean_validation_accuracy_gain'])} | "
                          f"{_fmt(o['kept_share_helping_on_validation'], '.2f')} | "
                          f"{o['top3_mean_validation_accuracy_gain'] * 100:+.2f} pt |")
+    op = r.get("objective_comparison_per_task")
+    if op:
+        lines += ["", f"## Which search-part objective predicts validation accuracy per task ({op['pairs']} "
+                  "(head, task) pairs scored on validation)", "",
+                  "| objective | Spearman vs validation accuracy change | sign agreement | kept (gain > 0) | "
+                  "kept: mean validation change | kept: share helping |", "|---|---:|---:|---:|---:|---:|"]
+        for name, o in op["objectives"].items():
+            lines.append(f"| {name} | {_fmt(o['spearman_vs_validation_accuracy'], '+.3f')} | "
+                         f"{o['sign_agreement']:.2f} | {o['kept']} | "
+                         f"{_pt(o['kept_mean_validation_accuracy_change'])} | "
+                         f"{_fmt(o['kept_share_helping_on_validation'], '.2f')} |")
     chk = r.get("ranking_check")
     if chk and "spearman" in chk.get("vs_exact_margin", {}):
         m = chk["vs_exact_margin"]
