@@ -12,10 +12,16 @@ isolates the calibration itself). Each measurement is the best of ``--repeats`` 
 
 Then the cost curve, on the ACT engine with ACT off and on interleaved: per decode step for
 ``--decode-seqs`` (1, 16, 64) sequences, and per prefill of one prompt of each
-``--prefill-lens`` (256, 2048) tokens: step time off/on, the calibration's share of the
-calibrated step, and the peak transient memory of the calibration kernel in that step (the
-fused CPU kernel's scratch, read from the worker; it allocates nothing else). ``uptime``
-load is printed with every block of figures (the machine may be shared).
+``--prefill-lens`` (256, 2048) tokens: step time off/on, the calibration's own time per
+step and its share of the calibrated step, and the peak transient memory of the
+calibration kernel in that step (the fused CPU kernel's scratch, read from the worker; it
+allocates nothing else). ``uptime`` load is printed with every block of figures (the
+machine may be shared).
+
+The calibration's own time is accounted inside the worker (``act_plugin.vllm.profiling``:
+plan building and every calibrated layer's ``apply``), so its share does not rest on the
+difference of two end-to-end timings, which on a shared machine is noisier than the cost
+being measured.
 
     python benchmarks/engine_overhead.py --tiny        # seconds of work (CI: tests/test_kernels_bench.py)
 """
@@ -43,11 +49,31 @@ def _workload(tokenizer, n: int, prompt_len: int, seed: int) -> list[list[int]]:
     return out
 
 
-def _measure(llm, prompts, decode_tokens: int, arms: dict[str, dict | None], repeats: int) -> dict:
+def _profiling(worker, on: bool) -> dict:
+    """On the worker: switch the calibration's host-time accounting on/off; returns what it
+    accumulated since the last call (act_plugin.vllm.profiling)."""
+    from act_plugin.vllm.profiling import set_profiling
+
+    return set_profiling(on)
+
+
+def _calibration_time(llm, fn) -> tuple[float, dict]:
+    """Wall time of ``fn()`` and the calibration time the worker accounted during it."""
+    llm.collective_rpc(_profiling, args=(True,))
+    t = fn()
+    return t, llm.collective_rpc(_profiling, args=(True,))[0]
+
+
+def _measure(llm, prompts, decode_tokens: int, arms: dict[str, dict | None], repeats: int,
+             profiled: tuple[str, ...] = ()) -> dict:
     """Best-of-``repeats`` timings per arm; arms are interleaved within each repeat so that a
-    change in machine load hits every arm alike."""
+    change in machine load hits every arm alike. For the ``profiled`` arms also the
+    calibration's own time in the prefill and decode steps of the full run (best of repeats),
+    accounted inside the worker."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from act_plugin.vllm.profiling import per_kind
 
     tp = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
@@ -61,13 +87,21 @@ def _measure(llm, prompts, decode_tokens: int, arms: dict[str, dict | None], rep
         run(2, extra)  # warm-up
     prefill = {a: float("inf") for a in arms}
     full = {a: float("inf") for a in arms}
+    calib = {a: {"prefill": float("inf"), "decode": float("inf")} for a in profiled}
     for _ in range(repeats):
         for arm, extra in arms.items():
             prefill[arm] = min(prefill[arm], run(1, extra))
-            full[arm] = min(full[arm], run(decode_tokens + 1, extra))
+            if arm in profiled:
+                t, snap = _calibration_time(llm, lambda: run(decode_tokens + 1, extra))
+                for kind in ("prefill", "decode"):
+                    calib[arm][kind] = min(calib[arm][kind], per_kind(snap, kind)[0])
+                llm.collective_rpc(_profiling, args=(False,))
+            else:
+                t = run(decode_tokens + 1, extra)
+            full[arm] = min(full[arm], t)
     n_prompt = sum(len(p) for p in prompts)
     n_decode = len(prompts) * decode_tokens
-    return {
+    out = {
         arm: {
             "prefill_s": prefill[arm],
             "prefill_tok_s": n_prompt / prefill[arm],
@@ -76,6 +110,10 @@ def _measure(llm, prompts, decode_tokens: int, arms: dict[str, dict | None], rep
         }
         for arm in arms
     }
+    for arm, c in calib.items():
+        out[arm]["calib_prefill_s"] = c["prefill"]
+        out[arm]["calib_decode_s"] = c["decode"]
+    return out
 
 
 def _scratch_peak(worker, reset: bool) -> tuple[str, dict]:
@@ -94,10 +132,14 @@ def _load() -> str:
 
 
 def _curve(llm, tokenizer, args, act_extra: dict) -> list[dict]:
-    """Step time with ACT off and on (interleaved, best of repeats), the calibration's share
-    and the kernel's peak scratch, for decode batches and single prefills."""
+    """Per step, for decode batches and single prefills: step time with ACT off and on
+    (interleaved, best of repeats), the calibration's own time per calibrated step as the
+    worker accounts it (best of repeats) and its share of the calibrated step, and the
+    kernel's peak scratch."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from act_plugin.vllm.profiling import per_kind
 
     def run(prompts, max_tokens: int, extra) -> float:
         sp = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, ignore_eos=True,
@@ -113,6 +155,7 @@ def _curve(llm, tokenizer, args, act_extra: dict) -> list[dict]:
     for kind, n_seqs, plen in settings:
         prompts = _workload(tokenizer, n_seqs, plen, seed=1)
         best = {a: float("inf") for a in arms}
+        calib_step = float("inf")
         peak = 0
         name = "?"
         for arm, extra in arms.items():
@@ -121,20 +164,23 @@ def _curve(llm, tokenizer, args, act_extra: dict) -> list[dict]:
             for arm, extra in arms.items():
                 if arm == "act":
                     llm.collective_rpc(_scratch_peak, args=(True,))
-                if kind == "prefill":
-                    t = run(prompts, 1, extra)
-                else:
+                max_tokens = 1 if kind == "prefill" else args.curve_decode_tokens + 1
+                t, snap = _calibration_time(llm, lambda: run(prompts, max_tokens, extra))
+                if kind == "decode":
                     # per decode step: (prefill + n steps) - (prefill + 1 step), over n - 1 steps
-                    t = (run(prompts, args.curve_decode_tokens + 1, extra) - run(prompts, 2, extra)) / (
-                        args.curve_decode_tokens - 1)
+                    t = (t - run(prompts, 2, extra)) / (args.curve_decode_tokens - 1)
                 best[arm] = min(best[arm], t)
                 if arm == "act":
+                    seconds, steps = per_kind(snap, kind)
+                    if steps:
+                        calib_step = min(calib_step, seconds / steps)
                     name, peaks = llm.collective_rpc(_scratch_peak, args=(True,))[0]
                     peak = max(peak, peaks.get(kind, -1))
-        share = 1.0 - best["off"] / best["act"]
+        llm.collective_rpc(_profiling, args=(False,))
         rows.append({"kind": kind, "seqs": n_seqs, "prompt_len": plen, "off_ms": best["off"] * 1e3,
-                     "act_ms": best["act"] * 1e3, "share": share, "scratch_peak_bytes": peak, "kernel": name,
-                     "load": _load()})
+                     "act_ms": best["act"] * 1e3, "calib_ms": calib_step * 1e3,
+                     "share": calib_step / best["act"], "on_minus_off": 1.0 - best["off"] / best["act"],
+                     "scratch_peak_bytes": peak, "kernel": name, "load": _load()})
     return rows
 
 
@@ -189,7 +235,8 @@ def main() -> None:
         llm = LLM(model=model, **common, **extra)
         prompts = _workload(llm.get_tokenizer(), args.prompts, args.prompt_len, seed=0)
         load = os.getloadavg()[0]
-        results.update(_measure(llm, prompts, args.decode_tokens, arms, args.repeats))
+        profiled = ("act",) if engine_name == "act" else ()
+        results.update(_measure(llm, prompts, args.decode_tokens, arms, args.repeats, profiled))
         results[f"{engine_name}_loadavg"] = load
         if engine_name == "act" and not args.no_curve:
             results["curve"] = _curve(llm, llm.get_tokenizer(), args, {"act": "act"})
@@ -213,14 +260,26 @@ def main() -> None:
               "prefill_vs_off": a["prefill_tok_s"] / off["prefill_tok_s"], "decode_vs_off": a["decode_tok_s"] / off["decode_tok_s"]}
     print(f"{'act / vanilla':18s}{ratios['prefill']:15.3f}{ratios['decode']:15.3f}   (targets: prefill >= 0.95, decode >= 0.95)")
     print(f"{'act / off':18s}{ratios['prefill_vs_off']:15.3f}{ratios['decode_vs_off']:15.3f}   (same engine, interleaved)")
+    # The calibration's own time, accounted in the worker: independent of the noise between
+    # two end-to-end timings (act/off above), which on a shared machine can exceed it.
+    share = {"prefill": a["calib_prefill_s"] / a["prefill_s"], "decode": a["calib_decode_s"] / max(a["decode_s"], 1e-9)}
+    ratios.update({"calib_share_prefill": share["prefill"], "calib_share_decode": share["decode"]})
+    print(f"{'calibration time':18s}{a['calib_prefill_s'] * 1e3:12.1f} ms{a['calib_decode_s'] * 1e3:12.1f} ms"
+          f"   (host time inside the worker, best of {args.repeats})")
+    print(f"{'  share of act':18s}{share['prefill'] * 100:14.1f}%{share['decode'] * 100:14.1f}%"
+          f"   (act / act-without-calibration = {1 - share['prefill']:.3f}, {1 - share['decode']:.3f})")
     if results.get("curve"):
         print(f"\ncalibration cost per step (ACT engine, off/on interleaved; kernel: {results['curve'][0]['kernel']})")
-        print(f"{'step':26s}{'off ms':>10s}{'act ms':>10s}{'ACT share':>11s}{'peak scratch':>14s}  load (1/5/15 min)")
+        print(f"{'step':26s}{'off ms':>10s}{'act ms':>10s}{'calib ms':>10s}{'share':>8s}{'on-off':>8s}"
+              f"{'peak scratch':>14s}  load (1/5/15 min)")
         for r in results["curve"]:
             what = (f"decode, {r['seqs']} seqs x {r['prompt_len']}" if r["kind"] == "decode"
                     else f"prefill, 1 x {r['prompt_len']} tokens")
             mem = f"{r['scratch_peak_bytes'] / 1024:.0f} KiB" if r["scratch_peak_bytes"] >= 0 else "n/a"
-            print(f"{what:26s}{r['off_ms']:10.2f}{r['act_ms']:10.2f}{r['share'] * 100:10.1f}%{mem:>14s}  {r['load']}")
+            print(f"{what:26s}{r['off_ms']:10.2f}{r['act_ms']:10.2f}{r['calib_ms']:10.2f}{r['share'] * 100:7.1f}%"
+                  f"{r['on_minus_off'] * 100:7.1f}%{mem:>14s}  {r['load']}")
+        print("calib ms: the calibration's time per calibrated step, accounted in the worker; share: of the act "
+              "step; on-off: 1 - off/act from the two end-to-end timings (noisy)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results, "ratios": ratios}, f, indent=1)

@@ -43,9 +43,12 @@ def test_engine_overhead_benchmark_runs(tmp_path):
     print(res.stdout)
     assert res.returncode == 0, res.stderr[-5000:]
     figures = json.loads(out.read_text())
-    assert set(figures["ratios"]) >= {"prefill", "decode"}
+    assert set(figures["ratios"]) >= {"prefill", "decode", "calib_share_prefill", "calib_share_decode"}
+    # the worker accounted the calibration of both kinds of step in the timed runs
+    assert figures["results"]["act"]["calib_prefill_s"] > 0 and figures["results"]["act"]["calib_decode_s"] > 0
     curve = figures["results"]["curve"]
     assert [(r["kind"], r["seqs"], r["prompt_len"]) for r in curve] == [
         ("decode", 1, 32), ("decode", 4, 32), ("prefill", 1, 32), ("prefill", 1, 96)]
     assert all(r["kernel"] == "cpu" for r in curve)  # the fused kernel ran in the engine's worker
     assert any(r["scratch_peak_bytes"] > 0 for r in curve)
+    assert all(0 < r["calib_ms"] < r["act_ms"] for r in curve)  # accounted, and part of the step

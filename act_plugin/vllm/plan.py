@@ -92,7 +92,7 @@ def build_step_plan(
         arm = arms.get(int(slots[pos]))
         if arm is None or q_lens[pos] <= 0:
             continue
-        key = (arm.profile, arm.config.hash, bool(q_lens[pos] == 1))
+        key = (arm.profile, arm.hash, bool(q_lens[pos] == 1))
         by_key.setdefault(key, []).append(pos)
         arm_of[key] = arm
     if not by_key:

@@ -55,6 +55,12 @@ class Arm:
 
     profile: str
     config: ACTConfig
+    # The settings' content hash, computed once at admission: the per-step plan and every
+    # calibrated layer key on it, and hashing the settings costs tens of microseconds.
+    hash: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hash", self.config.hash)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ self-check (:mod:`act_plugin.vllm.selfcheck`).
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from act_plugin.capabilities import LayerFeatures
 from act_plugin.vllm.calibrate import PLAN_ATTR, LayerCalibrator
 from act_plugin.vllm.kv_layout import KVSplit
 from act_plugin.vllm.plan import build_step_plan
+from act_plugin.vllm.profiling import timer
 from act_plugin.vllm.settings import act_configured
 
 if TYPE_CHECKING:
@@ -122,10 +124,14 @@ def act_builder(native_builder: type) -> type:
 
         def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
             metadata = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
-            setattr(metadata, PLAN_ATTR, build_step_plan(
+            start = time.perf_counter() if timer.enabled else 0.0
+            plan = build_step_plan(
                 self.act_state, common_attn_metadata, self.act_device,
                 head_size=self.act_head_size, max_heads=self.act_max_heads,
-            ))
+            )
+            setattr(metadata, PLAN_ATTR, plan)
+            if timer.enabled and plan.groups:
+                timer.add("plan_decode" if plan.is_decode_only else "plan_prefill", time.perf_counter() - start)
             return metadata
 
     ACTMetadataBuilder.__name__ = ACTMetadataBuilder.__qualname__ = "ACT" + native_builder.__name__
