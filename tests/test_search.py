@@ -153,6 +153,32 @@ def test_selection_steps_need_a_gain_over_the_current_set():
     assert capped.heads == [(1, 0)] and not capped.complete
 
 
+def test_significant_gain_rule_refuses_gains_validation_cannot_resolve():
+    """gain: significant -- a set whose gain no task shows at p < alpha is refused, one with a
+    significant gain on some task is accepted; the default rule accepts both."""
+    from act_plugin.search.select import judge, select_forward
+
+    base = {"a": _correct(300, range(150)), "b": _correct(300, range(150))}
+
+    def evaluate(heads):
+        out = {t: v.copy() for t, v in base.items()}
+        if (1, 0) in heads:  # +1.0 point on a: 3 / 0 flips, p = 0.25
+            out["a"][150:153] = True
+        if (2, 0) in heads:  # +6.7 points on b: 20 / 0 flips, p < 1e-5
+            out["b"][150:170] = True
+        return out
+
+    small = judge([(1, 0)], base, evaluate([(1, 0)]), require_significant_gain=True)
+    assert small.mean_gain > 0 and not small.harmed and small.improved == [] and not small.accepted
+    assert "no task improves significantly" in small.reason and small.to_dict()["gain_rule"] == "significant"
+    assert judge([(1, 0)], base, evaluate([(1, 0)])).accepted  # the default rule: positive mean gain suffices
+    big = judge([(2, 0)], base, evaluate([(2, 0)]), require_significant_gain=True)
+    assert big.accepted and big.improved == ["b"] and "significantly improves b" in big.reason
+    sel = select_forward([(1, 0), (2, 0)], evaluate, base, require_significant_gain=True)
+    assert sel.heads == [(2, 0)] and [s["accepted"] for s in sel.steps] == [False, True]
+    assert select_forward([(1, 0)], evaluate, base, require_significant_gain=True).heads == []
+
+
 def test_objectives():
     from act_plugin.search.scoring import objective_gain
 

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-per-task", type=int, default=None,
                         help="validation prompts per task, held out of the search part (overrides)")
     parser.add_argument("--alpha", type=float, default=None, help="per-task paired test level on validation")
+    parser.add_argument("--gain", choices=["positive", "significant"], default=None,
+                        help="validation gain rule (overrides 'gain'): 'significant' also needs a task improved at "
+                        "p < alpha")
     parser.add_argument("--per-task", action="store_true", help="also one head set per task, as engine profiles")
     parser.add_argument("--profiles-output", default=None, help="engine config with the per-task profiles")
     parser.add_argument("--top-k", type=int, default=None, help="fast: candidates scored exactly (overrides)")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         "samples_per_task": args.samples_per_task, "tasks": args.tasks.split(",") if args.tasks else None,
         "seed": args.seed, "combine": False if args.no_combine else None, "state_dir": args.state_dir,
         "data_dir": args.data_dir, "validation_per_task": args.validation_per_task, "alpha": args.alpha,
-        "per_task": True if args.per_task else None, "profiles_output": args.profiles_output,
+        "gain": args.gain, "per_task": True if args.per_task else None, "profiles_output": args.profiles_output,
     }
     cfg = load_search_config(args.config, **overrides)
     from act_plugin.tasks import check_data, resolve_data_dir

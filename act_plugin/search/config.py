@@ -14,6 +14,7 @@ Example (``configs/search_smollm2.yaml``)::
     candidates: null                   # every (layer, head); or a compact spec "2-28:*"
     score: clipped_margin              # or margin, accuracy, worst_task
     alpha: 0.05                        # per-task paired test on validation
+    gain: positive                     # or 'significant': some task must also improve at p < alpha
     per_task: true                     # also one set per task, as profiles of one engine config
     method: fast                       # or exact (the paper's brute force, in one vLLM engine)
     fast: {top_k: 16, verify: vllm, check_layers: null}
@@ -122,6 +123,10 @@ class SearchConfig(BaseModel):
     clip: float = Field(1.0, gt=0, description="bound of 'clipped_margin' (nats)")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the per-task paired test (exact "
                          "McNemar) on validation: a set that lowers any task's accuracy at p < alpha is refused")
+    gain: Literal["positive", "significant"] = Field(
+        "positive", description="what a set must gain on validation besides harming no task: 'positive' a positive "
+        "mean per-task accuracy change; 'significant' also some task's accuracy up at p < alpha (ships only sets "
+        "with evidence of a gain; sets whose small gains the validation part cannot resolve are refused)")
     validate_singles: bool = Field(True, description="also score every verified single head on validation (shows "
                                    "which objective generalises; costs one validation pass per verified head)")
     per_task: bool = Field(False, description="also build one head set per task, written as named profiles in "

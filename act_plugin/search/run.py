@@ -262,16 +262,17 @@ def combine(prep: Prepared, ev: Evaluator, ver: Verification) -> Combination:
     pool = ver.kept[: cfg.combine_max_heads] if cfg.combine else ver.kept
     max_evals = cfg.combine_max_evals if cfg.combine else None
     base_ok = {t: m > 0 for t, m in ver.validation_baseline.items()}
+    significant = cfg.gain == "significant"
 
     def shared_eval(heads: list[Head]) -> dict[str, np.ndarray]:
         return ev.validation_correct(heads, "combine")
 
     if cfg.combine:
-        shared = select_forward(pool, shared_eval, base_ok, cfg.alpha, max_evals)
+        shared = select_forward(pool, shared_eval, base_ok, cfg.alpha, max_evals, significant)
     else:  # the best single head that passes validation
         shared = Selection(heads=[], decision=None)
         for h in pool:
-            one = select_forward([h], shared_eval, base_ok, cfg.alpha)
+            one = select_forward([h], shared_eval, base_ok, cfg.alpha, None, significant)
             shared.steps += one.steps
             shared.evaluations += one.evaluations
             if one.heads:
@@ -290,7 +291,8 @@ def combine(prep: Prepared, ev: Evaluator, ver: Verification) -> Combination:
             def task_eval(heads: list[Head], t: str = task) -> dict[str, np.ndarray]:
                 return ev.validation_correct(heads, "per_task", [t])
 
-            per_task[task] = select_forward(order, task_eval, {task: base_ok[task]}, cfg.alpha, cfg.combine_max_evals)
+            per_task[task] = select_forward(order, task_eval, {task: base_ok[task]}, cfg.alpha, cfg.combine_max_evals,
+                                            significant)
     return Combination(shared, per_task, True)
 
 
@@ -437,7 +439,9 @@ def build_report(prep: Prepared, ranking: Ranking, ver: Verification, comb: Comb
     if comb.validated:
         validation = {
             "alpha": cfg.alpha, "test": "exact McNemar (two-sided) per task, paired on the same prompts",
-            "rule": "accepted only if no task's accuracy drops at p < alpha and the mean per-task gain is positive",
+            "rule": "accepted only if no task's accuracy drops at p < alpha and the mean per-task gain is positive"
+                    + (" and some task's accuracy rises at p < alpha" if cfg.gain == "significant" else ""),
+            "gain_rule": cfg.gain,
             "baseline_accuracy": {t: float((m > 0).mean()) for t, m in ver.validation_baseline.items()},
             "mde": {t: {"n": n, "at_10pct_discordance": min_detectable_effect(n, 0.10, cfg.alpha),
                         "at_5pct_discordance": min_detectable_effect(n, 0.05, cfg.alpha)} for t, n in val_n.items()},

@@ -68,6 +68,7 @@ class TaskEffect:
     worse: int  # prompts turned wrong
     p: float  # exact McNemar
     harmed: bool  # accuracy drops and p < alpha
+    improved: bool = False  # accuracy rises and p < alpha
 
     @property
     def delta(self) -> float:
@@ -76,6 +77,7 @@ class TaskEffect:
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "baseline": self.baseline, "accuracy": self.accuracy, "delta": self.delta,
                 "better": self.better, "worse": self.worse, "mcnemar_p": self.p, "significantly_harmed": self.harmed,
+                "significantly_improved": self.improved,
                 "mde_at_planning_discordance": min_detectable_effect(self.n)}
 
 
@@ -86,6 +88,8 @@ class Decision:
     heads: tuple[Head, ...]
     effects: dict[str, TaskEffect]
     alpha: float
+    # 'significant': a set must also improve some task at p < alpha (SearchConfig.gain)
+    require_significant_gain: bool = False
 
     @property
     def mean_gain(self) -> float:
@@ -96,8 +100,12 @@ class Decision:
         return [t for t, e in self.effects.items() if e.harmed]
 
     @property
+    def improved(self) -> list[str]:
+        return [t for t, e in self.effects.items() if e.improved]
+
+    @property
     def accepted(self) -> bool:
-        return not self.harmed and self.mean_gain > 0
+        return not self.harmed and self.mean_gain > 0 and (bool(self.improved) or not self.require_significant_gain)
 
     @property
     def reason(self) -> str:
@@ -106,17 +114,23 @@ class Decision:
                 f"{t} ({self.effects[t].delta * 100:+.1f} pt, p={self.effects[t].p:.3g})" for t in self.harmed)
         if self.mean_gain <= 0:
             return f"mean validation gain {self.mean_gain * 100:+.2f} pt is not positive"
-        return f"accepted: mean validation gain {self.mean_gain * 100:+.2f} pt, no task significantly harmed"
+        if self.require_significant_gain and not self.improved:
+            return (f"mean validation gain {self.mean_gain * 100:+.2f} pt, but no task improves significantly "
+                    f"(p < {self.alpha:g}; gain rule 'significant')")
+        improved = f", significantly improves {', '.join(self.improved)}" if self.improved else ""
+        return f"accepted: mean validation gain {self.mean_gain * 100:+.2f} pt, no task significantly harmed{improved}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"heads": [list(h) for h in self.heads], "alpha": self.alpha, "mean_gain": self.mean_gain,
+                "gain_rule": "significant" if self.require_significant_gain else "positive",
                 "accepted": self.accepted, "reason": self.reason,
                 "per_task": {t: e.to_dict() for t, e in self.effects.items()}}
 
 
 def judge(heads: Iterable[Head], baseline: Mapping[str, np.ndarray], trial: Mapping[str, np.ndarray],
-          alpha: float = DEFAULT_ALPHA) -> Decision:
-    """Paired per-task verdict of ``trial`` (per task: bool array, prompt correct) vs ``baseline``."""
+          alpha: float = DEFAULT_ALPHA, require_significant_gain: bool = False) -> Decision:
+    """Paired per-task verdict of ``trial`` (per task: bool array, prompt correct) vs ``baseline``;
+    ``require_significant_gain``: accept only a set that improves some task at p < alpha."""
     effects = {}
     for task, b in baseline.items():
         b = np.asarray(b, dtype=bool)
@@ -126,8 +140,9 @@ def judge(heads: Iterable[Head], baseline: Mapping[str, np.ndarray], trial: Mapp
         better, worse = int((t & ~b).sum()), int((b & ~t).sum())
         p = mcnemar_p(better, worse)
         effects[task] = TaskEffect(task, int(b.size), float(b.mean()) if b.size else 0.0,
-                                   float(t.mean()) if t.size else 0.0, better, worse, p, worse > better and p < alpha)
-    return Decision(tuple(sorted((int(a), int(c)) for a, c in heads)), effects, alpha)
+                                   float(t.mean()) if t.size else 0.0, better, worse, p, worse > better and p < alpha,
+                                   better > worse and p < alpha)
+    return Decision(tuple(sorted((int(a), int(c)) for a, c in heads)), effects, alpha, require_significant_gain)
 
 
 @dataclass
@@ -153,7 +168,7 @@ class Selection:
 
 def select_forward(order: Iterable[Head], evaluate: Callable[[list[Head]], Mapping[str, np.ndarray]],
                    baseline: Mapping[str, np.ndarray], alpha: float = DEFAULT_ALPHA,
-                   max_evals: int | None = None) -> Selection:
+                   max_evals: int | None = None, require_significant_gain: bool = False) -> Selection:
     """Greedy forward selection validated step by step (see the module docs).
 
     ``order``: candidate heads, best first (by the search part); ``evaluate(heads)`` returns
@@ -168,7 +183,7 @@ def select_forward(order: Iterable[Head], evaluate: Callable[[list[Head]], Mappi
             sel.complete = False
             break
         trial = sorted(current + [h])
-        dec = judge(trial, baseline, evaluate(trial), alpha)
+        dec = judge(trial, baseline, evaluate(trial), alpha, require_significant_gain)
         sel.evaluations += 1
         best_so_far = current_decision.mean_gain if current_decision else 0.0
         take = dec.accepted and dec.mean_gain > best_so_far
