@@ -165,19 +165,15 @@ class WorkerState:
     def local_heads(
         self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device
     ) -> torch.Tensor | None:
-        """Local query-head indices of ``prof`` in ``layer`` for this worker (None = none)."""
-        key = (prof.hash, layer, num_local_heads, device)
-        if key in self._heads_cache:
-            return self._heads_cache[key]
-        result = None
-        if not prof.is_identity and layer in prof.heads:
-            tp = self.tp or TPSlice(0, num_local_heads, layer + 1)
-            global_heads = prof.resolve(max(tp.num_layers, layer + 1), tp.num_heads)[layer]
-            local = tp.local_heads(global_heads, num_local_heads)
-            if local:
-                result = torch.tensor(local, dtype=torch.long, device=device)
-        self._heads_cache[key] = result
-        return result
+        """Local query-head indices of ``prof`` in ``layer`` for this worker (None = none).
+        Not cached here: each layer's calibrator keeps its own per-profile result
+        (``LayerCalibrator._heads_of``), keyed by the hash the arm computed at admission."""
+        if prof.is_identity or layer not in prof.heads:
+            return None
+        tp = self.tp or TPSlice(0, num_local_heads, layer + 1)
+        global_heads = prof.resolve(max(tp.num_layers, layer + 1), tp.num_heads)[layer]
+        local = tp.local_heads(global_heads, num_local_heads)
+        return torch.tensor(local, dtype=torch.long, device=device) if local else None
 
     def status(self) -> dict:
         return {
