@@ -178,7 +178,8 @@ class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
 
 def test_decode_path_makes_no_host_sync(monkeypatch):
     """The decode path reads lengths on the device: no .item()/.cpu()/.tolist(), no scalar
-    reads, no data-dependent shapes, no copies -- one call of the fused op."""
+    reads, no data-dependent shapes, no copies -- one call of the fused kernel, which goes
+    straight to C++ (its module function): not a single ATen op."""
     p = make_problem([37, 130, 5, 64], [1, 1, 1, 1], sink_strength=1.5, seed=1)
     out = p.output.clone()
     args = list(p.args())
@@ -199,11 +200,71 @@ def test_decode_path_makes_no_host_sync(monkeypatch):
         calibrate_paged(*args, **p.kwargs(0.4, 0.1))
     monkeypatch.undo()
     assert calls == []
-    assert mode.ops == ["act_kernels.calibrate_paged.default"], mode.ops
-    assert not torch.equal(out, p.output)
+    assert mode.ops == [], mode.ops
+    assert not torch.equal(out, p.output)  # and it did calibrate
     # the guard does catch a syncing implementation
     mode2 = _NoHostSync()
     with mode2:
         args[1] = p.output.clone()
         calibrate_paged_reference(*args, **p.kwargs(0.4, 0.1))
     assert any(any(s in op for s in _NoHostSync.SYNCING) for op in mode2.ops)
+
+
+# ----------------------------------------------------------------------------- whole-layer decode
+def _whole_layer(p, heads: list[int], beta: float, threshold: float) -> torch.Tensor:
+    """The layer's decode rows computed by the whole-layer kernel alone (every head)."""
+    decode = kernels.bind_decode_attention(p.query, p.output, p.key_cache, p.value_cache)
+    assert decode is not None
+    out = p.output.clone()
+    rows = p.query_start.long()
+    out[rows] = 0  # every head of every decode row must be written
+    decode(p.query, out, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start,
+           torch.tensor(heads, dtype=torch.long), p.scale, beta, threshold, p.window, p.max_seq_len)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ratio,heads,window", [(1, [0], None), (3, [0, 4], None), (4, [1, 2, 7], 16), (3, [], None)])
+def test_whole_layer_decode_matches_native_and_core(layout, dtype, ratio, heads, window):
+    """Every head of the decode rows in one pass: uncalibrated heads equal plain attention
+    (the native result within rounding), calibrated heads equal core's ACT; rows of other
+    requests are not touched."""
+    H = 2 * ratio
+    p = make_problem([37, 130, 5, 64, 300], [1] * 5, num_heads=H, num_kv_heads=2, layout=layout, dtype=dtype,
+                     heads=heads or [0], window=window, extra_rows=2, sink_strength=1.5,
+                     seed=zlib.crc32(f"{layout}{ratio}{dtype}".encode()) % 1000)
+    got = _whole_layer(p, heads, 0.4, 0.1)
+    exp = p.expected(0.4, 0.1) if heads else p.output.to(torch.float32)
+    err = (got.to(torch.float32) - exp).abs().max().item()
+    assert err <= TOL[dtype] * exp.abs().max().item(), f"max error {err:.3g}"
+    assert torch.equal(got[:2], p.output[:2])  # rows of other requests
+    if heads:
+        assert not torch.equal(got[:, heads], p.output[:, heads])  # the sinks were calibrated
+
+
+@pytest.mark.parametrize("beta,threshold", [(1.0, 0.1), (0.4, 1.0), (0.0, 0.1)])
+def test_whole_layer_decode_beta_and_threshold_edges(beta, threshold):
+    """beta 1 and no sinks: plain attention on every head; beta 0: sinks removed (core)."""
+    p = make_problem([60, 17, 90], [1, 1, 1], num_heads=6, num_kv_heads=2, heads=[0, 3], sink_strength=2.0, seed=8)
+    got = _whole_layer(p, [0, 3], beta, threshold)
+    exp = p.expected(beta, threshold)
+    assert (got - exp).abs().max().item() <= 2e-4 * exp.abs().max().item()
+    if beta == 1.0 or threshold == 1.0:
+        assert (got - p.output).abs().max().item() <= 2e-6 * p.output.abs().max().item()
+
+
+def test_whole_layer_decode_leaves_vanishing_rows_plain():
+    """Non-sink mass below float32 resolution: the row keeps plain attention (core agrees)."""
+    p = make_problem([30], [1], sink_positions=(4,), sink_strength=40.0, heads=[0], seed=3)
+    got = _whole_layer(p, [0], 0.4, 0.1)
+    assert (got - p.output).abs().max().item() <= 1e-6 * p.output.abs().max().item()
+    assert torch.allclose(p.expected(0.4, 0.1), p.output, atol=1e-5)
+
+
+def test_whole_layer_decode_is_unavailable_where_it_cannot_run(monkeypatch):
+    p = make_problem([20], [1], seed=1)
+    monkeypatch.setenv("ACT_KERNEL", "reference")
+    assert kernels.bind_decode_attention(p.query, p.output, p.key_cache, p.value_cache) is None
+    monkeypatch.setenv("ACT_KERNEL", "cpu")
+    assert kernels.bind_decode_attention(p.query, p.output.double(), p.key_cache, p.value_cache) is None

@@ -46,6 +46,9 @@ def test_engine_overhead_benchmark_runs(tmp_path):
     assert set(figures["ratios"]) >= {"prefill", "decode", "calib_share_prefill", "calib_share_decode"}
     # the worker accounted the calibration of both kinds of step in the timed runs
     assert figures["results"]["act"]["calib_prefill_s"] > 0 and figures["results"]["act"]["calib_decode_s"] > 0
+    # decode steps of calibrated requests only: the calibrated layers were computed whole by
+    # the fused kernel in the real engine (26 layers x 3 decode steps at least)
+    assert figures["results"]["act"]["whole_layer_decode_calls"] >= 26 * 3
     curve = figures["results"]["curve"]
     assert [(r["kind"], r["seqs"], r["prompt_len"]) for r in curve] == [
         ("decode", 1, 32), ("decode", 4, 32), ("prefill", 1, 32), ("prefill", 1, 96)]

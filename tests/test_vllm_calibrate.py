@@ -37,11 +37,11 @@ def _calibrator(state: WorkerState) -> LayerCalibrator:
     return cal
 
 
-def _step(problem, prof: ACTConfig, name: str = "act"):
+def _step(problem, prof: ACTConfig, name: str = "act", covers_step: bool = False):
     group = SeqGroup(arm=Arm(name, prof), block_table=problem.block_table, seq_lens=problem.seq_lens,
                      query_start=problem.query_start, query_lens=problem.query_lens,
                      max_query_len=problem.max_query_len, max_seq_len=problem.max_seq_len)
-    return types.SimpleNamespace(act_plan=StepPlan(groups=[group]))
+    return types.SimpleNamespace(act_plan=StepPlan(groups=[group], covers_step=covers_step))
 
 
 def _problem(heads: list[int], seed: int, query_lens=(1, 1, 5)):
@@ -105,3 +105,30 @@ def test_profiling_accounts_only_when_switched_on():
     # no plan was built here (the metadata builder accounts those): the step count is 0
     assert per_kind(snap, "decode") == (snap["decode"]["seconds"], 0)
     assert timer.snapshot() == {} and not timer.enabled
+
+
+def test_whole_layer_decode_computes_every_head_when_every_row_is_calibrated():
+    state, prof = _state([0, 3])
+    p = _problem([0, 3], seed=5, query_lens=(1, 1, 1))
+    out = p.output.clone()
+    rows = p.query_start.long()
+    out[rows] = 0.0  # the native kernel did not run: every head must be written
+    assert _calibrator(state).decode_whole_layer(p.query, p.raw_cache, _step(p, prof, covers_step=True), out)
+    assert _close(out, p.expected(prof.beta, prof.threshold))  # ACT on 0 and 3, plain attention on 1 and 2
+    assert not torch.equal(out[rows][:, [0, 3]], p.output[rows][:, [0, 3]])
+
+
+@pytest.mark.parametrize("case", ["rows_without_act", "prefill_rows", "no_heads_in_layer"])
+def test_whole_layer_decode_declines_and_writes_nothing(case):
+    """The native kernel keeps the step where ACT may not compute all of it: rows of other
+    arms (ACT off) in the step, prefill rows, or no arm of the step calibrating this layer."""
+    state, prof = _state([0, 3])
+    if case == "no_heads_in_layer":
+        other = ACTConfig.from_any({"heads": {LAYER + 1: [1]}, "beta": 0.3, "threshold": 0.1})
+        state.configure(ACTEngineConfig.from_any({"profiles": {"act": prof.to_dict(), "other": other.to_dict()}}))
+        prof = other
+    p = _problem([0, 3], seed=6, query_lens=(1, 1, 5) if case == "prefill_rows" else (1, 1, 1))
+    out = p.output.clone()
+    step = _step(p, prof, covers_step=case != "rows_without_act")
+    assert not _calibrator(state).decode_whole_layer(p.query, p.raw_cache, step, out)
+    assert torch.equal(out, p.output)

@@ -143,6 +143,7 @@ def test_v2_router_and_plan_map_batch_positions_to_slots(state):
         ("a", True): ([7], [20], [108]),          # slot 0 at position 2 (decode)
         ("a", False): ([8], [3], [112]),          # slot 1 at position 3 (prefill)
     }
+    assert not plan.covers_step  # slot 4 (position 0) runs without ACT
     # A recycled slot is overwritten, never inherited.
     router.add_request(3, vllm.SamplingParams(extra_args={"act": "off"}))
     assert 3 not in state.arms
@@ -178,6 +179,7 @@ def test_v1_router_follows_batch_updates(state):
     plan = build_step_plan(state, _common(q_lens=[1, 1], seq_lens=[4, 9]), torch.device("cpu"), head_size=64,
                            max_heads=9)
     assert _groups(plan) == {("a", True): ([0, 1], [4, 9], [100, 104])}
+    assert plan.covers_step and plan.is_decode_only  # a layer may compute this step whole
 
 
 def test_running_request_keeps_its_arm_across_reconfiguration(state):

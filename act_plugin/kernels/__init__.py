@@ -35,7 +35,10 @@ from act_plugin.kernels.cpu import BLOCK_ELEMS as _CPU_BLOCK_ELEMS
 from act_plugin.kernels.cpu import RECOMPUTE_BELOW as _CPU_CUT
 from act_plugin.kernels.reference import calibrate_paged_reference
 
-__all__ = ["calibrate_paged", "calibrate_paged_reference", "kernel_name"]
+__all__ = [
+    "DecodeAttention", "PagedKernel", "bind_decode_attention", "bind_paged", "calibrate_paged",
+    "calibrate_paged_reference", "kernel_name",
+]
 
 KERNEL_ENV = "ACT_KERNEL"
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,6 +115,112 @@ def _choose(device: torch.device, forced: str) -> str:
     raise ValueError(f"{KERNEL_ENV}={forced!r}: expected 'auto', 'reference', 'cpu' or 'triton'")
 
 
+# A bound kernel: calibrate_paged's positional arguments (query, output, key_cache,
+# value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads, scale, beta,
+# threshold, window, max_query_len, max_seq_len) with the implementation already chosen.
+PagedKernel = Callable[..., None]
+
+
+def bind_paged(
+    query: torch.Tensor,
+    output: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    *,
+    recompute_below: float | None = None,
+) -> PagedKernel:
+    """The :func:`calibrate_paged` implementation for tensors like these (device, dtypes),
+    chosen once: a calibrated layer binds it when it first sees its KV cache and then pays
+    only the kernel call in every step (choosing costs microseconds, times every layer and
+    step). Arguments as :func:`calibrate_paged`'s, positional; ``window`` may be None."""
+    name = kernel_name(query.device)
+    if name != "reference" and not (
+        query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
+    ):
+        dtypes = sorted({str(t.dtype) for t in (query, output, key_cache, value_cache)})
+        _warn_once(
+            ("dtype", *dtypes),
+            "ACT: the fused kernels take one dtype among float32/bfloat16/float16 for query, output and "
+            "KV cache (got %s); using the torch reference", dtypes,
+        )
+        name = "reference"
+    if name == "reference":
+        def run_reference(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                          heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+            calibrate_paged_reference(
+                query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                heads, kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
+                max_query_len=max_query_len, max_seq_len=max_seq_len,
+            )
+
+        return run_reference
+    if name == "cpu":
+        cut = _CPU_CUT.get(output.dtype, 1.0 / 16) if recompute_below is None else float(recompute_below)
+        # "cpu" is only chosen (and cached in _chosen) after _load_cpu_op() returned the op and set _cpu_op
+        op = _cpu_op
+        assert op is not None
+
+        def run_cpu(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                    heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+            if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
+                return  # nothing changes (spec: beta = 1 leaves every row as it is)
+            op(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
+               kv_heads, scale, beta, threshold, window or 0, cut, max_query_len, max_seq_len, _CPU_BLOCK_ELEMS)
+
+        return run_cpu
+    if name == "triton":
+        from act_plugin.kernels.triton_paged import calibrate_paged_triton
+
+        def run_triton(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                       heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+            if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
+                return
+            calibrate_paged_triton(
+                query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
+                kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
+                max_query_len=max_query_len, max_seq_len=max_seq_len, recompute_below=recompute_below,
+            )
+
+        return run_triton
+    raise AssertionError(name)  # pragma: no cover
+
+
+# A bound whole-layer decode kernel: (query, output, key_cache, value_cache, block_table,
+# seq_lens, query_start, heads, scale, beta, threshold, window, max_seq_len).
+DecodeAttention = Callable[..., None]
+
+
+def bind_decode_attention(
+    query: torch.Tensor, output: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> DecodeAttention | None:
+    """The fused CPU kernel's whole-layer decode attention for tensors like these, or None
+    where there is none (another device, ``ACT_KERNEL`` other than auto/cpu, mixed or other
+    dtypes): the caller then keeps the native kernel and calibrates after it.
+
+    It computes every query head of the given decode rows in one pass over the paged cache
+    (keys and values read once per KV head for all its query heads) and applies ACT to
+    ``heads`` in the same pass, so a step whose rows are all calibrated need not run the
+    native kernel and then read the cache a second time. Heads not in ``heads`` get plain
+    attention, equal to the native kernel's within float rounding (not bit for bit).
+    """
+    if kernel_name(query.device) != "cpu" or not (
+        query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
+    ):
+        return None
+    from act_plugin.kernels import cpu
+
+    op = cpu.decode_attention_op()
+    if op is None:
+        return None
+
+    def run_decode(query, output, key_cache, value_cache, block_table, seq_lens, query_start, heads, scale, beta,
+                   threshold, window, max_seq_len) -> None:
+        op(query, output, key_cache, value_cache, block_table, seq_lens, query_start, heads, scale, beta, threshold,
+           window or 0, max_seq_len)
+
+    return run_decode
+
+
 def calibrate_paged(
     query: torch.Tensor,
     output: torch.Tensor,
@@ -147,44 +256,10 @@ def calibrate_paged(
     ``recompute_below`` (fused kernels): rows whose non-sink mass is below it are recomputed
     from all V columns instead of corrected on the native output (default per output dtype,
     :data:`act_plugin.kernels.cpu.RECOMPUTE_BELOW`).
-    """
-    name = kernel_name(query.device)
-    if name != "reference" and not (
-        query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
-    ):
-        dtypes = sorted({str(t.dtype) for t in (query, output, key_cache, value_cache)})
-        _warn_once(
-            ("dtype", *dtypes),
-            "ACT: the fused kernels take one dtype among float32/bfloat16/float16 for query, output and "
-            "KV cache (got %s); using the torch reference", dtypes,
-        )
-        name = "reference"
-    if name == "reference":
-        calibrate_paged_reference(
-            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-            heads, kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
-            max_query_len=max_query_len, max_seq_len=max_seq_len,
-        )
-        return
-    if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
-        return  # nothing changes (spec: beta = 1 leaves every row as it is)
-    if name == "cpu":
-        cut = _CPU_CUT.get(output.dtype, 1.0 / 16) if recompute_below is None else recompute_below
-        # "cpu" is only chosen (and cached in _chosen) after _load_cpu_op() returned the op and set _cpu_op
-        assert _cpu_op is not None
-        _cpu_op(
-            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
-            float(scale), float(beta), float(threshold), int(window or 0), float(cut), int(max_query_len),
-            int(max_seq_len), _CPU_BLOCK_ELEMS,
-        )
-        return
-    if name == "triton":
-        from act_plugin.kernels.triton_paged import calibrate_paged_triton
 
-        calibrate_paged_triton(
-            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
-            scale=scale, beta=beta, threshold=threshold, window=window, max_query_len=max_query_len,
-            max_seq_len=max_seq_len, recompute_below=recompute_below,
-        )
-        return
-    raise AssertionError(name)  # pragma: no cover
+    Chooses the implementation on every call; per-step callers bind it once
+    (:func:`bind_paged`).
+    """
+    kernel = bind_paged(query, output, key_cache, value_cache, recompute_below=recompute_below)
+    kernel(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
+           float(scale), float(beta), float(threshold), window, int(max_query_len), int(max_seq_len))

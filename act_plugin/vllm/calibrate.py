@@ -1,10 +1,12 @@
 """ACT inside one vLLM attention layer: run the step plan's groups through the kernels.
 
 The native kernel has computed every head; for each group of the step plan (built by the
-wrapped metadata builder, :mod:`act_plugin.vllm.plan`) the calibrator calls
-:func:`act_plugin.kernels.calibrate_paged` once, which overwrites that group's configured
-heads. Uncalibrated heads and layers keep the native result bit for bit. Nothing here reads
-from the device or logs per step.
+wrapped metadata builder, :mod:`act_plugin.vllm.plan`) the calibrator calls the paged kernel
+(:func:`act_plugin.kernels.calibrate_paged`, bound once per KV-cache tensor) once, which
+overwrites that group's configured heads. This runs in every calibrated layer of every
+step, so it does no work that does not change between steps. Uncalibrated heads and layers
+keep the native result bit for bit (but see the whole-layer decode below). Nothing here
+reads from the device or logs per step.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import time
 import torch
 
 from act_plugin.calibration import kv_heads_of
-from act_plugin.kernels import calibrate_paged
+from act_plugin.kernels import DecodeAttention, PagedKernel, bind_decode_attention, bind_paged
 from act_plugin.vllm.kv_layout import KVSplit
+from act_plugin.vllm.plan import StepPlan
 from act_plugin.vllm.profiling import timer
 from act_plugin.vllm.runtime import Arm, WorkerState
 
@@ -48,7 +51,10 @@ class LayerCalibrator:
         self.layer_index: int | None = None
         # profile hash -> (local heads, their KV heads) in this layer; None = none here
         self._heads: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        self._kv: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+        # (KV-cache tensor, its data pointer, query dtype) -> key view, value view, bound
+        # kernel, bound whole-layer decode kernel (None: none for these tensors)
+        self._bound: tuple | None = None
+        self._no_heads: torch.Tensor | None = None  # an empty head list, for rows of arms without heads here
 
     def apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> None:
         """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT."""
@@ -56,9 +62,9 @@ class LayerCalibrator:
             self._apply(query, kv_cache, metadata, output)
             return
         start = time.perf_counter()
-        kind = self._apply(query, kv_cache, metadata, output)
-        if kind is not None:
-            timer.add(kind, time.perf_counter() - start)
+        plan = self._apply(query, kv_cache, metadata, output)
+        if plan is not None:
+            timer.add("decode" if plan.is_decode_only else "prefill", time.perf_counter() - start)
 
     def _heads_of(self, arm: Arm, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         if arm.hash in self._heads:
@@ -68,18 +74,54 @@ class LayerCalibrator:
         self._heads[arm.hash] = got
         return got
 
-    def _split(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's key and value cache views; the cache tensor is the same every step,
-        so its views are made once (a handful of views costs ~10 us per layer and step)."""
-        cached = self._kv
-        if cached is not None and cached[0] is kv_cache and cached[1] == kv_cache.data_ptr():
-            return cached[2], cached[3]
+    def _bind(self, query: torch.Tensor, output: torch.Tensor, kv_cache: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, PagedKernel, DecodeAttention | None]:
+        """The layer's key and value cache views and the kernels bound to their device and
+        dtypes. The cache tensor is the same every step, so all are made once: views and
+        the kernel's choice cost ~10 us each per layer and step."""
+        bound = self._bound
+        if bound is not None and bound[0] is kv_cache and bound[1] == kv_cache.data_ptr() and bound[2] is query.dtype:
+            return bound[3], bound[4], bound[5], bound[6]
         key_cache, value_cache = self.kv_split(kv_cache)
-        self._kv = (kv_cache, kv_cache.data_ptr(), key_cache, value_cache)
-        return key_cache, value_cache
+        kernel = bind_paged(query, output, key_cache, value_cache)
+        decode = bind_decode_attention(query, output, key_cache, value_cache)
+        self._bound = (kv_cache, kv_cache.data_ptr(), query.dtype, key_cache, value_cache, kernel, decode)
+        return key_cache, value_cache, kernel, decode
 
-    def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> str | None:
-        """The calibration; returns the kind of step it calibrated (None: nothing to do)."""
+    def decode_whole_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> bool:
+        """Compute this layer's whole attention for a decode step whose rows all run ACT arms,
+        in one pass with ACT on each arm's heads; False (nothing written) where that does not
+        apply, and the caller runs the native kernel and :meth:`apply` instead."""
+        layer = self.layer_index
+        if metadata is None or layer is None:
+            return False
+        plan = getattr(metadata, PLAN_ATTR, None)
+        if plan is None or not plan.covers_step or not plan.groups or not plan.is_decode_only:
+            return False
+        if kv_cache.numel() == 0 or layer not in self.state.calibrated_layers():
+            return False
+        heads = [self._heads[g.arm.hash] if g.arm.hash in self._heads else self._heads_of(g.arm, layer, query.device)
+                 for g in plan.groups]
+        if all(h is None for h in heads):
+            return False  # no arm of this step calibrates this layer: the native result, bit for bit
+        out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
+        key_cache, value_cache, _, decode = self._bind(query, out, kv_cache)
+        if decode is None:
+            return False
+        start = time.perf_counter() if timer.enabled else 0.0
+        if self._no_heads is None:
+            self._no_heads = torch.zeros(0, dtype=torch.long, device=query.device)
+        for group, h in zip(plan.groups, heads):
+            prof = group.arm.config
+            decode(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
+                   self._no_heads if h is None else h[0], self.scale, prof.beta, prof.threshold, self.window,
+                   group.max_seq_len)
+        if timer.enabled:
+            timer.add("decode_whole_layer", time.perf_counter() - start)
+        return True
+
+    def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> StepPlan | None:
+        """The calibration; returns the step plan it ran (None: nothing to do)."""
         layer = self.layer_index
         if metadata is None or layer is None or kv_cache.numel() == 0:
             return None  # profiling / dummy runs, and layers the self-check found not calibratable
@@ -94,17 +136,17 @@ class LayerCalibrator:
             )
         if not plan.groups:
             return None
-        key_cache, value_cache = self._split(kv_cache)
-        out = output.view(output.shape[0], self.num_heads, -1)
+        # vLLM hands the output as [T, H, D] already; a view costs ~3 us per layer and step
+        out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
+        key_cache, value_cache, kernel, _ = self._bind(query, out, kv_cache)
+        heads_of = self._heads
         for group in plan.groups:
-            prof = group.arm.config
-            heads = self._heads_of(group.arm, layer, query.device)
+            arm = group.arm
+            heads = heads_of[arm.hash] if arm.hash in heads_of else self._heads_of(arm, layer, query.device)
             if heads is None:
                 continue
-            calibrate_paged(
-                query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
-                group.query_lens, heads[0], heads[1],
-                scale=self.scale, beta=prof.beta, threshold=prof.threshold, window=self.window,
-                max_query_len=group.max_query_len, max_seq_len=group.max_seq_len,
-            )
-        return "decode" if plan.is_decode_only else "prefill"
+            prof = arm.config
+            kernel(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
+                   group.query_lens, heads[0], heads[1], self.scale, prof.beta, prof.threshold, self.window,
+                   group.max_query_len, group.max_seq_len)
+        return plan

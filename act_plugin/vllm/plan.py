@@ -55,6 +55,9 @@ class SeqGroup:
 @dataclass
 class StepPlan:
     groups: list[SeqGroup] = field(default_factory=list)
+    # Every request of the step is in some group (no row runs without ACT): a calibrated layer
+    # may then compute the whole step's attention itself (decode: one pass, see calibrate.py).
+    covers_step: bool = False
 
     @property
     def is_decode_only(self) -> bool:
@@ -64,12 +67,18 @@ class StepPlan:
 EMPTY_PLAN = StepPlan()
 
 
+def _host_array(values) -> np.ndarray:
+    """A host tensor's numpy view (slicing the view, not the tensor: a torch slice costs
+    microseconds); numpy arrays pass through."""
+    return values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
 def _host_seq_lens(common) -> np.ndarray:
     num_reqs = common.num_reqs
     upper = getattr(common, "seq_lens_cpu_upper_bound", None)
     # Exact except for async speculative decoding, which the plugin refuses at start.
     if upper is not None:
-        return np.asarray(upper[:num_reqs], dtype=np.int64)
+        return _host_array(upper)[:num_reqs].astype(np.int64)
     seq_lens = common.seq_lens[:num_reqs]
     return (seq_lens if seq_lens.device.type == "cpu" else seq_lens.cpu()).numpy().astype(np.int64)
 
@@ -77,51 +86,78 @@ def _host_seq_lens(common) -> np.ndarray:
 def build_step_plan(
     state: WorkerState, common, device: torch.device, *, head_size: int, max_heads: int
 ) -> StepPlan:
-    """Group this step's calibrated rows by arm and kind (decode / prefill)."""
+    """Group this step's calibrated rows by arm and kind (decode / prefill).
+
+    Runs once per step: it works on Python ints and numpy arrays (per-element numpy scalars
+    and small torch calls cost microseconds each), takes the block-table rows of a group of
+    consecutive batch positions as a view, and moves nothing when the device is the CPU.
+    """
     arms = state.arms
     if not arms:
         return EMPTY_PLAN
     num_reqs = common.num_reqs
-    qsl = np.asarray(common.query_start_loc_cpu[: num_reqs + 1], dtype=np.int64)
-    q_lens = qsl[1:] - qsl[:-1]
+    qsl = _host_array(common.query_start_loc_cpu)[: num_reqs + 1].astype(np.int64)
+    q_lens = (qsl[1:] - qsl[:-1]).tolist()
     req_idx = getattr(common, "req_idx", None)
-    slots = np.asarray(req_idx[:num_reqs], dtype=np.int64) if req_idx is not None else np.arange(num_reqs)
-    by_key: dict[tuple[str, str, bool], list[int]] = {}
-    arm_of: dict[tuple[str, str, bool], Arm] = {}
-    for pos in range(num_reqs):
-        arm = arms.get(int(slots[pos]))
-        if arm is None or q_lens[pos] <= 0:
+    slots = np.asarray(req_idx[:num_reqs], dtype=np.int64).tolist() if req_idx is not None else range(num_reqs)
+    by_key: dict[tuple[str, str, bool], tuple[Arm, list[int]]] = {}
+    for pos, slot in enumerate(slots):
+        arm = arms.get(slot)
+        if arm is None:
             continue
-        key = (arm.profile, arm.hash, bool(q_lens[pos] == 1))
-        by_key.setdefault(key, []).append(pos)
-        arm_of[key] = arm
+        ql = q_lens[pos]
+        if ql <= 0:
+            continue
+        key = (arm.profile, arm.hash, ql == 1)
+        entry = by_key.get(key)
+        if entry is None:
+            by_key[key] = entry = (arm, [])
+        entry[1].append(pos)
     if not by_key:
         return EMPTY_PLAN
     seq_lens = _host_seq_lens(common)
+    q_lens_np = np.asarray(q_lens, dtype=np.int64)
     budget = max_transient_bytes()
     bytes_per_key = 2 * max(1, max_heads) * head_size * 4  # gathered K and V, float32
+    on_host = device.type == "cpu"
+    block_table = common.block_table_tensor
     groups = []
-    for key, positions in by_key.items():
+    for arm, positions in by_key.values():
         for chunk in _chunks(positions, seq_lens, bytes_per_key, budget):
-            idx = np.asarray(chunk, dtype=np.int64)
-            kl, ql = seq_lens[idx], q_lens[idx]
-            idx_t = torch.from_numpy(idx)
+            first, last = chunk[0], chunk[-1]
+            rows: slice | np.ndarray
+            if last - first + 1 == len(chunk):  # consecutive batch positions (the usual case)
+                rows = slice(first, last + 1)
+                table = block_table[first : last + 1]
+            else:
+                rows = np.asarray(chunk, dtype=np.int64)
+                idx_t = torch.from_numpy(rows)
+                table = block_table.index_select(0, idx_t if block_table.is_cpu else idx_t.to(block_table.device))
+            kl, ql, qs = seq_lens[rows].copy(), q_lens_np[rows], qsl[:-1][rows].copy()
             groups.append(
                 SeqGroup(
-                    arm=arm_of[key],
-                    block_table=common.block_table_tensor.index_select(0, idx_t.to(common.block_table_tensor.device)),
-                    seq_lens=torch.from_numpy(kl).to(device, non_blocking=True),
-                    query_start=torch.from_numpy(qsl[idx]).to(device, non_blocking=True),
-                    query_lens=torch.from_numpy(ql).to(device, non_blocking=True),
+                    arm=arm,
+                    block_table=table,
+                    seq_lens=_to(kl, device, on_host),
+                    query_start=_to(qs, device, on_host),
+                    query_lens=_to(ql.copy(), device, on_host),
                     max_query_len=int(ql.max()),
                     max_seq_len=int(kl.max()),
                 )
             )
-    return StepPlan(groups=groups)
+    covered = sum(len(positions) for _, positions in by_key.values())
+    return StepPlan(groups=groups, covers_step=covered == num_reqs)
+
+
+def _to(values: np.ndarray, device: torch.device, on_host: bool) -> torch.Tensor:
+    t = torch.from_numpy(values)
+    return t if on_host else t.to(device, non_blocking=True)
 
 
 def _chunks(positions: list[int], seq_lens: np.ndarray, bytes_per_key: int, budget: int) -> list[list[int]]:
     """Split a group so that its padded K/V copies (G x max_len keys) stay within budget."""
+    if len(positions) * int(seq_lens[positions].max()) * bytes_per_key <= budget:
+        return [positions]  # the usual case: one group
     out: list[list[int]] = []
     cur: list[int] = []
     cur_max = 0

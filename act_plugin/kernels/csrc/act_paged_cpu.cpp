@@ -1,6 +1,9 @@
 // ACT calibration over a paged KV cache, fused, for CPUs (ACT_SPEC.md sections 1-2).
 //
-// One call per layer, step and profile group: torch.ops.act_kernels.calibrate_paged.
+// One call per layer, step and profile group. Two entry points to the same function: the
+// module function calibrate_paged (pybind11), which the engine calls -- ~4 us per call, against
+// ~11 us through the dispatcher for these 18 arguments, paid per layer and step -- and
+// torch.ops.act_kernels.calibrate_paged, the dispatcher op (tests, and the scratch counter).
 // Work is split over (sequence, calibrated head) tasks with at::parallel_for (torch's own
 // OpenMP pool, the one vLLM binds to cores). The K/V caches are read in place through the
 // block table with their own strides (CPU_ATTN's transposed key tiles, FLASH_ATTN's
@@ -22,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -464,6 +468,104 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
   }
 }
 
+// Decode rows of a layer whose step is calibrated throughout: attention of every query head
+// of one KV head in one pass over the cache (K read once for scores, V once for the outputs,
+// for all the query heads that share them), the calibrated heads with ACT's weights
+// p'_j = beta*p_j on sinks and p_j*(1 + (1-beta)*P_S/N) elsewhere (spec section 2, the
+// whole-row form: no cancellation, so no recompute cut). The engine then skips the native
+// kernel in that layer, so calibrating costs no second read of the cache.
+template <typename T>
+void decode_group_task(const Args<T>& a, int64_t g, int64_t kvh, int64_t qpg, const uint8_t* calibrated,
+                       std::vector<float>& buf) {
+  const int64_t D = a.D, L = a.seq_lens(g), row = a.query_start(g);
+  if (L <= 0) return;
+  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, L - a.window) : 0, n = L - lo;
+  buf.resize(2 * qpg * D + qpg * n);
+  ScratchUse use(static_cast<int64_t>(buf.capacity() * sizeof(float)));
+  float* q = buf.data();
+  float* acc = q + qpg * D;
+  float* p = acc + qpg * D;
+  const int64_t h0 = kvh * qpg;
+  for (int64_t i = 0; i < qpg; ++i) load_row(a.q + row * a.q_s0 + (h0 + i) * a.q_s1, a.q_s2, D, a.scale, q + i * D);
+  // Scores a cache block at a time for all the heads: the block's keys stay in cache across them.
+  for (int64_t j = lo; j < L;) {
+    const int64_t m = std::min(a.K.block - j % a.K.block, L - j);
+    for (int64_t i = 0; i < qpg; ++i) paged_scores(a.K, a.table, g, kvh, q + i * D, D, j, j + m, p + i * n + (j - lo));
+    j += m;
+  }
+  for (int64_t i = 0; i < qpg; ++i) {
+    float* pi = p + i * n;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, pi[j]);
+    float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+    for (int64_t j = 0; j < n; ++j) {
+      pi[j] = exp_neg(pi[j] - mx);
+      z += pi[j];
+    }
+    const float inv = 1.0f / z;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) pi[j] *= inv;
+    if (!calibrated[h0 + i]) continue;
+    float sink_mass = 0.0f, nonsink_mass = 0.0f;
+    int64_t num_sinks = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const bool s = (pi[j] > a.tau) && (lo + j != 0);
+      num_sinks += s;
+      if (s) sink_mass += pi[j]; else nonsink_mass += pi[j];
+    }
+    if (num_sinks == 0 || !(sink_mass > 0.0f) || nonsink_mass <= kNonSinkEps) continue;  // row unchanged
+    const float factor = 1.0f + (1.0f - a.beta) * sink_mass / nonsink_mass;
+    for (int64_t j = 0; j < n; ++j) {
+      const bool s = (pi[j] > a.tau) && (lo + j != 0);
+      pi[j] *= s ? a.beta : factor;
+    }
+  }
+  for (int64_t k = 0; k < qpg * D; ++k) acc[k] = 0.0f;
+  for (int64_t j = lo; j < L; ++j) {
+    const T* v = a.V.base + a.table(g, j / a.V.block) * a.V.s_blk + kvh * a.V.s_head + (j % a.V.block) * a.V.s_tok;
+    for (int64_t i = 0; i < qpg; ++i) {
+      const float w = p[i * n + (j - lo)];
+      float* ai = acc + i * D;
+      if (a.V.s_dim == 1) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ai[d] += w * to_f(v[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) ai[d] += w * to_f(v[d * a.V.s_dim]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < qpg; ++i) store_row(acc + i * D, D, a.out + row * a.o_s0 + (h0 + i) * a.o_s1, a.o_s2);
+}
+
+template <typename T>
+void run_decode(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
+                const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                const at::Tensor& query_start, const at::Tensor& heads, double scale, double beta, double threshold,
+                int64_t window, int64_t max_seq_len) {
+  Args<T> a{query.data_ptr<T>(), query.stride(0), query.stride(1), query.stride(2),
+            output.data_ptr<T>(), output.stride(0), output.stride(1), output.stride(2),
+            Paged<T>(key_cache), Paged<T>(value_cache),
+            Index(block_table), Index(seq_lens), Index(query_start), Index(seq_lens), Index(heads), Index(heads),
+            query.size(2), static_cast<float>(scale), static_cast<float>(beta), static_cast<float>(threshold),
+            0.0f, window};
+  const int64_t H = query.size(1), Hkv = key_cache.size(1), qpg = H / Hkv;
+  std::vector<uint8_t> calibrated(H, 0);
+  for (int64_t k = 0; k < heads.size(0); ++k) calibrated[a.heads(k)] = 1;
+  const int64_t G = block_table.size(0), tasks = G * Hkv;
+  const int64_t work = std::max<int64_t>(1, max_seq_len) * a.D * 2 * qpg;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / work);
+  g_scratch_peak.store(0);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t t = begin; t < end; ++t) decode_group_task(a, t / Hkv, t % Hkv, qpg, calibrated.data(), buf);
+  });
+  const int64_t call_peak = g_scratch_peak.load();
+  int64_t prev = g_kind_peak[0].load();
+  while (call_peak > prev && !g_kind_peak[0].compare_exchange_weak(prev, call_peak)) {
+  }
+}
+
 template <typename T>
 void run(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
          const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
@@ -521,6 +623,27 @@ void calibrate_paged(const at::Tensor& query, const at::Tensor& output, const at
 #undef ACT_RUN
 }
 
+void decode_attention(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
+                      const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                      const at::Tensor& query_start, const at::Tensor& heads, double scale, double beta,
+                      double threshold, int64_t window, int64_t max_seq_len) {
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(output.scalar_type() == dt && key_cache.scalar_type() == dt && value_cache.scalar_type() == dt,
+              "act_kernels.decode_attention: query, output and caches must share one dtype");
+  TORCH_CHECK(query.dim() == 3 && output.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4,
+              "act_kernels.decode_attention: query/output [T, H, D], caches [blocks, kv_heads, block, D]");
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "act_kernels.decode_attention: heads not a multiple of KV heads");
+  TORCH_CHECK(query.device().is_cpu(), "act_kernels.decode_attention is a CPU kernel");
+#define ACT_RUN(T)                                                                                                 \
+  run_decode<T>(query, output, key_cache, value_cache, block_table, seq_lens, query_start, heads, scale, beta, threshold, \
+                window, max_seq_len)
+  if (dt == at::kFloat) ACT_RUN(float);
+  else if (dt == at::kBFloat16) ACT_RUN(c10::BFloat16);
+  else if (dt == at::kHalf) ACT_RUN(c10::Half);
+  else TORCH_CHECK(false, "act_kernels.decode_attention: unsupported dtype ", dt);
+#undef ACT_RUN
+}
+
 std::vector<int64_t> scratch_peak_bytes(bool reset) {
   std::vector<int64_t> peaks = {g_kind_peak[0].load(), g_kind_peak[1].load()};
   if (reset) g_kind_peak[0].store(0), g_kind_peak[1].store(0);
@@ -537,4 +660,10 @@ TORCH_LIBRARY(act_kernels, m) {
       "float beta, float threshold, int window, float recompute_below, int max_query_len, int max_seq_len, "
       "int block_elems) -> ()");
   m.impl("calibrate_paged", c10::DispatchKey::CPU, TORCH_FN(calibrate_paged));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("calibrate_paged", &calibrate_paged, "ACT over the paged KV cache (see torch.ops.act_kernels.calibrate_paged)");
+  m.def("decode_attention", &decode_attention,
+        "decode attention of every head over the paged KV cache, ACT on the given heads (one pass)");
 }

@@ -75,6 +75,9 @@ class ACTImplMixin:
     """Mixed in before a native ``Impl``: native forward, then ACT on the configured heads."""
 
     act_kv_split: KVSplit  # set by act_impl()
+    # Set by act_impl(): the backend lets ACT compute whole decode steps of calibrated layers
+    # in place of the native kernel (LayerCalibrator.decode_whole_layer).
+    act_whole_decode_backend: bool = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -94,9 +97,22 @@ class ACTImplMixin:
             sliding_window=_window(impl),
             kv_split=type(self).act_kv_split,
         )
+        f = self.act_features
+        # Only where the fused kernel computes exactly what the native one does: plain causal
+        # decoder self-attention (windows allowed) over an unquantised cache.
+        self.act_whole_decode = type(self).act_whole_decode_backend and (
+            f.attn_type == "decoder" and not f.alibi and not f.logit_softcap and not f.learned_sinks
+            and f.kv_cache_dtype == "auto"
+        )
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
+        if (
+            self.act_whole_decode and attn_metadata is not None and output_scale is None
+            and getattr(self, "act_layout_verified", True)
+            and self.act.decode_whole_layer(query, kv_cache, attn_metadata, output)
+        ):
+            return output
         result = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output,
             output_scale=output_scale, output_block_scale=output_block_scale,
@@ -139,20 +155,27 @@ def act_builder(native_builder: type) -> type:
 
 
 @cache
-def act_impl(native_impl: type, kv_split: KVSplit) -> type:
-    cls = type("ACT" + native_impl.__name__, (ACTImplMixin, native_impl), {"act_kv_split": staticmethod(kv_split)})
+def act_impl(native_impl: type, kv_split: KVSplit, whole_decode: bool = False) -> type:
+    cls = type("ACT" + native_impl.__name__, (ACTImplMixin, native_impl),
+               {"act_kv_split": staticmethod(kv_split), "act_whole_decode_backend": whole_decode})
     return cls
 
 
-def act_backend(native_backend: type[AttentionBackend], kv_split: KVSplit, impl_base: type | None = None) -> type:
+def act_backend(native_backend: type[AttentionBackend], kv_split: KVSplit, impl_base: type | None = None,
+                whole_decode: bool = False) -> type:
     """The wrapper of ``native_backend``: native parts without ACT, ACT parts with it.
 
     ``impl_base`` replaces the native ``Impl`` as the base of the ACT impl (for backends that
     need a per-backend hook before the calibration, e.g. CPU_ATTN's layout check).
+    ``whole_decode``: the backend's decode steps may be computed by ACT's fused kernel in
+    place of the native one where every row is calibrated (the native kernel writes the KV
+    cache in a separate ``do_kv_cache_update``, so skipping its ``forward`` skips nothing else).
     """
     native_impl = native_backend.get_impl_cls()
     native_builder_cls = native_backend.get_builder_cls()
-    impl_cls = act_impl(impl_base or native_impl, kv_split)
+    # Skipping the native forward must not skip the cache write.
+    whole_decode = whole_decode and not getattr(native_backend, "forward_includes_kv_cache_update", True)
+    impl_cls = act_impl(impl_base or native_impl, kv_split, whole_decode)
     builder_cls = act_builder(native_builder_cls)
 
     def get_impl_cls():
