@@ -7,6 +7,13 @@ overwrites that group's configured heads. This runs in every calibrated layer of
 step, so it does no work that does not change between steps. Uncalibrated heads and layers
 keep the native result bit for bit (but see the whole-layer decode below). Nothing here
 reads from the device or logs per step.
+
+Decode steps whose every row runs an ACT arm skip the native kernel in calibrated layers
+(backends that allow it: CPU_ATTN today): :meth:`LayerCalibrator.decode_whole_layer`
+computes every head of the layer in one pass over the cache with ACT on the configured heads
+(:func:`act_plugin.kernels.bind_decode_attention`), so calibrating does not read the cache
+a second time. The uncalibrated heads of such a layer then equal the native result within
+float rounding, not bit for bit; rows of ACT-off requests never take this path.
 """
 
 from __future__ import annotations
