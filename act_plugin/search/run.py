@@ -301,8 +301,6 @@ def combine(prep: Prepared, ev: Evaluator, ver: Verification) -> Combination:
 
 def objective_comparison(prep: Prepared, ver: Verification) -> dict[str, Any] | None:
     """Which search-part objective predicts the validation accuracy change of single heads."""
-    from scipy.stats import spearmanr
-
     heads = sorted(ver.validation_singles)
     if len(heads) < 3:
         return None
@@ -319,17 +317,32 @@ def objective_comparison(prep: Prepared, ver: Verification) -> dict[str, Any] | 
     for obj in OBJECTIVES:
         g = np.array([objective_gain(obj, ver.singles[h], ver.baseline, prep.data.search.tasks, prep.cfg.clip)[0]
                       for h in heads])
-        rho = spearmanr(g, y).statistic if np.ptp(g) > 0 and np.ptp(y) > 0 else float("nan")
-        kept = [h for h, x in zip(heads, g) if x > 0]
-        top = [heads[i] for i in np.argsort(-g, kind="stable")[:3]]
+        fit = _predicts_validation(g, y)
+        top = np.argsort(-g, kind="stable")[:3]
         out["objectives"][obj] = {
-            "spearman_vs_validation_accuracy": None if np.isnan(rho) else float(rho),
-            "kept": len(kept),
-            "kept_mean_validation_accuracy_gain": float(np.mean([val_acc[h] for h in kept])) if kept else None,
-            "kept_share_helping_on_validation": float(np.mean([val_acc[h] > 0 for h in kept])) if kept else None,
-            "top3_mean_validation_accuracy_gain": float(np.mean([val_acc[h] for h in top])),
+            "spearman_vs_validation_accuracy": fit["spearman"],
+            "kept": fit["kept"],
+            "kept_mean_validation_accuracy_gain": fit["kept_mean"],
+            "kept_share_helping_on_validation": fit["kept_share_helping"],
+            "top3_mean_validation_accuracy_gain": float(np.mean(y[top])),
         }
     return out
+
+
+def _predicts_validation(gain: np.ndarray, change: np.ndarray) -> dict[str, Any]:
+    """How well an objective's search-part gains predict the validation accuracy changes of
+    the same items: rank correlation (None when either is constant) and what the items the
+    objective keeps (gain > 0) do on validation."""
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(gain, change).statistic if np.ptp(gain) > 0 and np.ptp(change) > 0 else float("nan")
+    kept = gain > 0
+    return {
+        "spearman": None if np.isnan(rho) else float(rho),
+        "kept": int(kept.sum()),
+        "kept_mean": float(change[kept].mean()) if kept.any() else None,
+        "kept_share_helping": float(np.mean(change[kept] > 0)) if kept.any() else None,
+    }
 
 
 def objective_comparison_per_task(prep: Prepared, ver: Verification) -> dict[str, Any] | None:
@@ -337,8 +350,6 @@ def objective_comparison_per_task(prep: Prepared, ver: Verification) -> dict[str
     (verified head, task) pair whose single-head validation score the search already holds
     (the per-task selection and the first combined-set step score single heads on validation,
     so this costs nothing extra). Per task, ``margin`` and ``worst_task`` are the same number."""
-    from scipy.stats import spearmanr
-
     tasks = list(prep.data.search.tasks)
     pairs: list[tuple[Head, str, float]] = []  # (head, task, validation accuracy change)
     for h in sorted(ver.singles):
@@ -359,14 +370,13 @@ def objective_comparison_per_task(prep: Prepared, ver: Verification) -> dict[str
             continue  # per task it is the margin
         g = np.array([objective_gain(obj, ver.singles[h], ver.baseline, tasks, prep.cfg.clip)[1][t]
                       for h, t, _ in pairs])
-        rho = spearmanr(g, y).statistic if np.ptp(g) > 0 and np.ptp(y) > 0 else float("nan")
-        kept = g > 0
+        fit = _predicts_validation(g, y)
         out["objectives"][obj] = {
-            "spearman_vs_validation_accuracy": None if np.isnan(rho) else float(rho),
+            "spearman_vs_validation_accuracy": fit["spearman"],
             "sign_agreement": float(np.mean((g > 0) == (y > 0))),
-            "kept": int(kept.sum()),
-            "kept_mean_validation_accuracy_change": float(y[kept].mean()) if kept.any() else None,
-            "kept_share_helping_on_validation": float(np.mean(y[kept] > 0)) if kept.any() else None,
+            "kept": fit["kept"],
+            "kept_mean_validation_accuracy_change": fit["kept_mean"],
+            "kept_share_helping_on_validation": fit["kept_share_helping"],
         }
     return out
 
