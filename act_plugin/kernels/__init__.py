@@ -115,6 +115,11 @@ def _choose(device: torch.device, forced: str) -> str:
     raise ValueError(f"{KERNEL_ENV}={forced!r}: expected 'auto', 'reference', 'cpu' or 'triton'")
 
 
+def _fused_dtypes(query, output, key_cache, value_cache) -> bool:
+    """The fused kernels take one dtype among float32/bfloat16/float16 for all four."""
+    return query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
+
+
 # A bound kernel: calibrate_paged's positional arguments (query, output, key_cache,
 # value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads, scale, beta,
 # threshold, window, max_query_len, max_seq_len) with the implementation already chosen.
@@ -134,9 +139,7 @@ def bind_paged(
     only the kernel call in every step (choosing costs microseconds, times every layer and
     step). Arguments as :func:`calibrate_paged`'s, positional; ``window`` may be None."""
     name = kernel_name(query.device)
-    if name != "reference" and not (
-        query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
-    ):
+    if name != "reference" and not _fused_dtypes(query, output, key_cache, value_cache):
         dtypes = sorted({str(t.dtype) for t in (query, output, key_cache, value_cache)})
         _warn_once(
             ("dtype", *dtypes),
@@ -203,9 +206,7 @@ def bind_decode_attention(
     native kernel and then read the cache a second time. Heads not in ``heads`` get plain
     attention, equal to the native kernel's within float rounding (not bit for bit).
     """
-    if kernel_name(query.device) != "cpu" or not (
-        query.dtype == output.dtype == key_cache.dtype == value_cache.dtype and query.dtype in _FUSED_DTYPES
-    ):
+    if kernel_name(query.device) != "cpu" or not _fused_dtypes(query, output, key_cache, value_cache):
         return None
     from act_plugin.kernels import cpu
 

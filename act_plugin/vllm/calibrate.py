@@ -107,8 +107,7 @@ class LayerCalibrator:
             return False
         if kv_cache.numel() == 0 or layer not in self.state.calibrated_layers():
             return False
-        heads = [self._heads[g.arm.hash] if g.arm.hash in self._heads else self._heads_of(g.arm, layer, query.device)
-                 for g in plan.groups]
+        heads = [self._heads_of(g.arm, layer, query.device) for g in plan.groups]
         if all(h is None for h in heads):
             return False  # no arm of this step calibrates this layer: the native result, bit for bit
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
@@ -146,10 +145,9 @@ class LayerCalibrator:
         # vLLM hands the output as [T, H, D] already; a view costs ~3 us per layer and step
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
         key_cache, value_cache, kernel, _ = self._bind(query, out, kv_cache)
-        heads_of = self._heads
         for group in plan.groups:
             arm = group.arm
-            heads = heads_of[arm.hash] if arm.hash in heads_of else self._heads_of(arm, layer, query.device)
+            heads = self._heads_of(arm, layer, query.device)
             if heads is None:
                 continue
             prof = arm.config

@@ -242,6 +242,51 @@ inline void output_form(const Args<T>& a, T* orow, const float* o_s, float facto
   }
 }
 
+// Scores of one decode row over its n keys -> its probabilities, in place.
+inline void softmax_row(float* p, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
+  float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = exp_neg(p[j] - m);
+    z += p[j];
+  }
+  const float inv = 1.0f / z;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+}
+
+// The sinks of one decode row (keys lo .. lo + n - 1, probabilities p): for one row the
+// column score is the probability itself (spec section 1); position 0 is never a sink.
+struct RowSinks {
+  int64_t count = 0;
+  float sink_mass = 0.0f, nonsink_mass = 0.0f;
+  // core leaves a row unchanged without sinks or when its non-sink mass vanishes
+  bool calibrates() const { return count > 0 && sink_mass > 0.0f && nonsink_mass > kNonSinkEps; }
+  float factor(float beta) const { return 1.0f + (1.0f - beta) * sink_mass / nonsink_mass; }
+};
+
+inline RowSinks row_sinks(const float* p, int64_t n, int64_t lo, float tau, uint8_t* is_sink) {
+  RowSinks r;
+  for (int64_t j = 0; j < n; ++j) {
+    const bool s = (p[j] > tau) && (lo + j != 0);
+    is_sink[j] = s;
+    r.count += s;
+    if (s) r.sink_mass += p[j]; else r.nonsink_mass += p[j];
+  }
+  return r;
+}
+
+// The peak scratch of the call that just ran, into the per-kind peak (0: decode-only, 1: prefill rows).
+inline void record_call_peak(int kind) {
+  std::atomic<int64_t>& peak = g_kind_peak[kind];
+  const int64_t call_peak = g_scratch_peak.load();
+  int64_t prev = peak.load();
+  while (call_peak > prev && !peak.compare_exchange_weak(prev, call_peak)) {
+  }
+}
+
 template <typename T>
 void decode_task(const Args<T>& a, int64_t g, int64_t hs, std::vector<float>& buf) {
   const int64_t D = a.D, L = a.seq_lens(g), row = a.query_start(g);
@@ -256,29 +301,12 @@ void decode_task(const Args<T>& a, int64_t g, int64_t hs, std::vector<float>& bu
   uint8_t* is_sink = reinterpret_cast<uint8_t*>(p + n);
   load_row(a.q + row * a.q_s0 + h * a.q_s1, a.q_s2, D, a.scale, q);
   paged_scores(a.K, a.table, g, kvh, q, D, lo, L, p);
-  float m = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
-  float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = exp_neg(p[j] - m);
-    z += p[j];
-  }
-  const float inv = 1.0f / z;
-  float sink_mass = 0.0f, nonsink_mass = 0.0f;
-  int64_t num_sinks = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] *= inv;
-    // one row: the column score is the probability itself (spec section 1)
-    const bool s = (p[j] > a.tau) && (lo + j != 0);
-    is_sink[j] = s;
-    num_sinks += s;
-    if (s) sink_mass += p[j]; else nonsink_mass += p[j];
-  }
-  if (num_sinks == 0 || !(sink_mass > 0.0f) || nonsink_mass <= kNonSinkEps) return;
-  const float factor = 1.0f + (1.0f - a.beta) * sink_mass / nonsink_mass;
+  softmax_row(p, n);
+  const RowSinks rs = row_sinks(p, n, lo, a.tau, is_sink);
+  if (!rs.calibrates()) return;
+  const float factor = rs.factor(a.beta);
   T* orow = a.out + row * a.o_s0 + h * a.o_s1;
-  if (nonsink_mass >= a.cut) {
+  if (rs.nonsink_mass >= a.cut) {
     for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
     for (int64_t j = 0; j < n; ++j)
       if (is_sink[j]) add_value(a.V, a.table, g, kvh, lo + j, p[j], D, acc);
@@ -480,11 +508,12 @@ void decode_group_task(const Args<T>& a, int64_t g, int64_t kvh, int64_t qpg, co
   const int64_t D = a.D, L = a.seq_lens(g), row = a.query_start(g);
   if (L <= 0) return;
   const int64_t lo = a.window > 0 ? std::max<int64_t>(0, L - a.window) : 0, n = L - lo;
-  buf.resize(2 * qpg * D + qpg * n);
+  buf.resize(2 * qpg * D + qpg * n + n / 4 + 1);
   ScratchUse use(static_cast<int64_t>(buf.capacity() * sizeof(float)));
   float* q = buf.data();
   float* acc = q + qpg * D;
   float* p = acc + qpg * D;
+  uint8_t* is_sink = reinterpret_cast<uint8_t*>(p + qpg * n);  // one head's at a time
   const int64_t h0 = kvh * qpg;
   for (int64_t i = 0; i < qpg; ++i) load_row(a.q + row * a.q_s0 + (h0 + i) * a.q_s1, a.q_s2, D, a.scale, q + i * D);
   // Scores a cache block at a time for all the heads: the block's keys stay in cache across them.
@@ -495,31 +524,12 @@ void decode_group_task(const Args<T>& a, int64_t g, int64_t kvh, int64_t qpg, co
   }
   for (int64_t i = 0; i < qpg; ++i) {
     float* pi = p + i * n;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, pi[j]);
-    float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-    for (int64_t j = 0; j < n; ++j) {
-      pi[j] = exp_neg(pi[j] - mx);
-      z += pi[j];
-    }
-    const float inv = 1.0f / z;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) pi[j] *= inv;
+    softmax_row(pi, n);
     if (!calibrated[h0 + i]) continue;
-    float sink_mass = 0.0f, nonsink_mass = 0.0f;
-    int64_t num_sinks = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const bool s = (pi[j] > a.tau) && (lo + j != 0);
-      num_sinks += s;
-      if (s) sink_mass += pi[j]; else nonsink_mass += pi[j];
-    }
-    if (num_sinks == 0 || !(sink_mass > 0.0f) || nonsink_mass <= kNonSinkEps) continue;  // row unchanged
-    const float factor = 1.0f + (1.0f - a.beta) * sink_mass / nonsink_mass;
-    for (int64_t j = 0; j < n; ++j) {
-      const bool s = (pi[j] > a.tau) && (lo + j != 0);
-      pi[j] *= s ? a.beta : factor;
-    }
+    const RowSinks rs = row_sinks(pi, n, lo, a.tau, is_sink);
+    if (!rs.calibrates()) continue;  // row unchanged
+    const float factor = rs.factor(a.beta);
+    for (int64_t j = 0; j < n; ++j) pi[j] *= is_sink[j] ? a.beta : factor;
   }
   for (int64_t k = 0; k < qpg * D; ++k) acc[k] = 0.0f;
   for (int64_t j = lo; j < L; ++j) {
@@ -560,10 +570,7 @@ void run_decode(const at::Tensor& query, const at::Tensor& output, const at::Ten
     std::vector<float> buf;
     for (int64_t t = begin; t < end; ++t) decode_group_task(a, t / Hkv, t % Hkv, qpg, calibrated.data(), buf);
   });
-  const int64_t call_peak = g_scratch_peak.load();
-  int64_t prev = g_kind_peak[0].load();
-  while (call_peak > prev && !g_kind_peak[0].compare_exchange_weak(prev, call_peak)) {
-  }
+  record_call_peak(0);
 }
 
 template <typename T>
@@ -595,11 +602,7 @@ void run(const at::Tensor& query, const at::Tensor& output, const at::Tensor& ke
         prefill_task(a, g, hs, ql, block_elems);
     }
   });
-  std::atomic<int64_t>& kind = g_kind_peak[max_query_len > 1 ? 1 : 0];
-  const int64_t call_peak = g_scratch_peak.load();
-  int64_t prev = kind.load();
-  while (call_peak > prev && !kind.compare_exchange_weak(prev, call_peak)) {
-  }
+  record_call_peak(max_query_len > 1 ? 1 : 0);
 }
 
 void calibrate_paged(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
