@@ -20,7 +20,7 @@ SUPPORTED_BASES = ("sdpa", "eager")
 _PREFIX = "act_"
 
 
-class LayerCalibrator(Protocol):
+class CalibratingHandle(Protocol):
     """What the dispatch needs of an active handle (:class:`act_plugin.hf.handle.ACTHandle`)."""
 
     def layer_attention(self, layer: int, base_fn: Callable, module: nn.Module, query: Any, key: Any, value: Any,
@@ -28,7 +28,7 @@ class LayerCalibrator(Protocol):
 
 
 # attention module -> (the handle calibrating it, its layer index)
-CALIBRATED_MODULES: "weakref.WeakKeyDictionary[nn.Module, tuple[LayerCalibrator, int]]" = weakref.WeakKeyDictionary()
+CALIBRATED_MODULES: "weakref.WeakKeyDictionary[nn.Module, tuple[CalibratingHandle, int]]" = weakref.WeakKeyDictionary()
 _EAGER_CACHE: dict[type, Callable] = {}
 
 
