@@ -12,10 +12,10 @@ import sys
 # name -> (module, one-line help). Modules are imported lazily so that `act-plugin models`
 # never pays for importing vLLM.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("act_plugin.models", "list or pull the embedded models"),
+    "models": ("act_plugin.models.cli", "list or pull the embedded models"),
     "eval": ("act_plugin.eval.cli", "A/B evaluation (baseline vs calibrated) with lm-eval"),
     "search": ("act_plugin.search.cli", "find which heads to calibrate from a calibration set"),
-    "inspect": ("act_plugin.inspect", "show attention maps and detected sinks"),
+    "inspect": ("act_plugin.attention_maps", "show attention maps and detected sinks"),
 }
 
 

@@ -232,7 +232,7 @@ class ACTConfig(BaseModel):
     def save(self, path: str | Path) -> Path:
         """Write as JSON (``.json``) or YAML, atomically: a crash never leaves a cut file
         (a truncated head list would still parse, as a different head set)."""
-        from act_plugin.io import atomic_write_text
+        from act_plugin.atomic_files import atomic_write_text
 
         p = Path(path)
         return atomic_write_text(p, self.to_json() if p.suffix == ".json" else self.to_yaml())

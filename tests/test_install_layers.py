@@ -21,7 +21,7 @@ EVAL_EXTRA = ("scipy", "matplotlib", "lm_eval")
 
 # Every module of the serving path: the engine plugin (walked, so new modules are covered),
 # the config, the ACT maths, the kernels and the transformers path.
-SERVING = ["act_plugin", "act_plugin.config", "act_plugin.core", "act_plugin.hf", "act_plugin.io",
+SERVING = ["act_plugin", "act_plugin.config", "act_plugin.core", "act_plugin.hf", "act_plugin.atomic_files",
            "act_plugin.kernels", "act_plugin.models", "act_plugin.vllm.*"]
 
 

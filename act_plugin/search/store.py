@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from act_plugin.io import append_line_durable, atomic_write_text
+from act_plugin.atomic_files import append_line_durable, atomic_write_text
 from act_plugin.search.config import SearchConfigError
 
 __all__ = ["SearchStore", "SearchStoreError", "settings_hash", "model_fingerprint", "maths_version"]

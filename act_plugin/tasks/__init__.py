@@ -3,7 +3,7 @@ data files, used by eval (:mod:`act_plugin.eval`) and head search (:mod:`act_plu
 
 Modules by job: :mod:`~act_plugin.tasks.readers` (file readers), :mod:`~act_plugin.tasks.registry`
 (task specs, suites, names), :mod:`~act_plugin.tasks.data` (data folder, splits),
-:mod:`~act_plugin.tasks.prompts` (documents, prompts, :class:`Sample`),
+:mod:`~act_plugin.tasks.prompts` (documents, prompts), :mod:`~act_plugin.tasks.sample` (:class:`Sample`),
 :mod:`~act_plugin.tasks.tokens` (single-token answer checks), :mod:`~act_plugin.tasks.lm_eval_tasks`
 (lm-eval's ``custom_dataset`` and the generated task folder). Importing it needs neither vLLM nor lm-eval.
 
@@ -52,7 +52,7 @@ keeps ``row``, its 0-based row in the data file.
 
 from act_plugin.tasks.data import ENV_DATA_DIR, REPO_ROOT, check_data, resolve_data_dir
 from act_plugin.tasks.lm_eval_tasks import lm_eval_dataset, render_lm_eval_tasks, write_lm_eval_tasks
-from act_plugin.tasks.prompts import ORDER_SEED, Sample, load_docs, load_samples
+from act_plugin.tasks.prompts import ORDER_SEED, load_docs, load_samples
 from act_plugin.tasks.readers import LETTERS, TaskDataError
 from act_plugin.tasks.registry import (
     CARVE_SEED,
@@ -65,6 +65,7 @@ from act_plugin.tasks.registry import (
     parse_task_list,
     resolve_task_names,
 )
+from act_plugin.tasks.sample import Sample
 from act_plugin.tasks.tokens import label_token_ids
 
 __all__ = [

@@ -1,17 +1,17 @@
 """Documents and prompts: a split's documents as lm-eval sees them (:func:`load_docs`) and
-the scored prompts without lm-eval (:func:`load_samples`, :class:`Sample`)."""
+the scored prompts without lm-eval (:func:`load_samples`, each a :class:`~act_plugin.tasks.sample.Sample`)."""
 
 from __future__ import annotations
 
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from act_plugin.tasks.data import raw_rows
 from act_plugin.tasks.readers import LETTERS
 from act_plugin.tasks.registry import TaskSpec, canonical_split, get_task
+from act_plugin.tasks.sample import Sample
 from act_plugin.tasks.tokens import resolve_tokenizer, with_token_ids
 
 ORDER_SEED = 1234  # seeds the order in which the test split is served (limit = first N)
@@ -54,31 +54,6 @@ def load_docs(task: str, split: str = "test", data_dir: str | os.PathLike | None
 
 
 # ----------------------------------------------------------------------------- samples (no lm-eval)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One scored prompt: ``prompt + choices[i]`` is answer i; ``gold`` indexes ``choices``.
-
-    ``prompt`` is exactly the context lm-eval builds for the document (instruction, few-shot
-    examples, query), ending right before the answer; ``choices`` are the continuations as
-    appended (with their leading space: ``" negative"``, ``" A"``); ``choice_token_ids`` are
-    their single token ids under the tokenizer given to :func:`load_samples` (``None``
-    without one, or for ``*_ll`` tasks whose answers are multi-token texts).
-    """
-
-    task: str
-    split: str
-    doc_id: int  # index within the split as served (lm-eval's doc_id for the test split)
-    row: int  # 0-based row in the data file
-    prompt: str
-    choices: tuple[str, ...]
-    gold: int
-    choice_token_ids: tuple[int, ...] | None = None
-
-    @property
-    def label(self) -> str:
-        return self.choices[self.gold]
 
 
 def _render(spec: TaskSpec, doc: dict, shots: Sequence[dict]) -> str:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from act_plugin.config import ACTConfigError
-
-if TYPE_CHECKING:
-    from act_plugin.tasks.prompts import Sample
+from act_plugin.tasks.sample import Sample
 
 
 def resolve_tokenizer(tokenizer: Any):

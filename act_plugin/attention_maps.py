@@ -168,7 +168,7 @@ def plot_map(m: HeadMap, path: Path, max_labels: int = 64) -> Path:
     fig.tight_layout()
     import io
 
-    from act_plugin.io import atomic_write_bytes
+    from act_plugin.atomic_files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -178,7 +178,7 @@ def plot_map(m: HeadMap, path: Path, max_labels: int = 64) -> Path:
 
 def write_outputs(maps: Sequence[HeadMap], out_dir: str | Path, prompts: Sequence[str], plots: bool = True,
                   meta: dict | None = None) -> dict[str, Any]:
-    from act_plugin.io import atomic_write_json, atomic_write_text
+    from act_plugin.atomic_files import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def _core_sinks(model, ids, layer, heads, beta, threshold):
 
 
 def test_inspect_sinks_equal_core_sinks(model_and_tok):
-    from act_plugin.inspect import attention_maps
+    from act_plugin.attention_maps import attention_maps
 
     model, tok = model_and_tok
     layers, heads, beta, tau = [2, 15, 27], [0, 1, 2, 5, 8], 0.4, 0.1

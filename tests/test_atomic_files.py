@@ -1,4 +1,4 @@
-"""Atomic writes (act_plugin.io): whole file or old file, never a cut one; usual file modes."""
+"""Atomic writes (act_plugin.atomic_files): whole file or old file, never a cut one; usual file modes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from act_plugin.io import append_line_durable, atomic_write_json, atomic_write_text
+from act_plugin.atomic_files import append_line_durable, atomic_write_json, atomic_write_text
 
 
 def _mode(path) -> int:
