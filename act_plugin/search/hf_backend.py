@@ -1,17 +1,28 @@
 """Head search on the transformers path: first-order ranking of every head, exact scores.
 
-The model runs layer by layer (embeddings, the decoder layers, final norm on the last prompt
-token only, LM head), on right-padded batches of prompts sorted by length. With right
-padding and plain causal attention a real token never sees a padding token, so no mask is
-needed and every real row is exactly what the unpadded prompt computes; the ACT maths gets
-positions with ``-1`` on padding so padding rows never count towards the sink statistics.
-A self-check against the model's own ``forward`` guards architectures this loop does not
-model (it is the Llama/Mistral/Qwen2 family loop).
+Every pass runs the model's own ``forward`` (its embeddings and their scaling, its
+positional encodings per layer type, its masks, decoder layers, final norm, LM head and any
+logit soft-capping), so any decoder transformers loads is handled the way it computes
+itself. Prompts go in right-padded batches sorted by length, with no attention mask: with
+right padding and causal attention a real token never sees a padding token, so every real
+row is exactly what the unpadded prompt computes. The ACT maths gets positions with ``-1``
+on padding so padding rows never count towards the sink statistics. Two hooks shape a pass:
+
+* a forward hook on the decoder stack (the module that owns the decoder layers) keeps only
+  each prompt's last token of its output, so the model's own head computes one row of
+  logits per prompt instead of a vocabulary-wide row per token;
+* forward pre-hooks on chosen decoder layers keep their inputs (``keep``).
+
+A start-up self-check guards the assumptions: the batched pass reproduces the model's own
+forward prompt by prompt, every decoder layer's attention dispatches through the registered
+implementation below, and a pass restarted from a cached layer input (below) reproduces
+the full pass. A model failing one of the first two is refused with an error naming its
+type; one failing the restart check is searched with full passes (correct, slower).
 
 Attention goes through an implementation registered in transformers' ``AttentionInterface``
-as ``"act_search_sdpa"``: sdpa on every head, then, depending on the mode the layer loop passes
-to each decoder layer as the keyword argument ``act_search_mode`` (transformers hands a
-layer's extra keyword arguments to its attention function; no global state),
+as ``"act_search_sdpa"``: sdpa on every head, then, depending on the mode of the current
+pass (a context variable set around the model call, so it reaches every layer's attention
+whatever keyword arguments a model passes on),
 
 * ``exact``: the heads of the configuration under test are replaced by
   :func:`act_plugin.calibration.calibrate_heads` (the entry point every other path uses);
@@ -26,7 +37,9 @@ layer's extra keyword arguments to its attention function; no global state),
 
 Exact scores reuse cached hidden states: the input of layer ``l`` for every batch is kept
 from one baseline pass, so calibrating a head of layer ``l`` recomputes layers ``l..L-1``
-only.
+only. The restarted pass is still the model's own forward: layers ``0..l-1`` are
+short-circuited for that call (each returns the cached input of layer ``l``), so layer ``l``
+onwards receive exactly the arguments the model builds for them.
 """
 
 from __future__ import annotations
@@ -34,11 +47,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from act_plugin.calibration import (
     attention_scale,
@@ -51,7 +66,7 @@ from act_plugin.calibration import (
 from act_plugin.heads import group_by_layer
 from act_plugin.search.scoring import CalibrationSet, margins_torch, sample_weights
 
-__all__ = ["SEARCH_IMPL", "HFSearchBackend", "make_batches"]
+__all__ = ["SEARCH_IMPL", "HFSearchBackend", "HFSearchUnsupported", "make_batches"]
 
 logger = logging.getLogger("act_plugin.search")
 
@@ -62,33 +77,38 @@ Head = tuple[int, int]
 # ----------------------------------------------------------------------------- attention
 
 
+@dataclass
 class _Mode:
-    """What the registered attention function does during one forward call."""
+    """What the registered attention function does during one pass."""
 
-    def __init__(self, kind: str, pos: torch.Tensor, beta: float, threshold: float,
-                 exact: dict[int, torch.Tensor] | None = None, gates: dict[int, torch.Tensor] | None = None,
-                 gate_heads: dict[int, torch.Tensor] | None = None):
-        self.kind = kind
-        self.pos = pos  # [B, L] position of each token, -1 on padding
-        self.valid = (pos >= 0)
-        self.beta = beta
-        self.threshold = threshold
-        self.exact = exact or {}
-        self.gates = gates or {}
-        self.gate_heads = gate_heads or {}
+    kind: str  # "exact" or "gate"
+    pos: torch.Tensor  # [B, L] position of each token, -1 on padding
+    beta: float
+    threshold: float
+    exact: dict[int, torch.Tensor] = field(default_factory=dict)
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    gate_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)  # layers whose attention ran in this mode
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.pos >= 0
 
 
-MODE_KWARG = "act_search_mode"
+# The mode of the pass in progress. A context variable rather than a keyword argument of the
+# model call: a model's forward need not hand unknown keyword arguments on to its attention.
+_ACTIVE: ContextVar[_Mode | None] = ContextVar("act_search_mode", default=None)
 
 
 def _search_attention(module, query, key, value, attention_mask, *args, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    mode: _Mode | None = kwargs.pop(MODE_KWARG, None)
     out, weights = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
-    if mode is None:
+    mode = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if mode is None or layer is None:
         return out, weights
-    layer = module.layer_idx
+    mode.seen.add(layer)
     heads = mode.exact.get(layer) if mode.kind == "exact" else mode.gate_heads.get(layer)
     if heads is None:
         return out, weights
@@ -227,6 +247,75 @@ class ThreadGovernor:
         return n
 
 
+# ----------------------------------------------------------------------------- the model's decoder
+
+
+class HFSearchUnsupported(RuntimeError):
+    """The model cannot be searched on the transformers path; the message names it and why."""
+
+
+def _layer_index(layer: nn.Module) -> int | None:
+    found = {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    return found.pop() if len(found) == 1 else None
+
+
+def find_decoder(model: nn.Module, num_layers: int) -> tuple[nn.Module, nn.ModuleList]:
+    """The decoder stack (the module whose forward runs the decoder layers) and its layer
+    list: the first ``ModuleList`` of ``num_layers`` modules whose i-th is layer i."""
+    for owner in model.modules():
+        for child in owner.children():
+            if isinstance(child, nn.ModuleList) and len(child) == num_layers and all(
+                    _layer_index(layer) == i for i, layer in enumerate(child)):
+                return owner, child
+    raise HFSearchUnsupported(
+        f"head search (HF path): found no list of {num_layers} decoder layers (each holding an attention module "
+        f"with its layer_idx) in {_describe(model)}; use method 'exact', which runs in vLLM")
+
+
+def _describe(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return f"model type {model_type!r} ({type(model).__name__})" if model_type else type(model).__name__
+
+
+class _LastTokens:
+    """Forward hook on the decoder stack: its output keeps each prompt's last token only, so
+    the model's own head (norm already applied by the stack, LM head, soft-capping) runs on
+    one row per prompt."""
+
+    def __init__(self, last: torch.Tensor):
+        self.last = last
+
+    def _pick(self, h: torch.Tensor) -> torch.Tensor:
+        return h[torch.arange(h.shape[0]), self.last].unsqueeze(1)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return self._pick(output)
+        if isinstance(output, tuple):
+            return (self._pick(output[0]), *output[1:])
+        output.last_hidden_state = self._pick(output.last_hidden_state)
+        return output
+
+
+class _KeepInput:
+    """Forward pre-hook on decoder layer ``layer``: keeps its input hidden states."""
+
+    def __init__(self, store: dict[int, torch.Tensor], layer: int):
+        self.store, self.layer = store, layer
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.store[self.layer] = hidden.detach()
+
+
+def _short_circuit(hidden: torch.Tensor, as_tuple: bool) -> Callable[..., Any]:
+    """A decoder layer's forward for a restarted pass: hand on the cached input of the
+    restart layer, in the layer's own output structure."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return (hidden,) if as_tuple else hidden
+    return forward
+
+
 # ----------------------------------------------------------------------------- backend
 
 
@@ -247,15 +336,17 @@ class HFSearchBackend:
         self.model.set_attn_implementation(SEARCH_IMPL)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.inner = self._inner(self.model)
         cfg = self.model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_heads = int(cfg.num_attention_heads)
+        self.hidden_size = int(cfg.hidden_size)
+        self.inner, self.layers = find_decoder(self.model, self.num_layers)
         self.calib = calib
         self.beta = float(beta)
         self.threshold = float(threshold)
         self.cache_hidden = cache_hidden
+        self._layer_tuple_out = False  # transformers 5 decoder layers return a tensor; the self-check looks
         pad = getattr(cfg, "pad_token_id", None)
         self.batches = make_batches(calib, batch_tokens, pad_id=int(pad) if isinstance(pad, int) else 0)
         self._cache: dict[int, dict[int, torch.Tensor]] = {}  # layer -> batch -> hidden input
@@ -265,57 +356,87 @@ class HFSearchBackend:
         if self_check:
             self._self_check()
 
-    # ------------------------------------------------------------------ plumbing
-    @staticmethod
-    def _inner(model):
-        inner = getattr(model, "model", None)
-        for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
-            if inner is None or not hasattr(inner, attr):
-                raise NotImplementedError(
-                    f"head search (HF path) runs Llama-family decoders layer by layer; {type(model).__name__} has no "
-                    f"model.{attr} (use method 'exact', which runs in vLLM)")
-        return inner
-
+    # ------------------------------------------------------------------ one pass
     def _run(self, batch: Batch, start: int = 0, h: torch.Tensor | None = None,
              keep: Iterable[int] = (), mode: _Mode | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Answer log-probabilities ``[B, Cmax]`` (float32) with the attention in ``mode``
-        (None: plain sdpa); optionally the inputs of ``keep`` layers."""
-        keep = set(keep)
-        L = batch.ids.shape[1]
-        pos_ids = torch.arange(L).unsqueeze(0)
-        if start == 0 or h is None:
+        (None: plain sdpa), restarted at layer ``start`` from its input ``h`` when given;
+        optionally the inputs of the ``keep`` layers."""
+        if h is None:
             start = 0
-            h = self.inner.embed_tokens(batch.ids)
-        pe = self.inner.rotary_emb(h, position_ids=pos_ids)
-        kept = {}
-        for i in range(start, self.num_layers):
-            if i in keep:
-                kept[i] = h.detach()
-            h = self.inner.layers[i](h, attention_mask=None, position_ids=pos_ids, position_embeddings=pe,
-                                     past_key_values=None, use_cache=False, **{MODE_KWARG: mode})
-        last = h[torch.arange(h.shape[0]), batch.last]
-        logits = self.model.get_output_embeddings()(self.inner.norm(last)).float()
-        lp = torch.log_softmax(logits, dim=-1).gather(1, batch.choice_ids)
+        kept: dict[int, torch.Tensor] = {}
+        skipped = list(self.layers[:start])
+        hooks = [self.inner.register_forward_hook(_LastTokens(batch.last))]
+        hooks += [self.layers[i].register_forward_pre_hook(_KeepInput(kept, i), with_kwargs=True)
+                  for i in set(keep) if start <= i < self.num_layers]
+        token = _ACTIVE.set(mode)
+        try:
+            for layer in skipped:
+                layer.forward = _short_circuit(h, self._layer_tuple_out)
+            logits = self.model(input_ids=batch.ids, use_cache=False).logits
+        finally:
+            _ACTIVE.reset(token)
+            for layer in skipped:
+                layer.__dict__.pop("forward", None)
+            for hook in hooks:
+                hook.remove()
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).gather(1, batch.choice_ids)
         return lp.masked_fill(~batch.valid, float("nan")), kept
 
+    def _mode(self, kind: str, batch: Batch, **kw) -> _Mode:
+        return _Mode(kind, batch.pos, self.beta, self.threshold, **kw)
+
+    # ------------------------------------------------------------------ self-check
     def _self_check(self) -> None:
-        """The layer loop must reproduce the model's own forward (right padding included)."""
+        """The batched pass must reproduce the model's own forward, reach every layer's
+        attention, and (for cached restarts) give the same answer restarted mid-way."""
         b = self.batches[-1]  # longest prompts: padding shows up in the shorter ones
+        probe = self._mode("exact", b)
+        mid = self.num_layers // 2
+        first = self.layers[0].register_forward_hook(self._note_layer_output)
+        try:
+            with torch.no_grad():
+                lp, kept = self._run(b, keep=[mid] if mid > 0 else [], mode=probe)
+        finally:
+            first.remove()
+        self._check_dispatch(probe)
+        self._check_against_forward(b, lp)
+        if self.cache_hidden and mid > 0:
+            self._check_restart(b, lp, mid, kept[mid])
+
+    def _note_layer_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._layer_tuple_out = isinstance(output, tuple)
+
+    def _check_dispatch(self, probe: _Mode) -> None:
+        missing = sorted(set(range(self.num_layers)) - probe.seen)
+        if missing:
+            raise HFSearchUnsupported(
+                f"head search (HF path): the attention of layer(s) {missing} of {_describe(self.model)} does not run "
+                f"through transformers' attention interface (the implementation {SEARCH_IMPL!r} was not called), so "
+                "heads there cannot be calibrated on this path; use method 'exact', which runs in vLLM")
+
+    def _check_against_forward(self, b: Batch, lp: torch.Tensor) -> None:
         with torch.no_grad():
-            lp, _ = self._run(b)
             for r in (0, len(b.samples) - 1):
                 n = int(b.last[r]) + 1
                 ref = torch.log_softmax(self.model(input_ids=b.ids[r:r + 1, :n]).logits[0, -1].float(), -1)
                 ref = ref[b.choice_ids[r]][b.valid[r]]
                 got = lp[r][b.valid[r]]
                 if not torch.allclose(got, ref, atol=2e-3, rtol=0):
-                    raise RuntimeError(
-                        f"head search (HF path): the layer-by-layer forward does not reproduce "
-                        f"{type(self.model).__name__}.forward (max diff {float((got - ref).abs().max()):.2e}); "
+                    raise HFSearchUnsupported(
+                        f"head search (HF path): the batched right-padded forward does not reproduce the forward of "
+                        f"{_describe(self.model)} prompt by prompt (max diff {float((got - ref).abs().max()):.2e}); "
                         "this architecture is not supported by the HF search path (use method 'exact')")
 
-    def _positions_mode(self, kind: str, batch: Batch, **kw) -> _Mode:
-        return _Mode(kind, batch.pos, self.beta, self.threshold, **kw)
+    def _check_restart(self, b: Batch, lp: torch.Tensor, layer: int, hidden: torch.Tensor) -> None:
+        with torch.no_grad():
+            again, _ = self._run(b, layer, hidden, mode=self._mode("exact", b))
+        if not torch.allclose(again, lp, atol=1e-5, rtol=0, equal_nan=True):
+            self.cache_hidden = False
+            logger.warning(
+                "head search (HF path): %s does not give the same answer when restarted at layer %d from its cached "
+                "input (max diff %.2e); exact scores run the whole model instead (correct, slower)",
+                _describe(self.model), layer, float((again - lp).nan_to_num().abs().max()))
 
     # ------------------------------------------------------------------ cache
     def plan_cache(self, layers: Iterable[int]) -> None:
@@ -359,7 +480,7 @@ class HFSearchBackend:
             for b in self.batches:
                 self.threads.update()
                 h0 = self._cache[start][b.index] if start > 0 else None
-                lp, kept = self._run(b, start, h0, keep=keep, mode=self._positions_mode("exact", b, exact=exact))
+                lp, kept = self._run(b, start, h0, keep=keep, mode=self._mode("exact", b, exact=exact))
                 for layer, t in kept.items():
                     self._cache.setdefault(layer, {})[b.index] = t
                 out[list(b.samples)] = lp.numpy()
@@ -390,7 +511,7 @@ class HFSearchBackend:
             if rec is None:
                 self.threads.update()
                 gates = {layer: torch.zeros(len(hs), requires_grad=True) for layer, hs in heads_t.items()}
-                mode = self._positions_mode("gate", b, gates=gates, gate_heads=heads_t)
+                mode = self._mode("gate", b, gates=gates, gate_heads=heads_t)
                 with torch.enable_grad():
                     lp, kept = self._run(b, 0, keep=self._missing(), mode=mode)
                     margin = margins_torch(lp.double(), b.gold, b.valid)
@@ -429,7 +550,7 @@ class HFSearchBackend:
         total = 0.0
         with torch.no_grad():
             for b in self.batches:
-                lp, _ = self._run(b, 0, mode=self._positions_mode("gate", b, gates=gates, gate_heads=heads_t))
+                lp, _ = self._run(b, 0, mode=self._mode("gate", b, gates=gates, gate_heads=heads_t))
                 total += float((margins_torch(lp.double(), b.gold, b.valid) * b.weights).sum())
         return total
 
