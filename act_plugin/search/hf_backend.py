@@ -369,6 +369,9 @@ class HFSearchBackend:
         hooks = [self.inner.register_forward_hook(_LastTokens(batch.last))]
         hooks += [self.layers[i].register_forward_pre_hook(_KeepInput(kept, i), with_kwargs=True)
                   for i in set(keep) if start <= i < self.num_layers]
+        # a layer's forward may already be wrapped on the instance (accelerate's device hooks
+        # do that): put back exactly what was there
+        saved = [layer.__dict__.get("forward") for layer in skipped]
         token = _ACTIVE.set(mode)
         try:
             for layer in skipped:
@@ -376,8 +379,11 @@ class HFSearchBackend:
             logits = self.model(input_ids=batch.ids, use_cache=False).logits
         finally:
             _ACTIVE.reset(token)
-            for layer in skipped:
-                layer.__dict__.pop("forward", None)
+            for layer, fwd in zip(skipped, saved):
+                if fwd is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = fwd
             for hook in hooks:
                 hook.remove()
         lp = torch.log_softmax(logits[:, -1].float(), dim=-1).gather(1, batch.choice_ids)
