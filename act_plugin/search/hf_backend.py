@@ -45,7 +45,6 @@ onwards receive exactly the arguments the model builds for them.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -64,9 +63,19 @@ from act_plugin.calibration import (
     replace_heads,
 )
 from act_plugin.heads import group_by_layer
-from act_plugin.search.scoring import CalibrationSet, margins_torch, sample_weights
+from act_plugin.search.hf_batches import Batch, make_batches
+from act_plugin.search.hf_decoder import (
+    HFSearchUnsupported,
+    KeepInput,
+    LastTokens,
+    describe_model,
+    find_decoder,
+    skip_layers,
+)
+from act_plugin.search.hf_threads import ThreadGovernor
+from act_plugin.search.scoring import CalibrationSet, margins_torch
 
-__all__ = ["SEARCH_IMPL", "HFSearchBackend", "HFSearchUnsupported", "make_batches"]
+__all__ = ["SEARCH_IMPL", "Batch", "HFSearchBackend", "HFSearchUnsupported", "ThreadGovernor", "make_batches"]
 
 logger = logging.getLogger("act_plugin.search")
 
@@ -137,185 +146,6 @@ def _register() -> None:
 _register()
 
 
-# ----------------------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True)
-class Batch:
-    index: int
-    samples: tuple[int, ...]  # indices into the calibration set
-    ids: torch.Tensor  # [B, L] right-padded
-    pos: torch.Tensor  # [B, L], -1 on padding
-    last: torch.Tensor  # [B] index of each prompt's last token
-    choice_ids: torch.Tensor  # [B, Cmax]
-    valid: torch.Tensor  # [B, Cmax]
-    gold: torch.Tensor  # [B]
-    weights: torch.Tensor  # [B] macro-average weight of each sample (float64)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.ids.numel())
-
-
-def make_batches(calib: CalibrationSet, batch_tokens: int, pad_id: int = 0) -> list[Batch]:
-    """Prompts sorted by length (stable), packed while ``count x longest <= batch_tokens``."""
-    order = sorted(range(len(calib)), key=lambda i: (len(calib.prompts[i]), i))
-    groups: list[list[int]] = []
-    for i in order:
-        n = len(calib.prompts[i])
-        if groups and (len(groups[-1]) + 1) * n <= batch_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    ids_all, valid_all = calib.choice_matrix()
-    w_all = sample_weights(calib.tasks)
-    batches = []
-    for b, g in enumerate(groups):
-        L = max(len(calib.prompts[i]) for i in g)
-        ids = torch.full((len(g), L), pad_id, dtype=torch.long)
-        pos = torch.full((len(g), L), -1, dtype=torch.long)
-        for r, i in enumerate(g):
-            p = calib.prompts[i]
-            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-            pos[r, : len(p)] = torch.arange(len(p))
-        batches.append(Batch(
-            index=b, samples=tuple(g), ids=ids, pos=pos,
-            last=torch.tensor([len(calib.prompts[i]) - 1 for i in g], dtype=torch.long),
-            choice_ids=torch.from_numpy(ids_all[g]), valid=torch.from_numpy(valid_all[g]),
-            gold=torch.tensor([calib.gold[i] for i in g], dtype=torch.long),
-            weights=torch.from_numpy(w_all[g])))
-    return batches
-
-
-# ----------------------------------------------------------------------------- threads
-
-
-class ThreadGovernor:
-    """Torch threads for a shared machine: ``"auto"`` uses every core nobody else is using.
-
-    OpenMP threads that share a core with another busy process spin at barriers, so on a
-    2-core machine with one foreign busy process two threads run 2-3x SLOWER than one
-    (measured). ``auto`` measures the CPU time other processes used since the last check
-    (``/proc/stat`` minus this process) and sets ``cores - round(others)`` threads (at
-    least 1) before each batch. Thread counts change float summation order (log-probs
-    differ by ~1e-5), so results are bitwise reproducible only for a fixed ``threads``.
-    """
-
-    def __init__(self, threads: int | str | None):
-        import os
-
-        self.fixed = int(threads) if isinstance(threads, int) or (isinstance(threads, str) and threads.isdigit()) \
-            else None
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.used: dict[int, int] = {}
-        self._last = self._sample()
-        if self.fixed:
-            torch.set_num_threads(self.fixed)
-        elif threads is None:
-            self.fixed = torch.get_num_threads()
-
-    @staticmethod
-    def _sample():
-        import os
-
-        try:
-            with open("/proc/stat") as fh:
-                f = [int(x) for x in fh.readline().split()[1:]]
-            busy = sum(f) - f[3] - (f[4] if len(f) > 4 else 0)
-            with open("/proc/self/stat") as fh:
-                st = fh.read().rsplit(")", 1)[1].split()
-            mine = int(st[11]) + int(st[12])
-            return time.monotonic(), busy, mine, os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def update(self) -> int:
-        if self.fixed:
-            n = self.fixed
-        else:
-            now = self._sample()
-            n = torch.get_num_threads()
-            if now is not None and self._last is not None and now[0] - self._last[0] > 0.2:
-                others = ((now[1] - self._last[1]) - (now[2] - self._last[2])) / now[3] / (now[0] - self._last[0])
-                n = max(1, min(self.cores, self.cores - int(round(max(0.0, others)))))
-                self._last = now
-            elif self._last is None:
-                self._last = now
-            if n != torch.get_num_threads():
-                torch.set_num_threads(n)
-        self.used[n] = self.used.get(n, 0) + 1
-        return n
-
-
-# ----------------------------------------------------------------------------- the model's decoder
-
-
-class HFSearchUnsupported(RuntimeError):
-    """The model cannot be searched on the transformers path; the message names it and why."""
-
-
-def _layer_index(layer: nn.Module) -> int | None:
-    found = {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
-    return found.pop() if len(found) == 1 else None
-
-
-def find_decoder(model: nn.Module, num_layers: int) -> tuple[nn.Module, nn.ModuleList]:
-    """The decoder stack (the module whose forward runs the decoder layers) and its layer
-    list: the first ``ModuleList`` of ``num_layers`` modules whose i-th is layer i."""
-    for owner in model.modules():
-        for child in owner.children():
-            if isinstance(child, nn.ModuleList) and len(child) == num_layers and all(
-                    _layer_index(layer) == i for i, layer in enumerate(child)):
-                return owner, child
-    raise HFSearchUnsupported(
-        f"head search (HF path): found no list of {num_layers} decoder layers (each holding an attention module "
-        f"with its layer_idx) in {_describe(model)}; use method 'exact', which runs in vLLM")
-
-
-def _describe(model: nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return f"model type {model_type!r} ({type(model).__name__})" if model_type else type(model).__name__
-
-
-class _LastTokens:
-    """Forward hook on the decoder stack: its output keeps each prompt's last token only, so
-    the model's own head (norm already applied by the stack, LM head, soft-capping) runs on
-    one row per prompt."""
-
-    def __init__(self, last: torch.Tensor):
-        self.last = last
-
-    def _pick(self, h: torch.Tensor) -> torch.Tensor:
-        return h[torch.arange(h.shape[0]), self.last].unsqueeze(1)
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor):
-            return self._pick(output)
-        if isinstance(output, tuple):
-            return (self._pick(output[0]), *output[1:])
-        output.last_hidden_state = self._pick(output.last_hidden_state)
-        return output
-
-
-class _KeepInput:
-    """Forward pre-hook on decoder layer ``layer``: keeps its input hidden states."""
-
-    def __init__(self, store: dict[int, torch.Tensor], layer: int):
-        self.store, self.layer = store, layer
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self.store[self.layer] = hidden.detach()
-
-
-def _short_circuit(hidden: torch.Tensor, as_tuple: bool) -> Callable[..., Any]:
-    """A decoder layer's forward for a restarted pass: hand on the cached input of the
-    restart layer, in the layer's own output structure."""
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return (hidden,) if as_tuple else hidden
-    return forward
-
-
 # ----------------------------------------------------------------------------- backend
 
 
@@ -341,6 +171,8 @@ class HFSearchBackend:
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_heads = int(cfg.num_attention_heads)
         self.hidden_size = int(cfg.hidden_size)
+        # the decoder stack (Any: run.py reads its embed_tokens) and its decoder layers
+        self.inner: Any
         self.inner, self.layers = find_decoder(self.model, self.num_layers)
         self.calib = calib
         self.beta = float(beta)
@@ -365,25 +197,15 @@ class HFSearchBackend:
         if h is None:
             start = 0
         kept: dict[int, torch.Tensor] = {}
-        skipped = list(self.layers[:start])
-        hooks = [self.inner.register_forward_hook(_LastTokens(batch.last))]
-        hooks += [self.layers[i].register_forward_pre_hook(_KeepInput(kept, i), with_kwargs=True)
+        hooks = [self.inner.register_forward_hook(LastTokens(batch.last))]
+        hooks += [self.layers[i].register_forward_pre_hook(KeepInput(kept, i), with_kwargs=True)
                   for i in set(keep) if start <= i < self.num_layers]
-        # a layer's forward may already be wrapped on the instance (accelerate's device hooks
-        # do that): put back exactly what was there
-        saved = [layer.__dict__.get("forward") for layer in skipped]
         token = _ACTIVE.set(mode)
         try:
-            for layer in skipped:
-                layer.forward = _short_circuit(h, self._layer_tuple_out)
-            logits = self.model(input_ids=batch.ids, use_cache=False).logits
+            with skip_layers(list(self.layers[:start]), h, self._layer_tuple_out):
+                logits = self.model(input_ids=batch.ids, use_cache=False).logits
         finally:
             _ACTIVE.reset(token)
-            for layer, fwd in zip(skipped, saved):
-                if fwd is None:
-                    layer.__dict__.pop("forward", None)
-                else:
-                    layer.forward = fwd
             for hook in hooks:
                 hook.remove()
         lp = torch.log_softmax(logits[:, -1].float(), dim=-1).gather(1, batch.choice_ids)
@@ -417,8 +239,8 @@ class HFSearchBackend:
         missing = sorted(set(range(self.num_layers)) - probe.seen)
         if missing:
             raise HFSearchUnsupported(
-                f"head search (HF path): the attention of layer(s) {missing} of {_describe(self.model)} does not run "
-                f"through transformers' attention interface (the implementation {SEARCH_IMPL!r} was not called), so "
+                f"head search (HF path): the attention of layer(s) {missing} of {describe_model(self.model)} does not "
+                f"run through transformers' attention interface ({SEARCH_IMPL!r} was not called), so "
                 "heads there cannot be calibrated on this path; use method 'exact', which runs in vLLM")
 
     def _check_against_forward(self, b: Batch, lp: torch.Tensor) -> None:
@@ -429,9 +251,10 @@ class HFSearchBackend:
                 ref = ref[b.choice_ids[r]][b.valid[r]]
                 got = lp[r][b.valid[r]]
                 if not torch.allclose(got, ref, atol=2e-3, rtol=0):
+                    diff = float((got - ref).abs().max())
                     raise HFSearchUnsupported(
                         f"head search (HF path): the batched right-padded forward does not reproduce the forward of "
-                        f"{_describe(self.model)} prompt by prompt (max diff {float((got - ref).abs().max()):.2e}); "
+                        f"{describe_model(self.model)} prompt by prompt (max diff {diff:.2e}); "
                         "this architecture is not supported by the HF search path (use method 'exact')")
 
     def _check_restart(self, b: Batch, lp: torch.Tensor, layer: int, hidden: torch.Tensor) -> None:
@@ -442,7 +265,7 @@ class HFSearchBackend:
             logger.warning(
                 "head search (HF path): %s does not give the same answer when restarted at layer %d from its cached "
                 "input (max diff %.2e); exact scores run the whole model instead (correct, slower)",
-                _describe(self.model), layer, float((again - lp).nan_to_num().abs().max()))
+                describe_model(self.model), layer, float((again - lp).nan_to_num().abs().max()))
 
     # ------------------------------------------------------------------ cache
     def plan_cache(self, layers: Iterable[int]) -> None:
