@@ -4,7 +4,9 @@ QK-norm and soft-capped logits; Qwen2 with attention bias; Qwen3 with QK-norm; M
 a sliding window; Phi-3 with a fused QKV projection). For each: the backend starts (its
 self-check passes), the baseline equals the model's own forward, an exact score restarted
 from a cached layer input equals the reference path (``act_plugin.hf``) on the same
-weights, and the ranking pass gives finite gradients at the baseline."""
+weights, and the ranking pass gives finite gradients at the baseline. Also: Gemma-3's
+multimodal checkpoint class, a model that cannot restart mid-way (full passes instead), and
+a refused model (an error naming its type)."""
 
 from __future__ import annotations
 
@@ -221,3 +223,26 @@ def test_unsupported_model_is_refused_naming_its_type():
     calib.prompts[1] = calib.prompts[1] + [7, 8, 9]  # one batch, the first prompt padded
     with pytest.raises(HFSearchUnsupported, match=r"model type 'gemma3_text' \(Gemma3ForCausalLM\).*method 'exact'"):
         _backend(model, calib)
+
+
+def test_gemma3_multimodal_checkpoint_class():
+    """Gemma-3 checkpoints from 4B up load as Gemma3ForConditionalGeneration (text decoder
+    inside ``model.language_model``, a vision tower beside it): text prompts search the same."""
+    import transformers as tf
+
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    cfg = tf.Gemma3Config(text_config=_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=95, boi_token_index=93, eoi_token_index=94)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(cfg).float().eval()
+    _sharpen(model)
+    ref = copy.deepcopy(model)
+    be = _backend(model)
+    assert type(be.inner).__name__ == "Gemma3TextModel" and be.cache_hidden
+    np.testing.assert_allclose(be.evaluate([]), _reference(ref, be.calib), atol=1e-5, rtol=0)
+    be.plan_cache([2])
+    be.evaluate([])
+    assert be.cost_fraction([(2, 3)]) == 0.5
+    np.testing.assert_allclose(be.evaluate([(2, 3)]), _reference(ref, be.calib, {2: [3]}), atol=1e-5, rtol=0)
