@@ -178,7 +178,7 @@ class HFSearchBackend:
         self.beta = float(beta)
         self.threshold = float(threshold)
         self.cache_hidden = cache_hidden
-        self._layer_tuple_out = False  # transformers 5 decoder layers return a tensor; the self-check looks
+        self._layer_tuple_out = False  # transformers 5 decoder layers return a tensor; the self-check reads it
         pad = getattr(cfg, "pad_token_id", None)
         self.batches = make_batches(calib, batch_tokens, pad_id=int(pad) if isinstance(pad, int) else 0)
         self._cache: dict[int, dict[int, torch.Tensor]] = {}  # layer -> batch -> hidden input
