@@ -1,17 +1,28 @@
 """Head search on the transformers path: first-order ranking of every head, exact scores.
 
-The model runs layer by layer (embeddings, the decoder layers, final norm on the last prompt
-token only, LM head), on right-padded batches of prompts sorted by length. With right
-padding and plain causal attention a real token never sees a padding token, so no mask is
-needed and every real row is exactly what the unpadded prompt computes; the ACT maths gets
-positions with ``-1`` on padding so padding rows never count towards the sink statistics.
-A self-check against the model's own ``forward`` guards architectures this loop does not
-model (it is the Llama/Mistral/Qwen2 family loop).
+Every pass runs the model's own ``forward`` (its embeddings and their scaling, its
+positional encodings per layer type, its masks, decoder layers, final norm, LM head and any
+logit soft-capping), so any decoder transformers loads is handled the way it computes
+itself. Prompts go in right-padded batches sorted by length, with no attention mask: with
+right padding and causal attention a real token never sees a padding token, so every real
+row is exactly what the unpadded prompt computes. The ACT maths gets positions with ``-1``
+on padding so padding rows never count towards the sink statistics. Two hooks shape a pass:
+
+* a forward hook on the decoder stack (the module that owns the decoder layers) keeps only
+  each prompt's last token of its output, so the model's own head computes one row of
+  logits per prompt instead of a vocabulary-wide row per token;
+* forward pre-hooks on chosen decoder layers keep their inputs (``keep``).
+
+A start-up self-check guards the assumptions: the batched pass reproduces the model's own
+forward prompt by prompt, every decoder layer's attention dispatches through the registered
+implementation below, and a pass restarted from a cached layer input (below) reproduces
+the full pass. A model failing one of the first two is refused with an error naming its
+type; one failing the restart check is searched with full passes (correct, slower).
 
 Attention goes through an implementation registered in transformers' ``AttentionInterface``
-as ``"act_search_sdpa"``: sdpa on every head, then, depending on the mode the layer loop passes
-to each decoder layer as the keyword argument ``act_search_mode`` (transformers hands a
-layer's extra keyword arguments to its attention function; no global state),
+as ``"act_search_sdpa"``: sdpa on every head, then, depending on the mode of the current
+pass (a context variable set around the model call, so it reaches every layer's attention
+whatever keyword arguments a model passes on),
 
 * ``exact``: the heads of the configuration under test are replaced by
   :func:`act_plugin.calibration.calibrate_heads` (the entry point every other path uses);
@@ -26,19 +37,22 @@ layer's extra keyword arguments to its attention function; no global state),
 
 Exact scores reuse cached hidden states: the input of layer ``l`` for every batch is kept
 from one baseline pass, so calibrating a head of layer ``l`` recomputes layers ``l..L-1``
-only.
+only. The restarted pass is still the model's own forward: layers ``0..l-1`` are
+short-circuited for that call (each returns the cached input of layer ``l``), so layer ``l``
+onwards receive exactly the arguments the model builds for them.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from act_plugin.calibration import (
     attention_scale,
@@ -49,9 +63,19 @@ from act_plugin.calibration import (
     replace_heads,
 )
 from act_plugin.heads import group_by_layer
-from act_plugin.search.scoring import CalibrationSet, margins_torch, sample_weights
+from act_plugin.search.hf_batches import Batch, make_batches
+from act_plugin.search.hf_decoder import (
+    HFSearchUnsupported,
+    KeepInput,
+    LastTokens,
+    describe_model,
+    find_decoder,
+    skip_layers,
+)
+from act_plugin.search.hf_threads import ThreadGovernor
+from act_plugin.search.scoring import CalibrationSet, margins_torch
 
-__all__ = ["SEARCH_IMPL", "HFSearchBackend", "make_batches"]
+__all__ = ["SEARCH_IMPL", "Batch", "HFSearchBackend", "HFSearchUnsupported", "ThreadGovernor", "make_batches"]
 
 logger = logging.getLogger("act_plugin.search")
 
@@ -62,33 +86,38 @@ Head = tuple[int, int]
 # ----------------------------------------------------------------------------- attention
 
 
+@dataclass
 class _Mode:
-    """What the registered attention function does during one forward call."""
+    """What the registered attention function does during one pass."""
 
-    def __init__(self, kind: str, pos: torch.Tensor, beta: float, threshold: float,
-                 exact: dict[int, torch.Tensor] | None = None, gates: dict[int, torch.Tensor] | None = None,
-                 gate_heads: dict[int, torch.Tensor] | None = None):
-        self.kind = kind
-        self.pos = pos  # [B, L] position of each token, -1 on padding
-        self.valid = (pos >= 0)
-        self.beta = beta
-        self.threshold = threshold
-        self.exact = exact or {}
-        self.gates = gates or {}
-        self.gate_heads = gate_heads or {}
+    kind: str  # "exact" or "gate"
+    pos: torch.Tensor  # [B, L] position of each token, -1 on padding
+    beta: float
+    threshold: float
+    exact: dict[int, torch.Tensor] = field(default_factory=dict)
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    gate_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)  # layers whose attention ran in this mode
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.pos >= 0
 
 
-MODE_KWARG = "act_search_mode"
+# The mode of the pass in progress. A context variable rather than a keyword argument of the
+# model call: a model's forward need not hand unknown keyword arguments on to its attention.
+_ACTIVE: ContextVar[_Mode | None] = ContextVar("act_search_mode", default=None)
 
 
 def _search_attention(module, query, key, value, attention_mask, *args, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    mode: _Mode | None = kwargs.pop(MODE_KWARG, None)
     out, weights = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
-    if mode is None:
+    mode = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if mode is None or layer is None:
         return out, weights
-    layer = module.layer_idx
+    mode.seen.add(layer)
     heads = mode.exact.get(layer) if mode.kind == "exact" else mode.gate_heads.get(layer)
     if heads is None:
         return out, weights
@@ -117,116 +146,6 @@ def _register() -> None:
 _register()
 
 
-# ----------------------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True)
-class Batch:
-    index: int
-    samples: tuple[int, ...]  # indices into the calibration set
-    ids: torch.Tensor  # [B, L] right-padded
-    pos: torch.Tensor  # [B, L], -1 on padding
-    last: torch.Tensor  # [B] index of each prompt's last token
-    choice_ids: torch.Tensor  # [B, Cmax]
-    valid: torch.Tensor  # [B, Cmax]
-    gold: torch.Tensor  # [B]
-    weights: torch.Tensor  # [B] macro-average weight of each sample (float64)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.ids.numel())
-
-
-def make_batches(calib: CalibrationSet, batch_tokens: int, pad_id: int = 0) -> list[Batch]:
-    """Prompts sorted by length (stable), packed while ``count x longest <= batch_tokens``."""
-    order = sorted(range(len(calib)), key=lambda i: (len(calib.prompts[i]), i))
-    groups: list[list[int]] = []
-    for i in order:
-        n = len(calib.prompts[i])
-        if groups and (len(groups[-1]) + 1) * n <= batch_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    ids_all, valid_all = calib.choice_matrix()
-    w_all = sample_weights(calib.tasks)
-    batches = []
-    for b, g in enumerate(groups):
-        L = max(len(calib.prompts[i]) for i in g)
-        ids = torch.full((len(g), L), pad_id, dtype=torch.long)
-        pos = torch.full((len(g), L), -1, dtype=torch.long)
-        for r, i in enumerate(g):
-            p = calib.prompts[i]
-            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-            pos[r, : len(p)] = torch.arange(len(p))
-        batches.append(Batch(
-            index=b, samples=tuple(g), ids=ids, pos=pos,
-            last=torch.tensor([len(calib.prompts[i]) - 1 for i in g], dtype=torch.long),
-            choice_ids=torch.from_numpy(ids_all[g]), valid=torch.from_numpy(valid_all[g]),
-            gold=torch.tensor([calib.gold[i] for i in g], dtype=torch.long),
-            weights=torch.from_numpy(w_all[g])))
-    return batches
-
-
-# ----------------------------------------------------------------------------- threads
-
-
-class ThreadGovernor:
-    """Torch threads for a shared machine: ``"auto"`` uses every core nobody else is using.
-
-    OpenMP threads that share a core with another busy process spin at barriers, so on a
-    2-core machine with one foreign busy process two threads run 2-3x SLOWER than one
-    (measured). ``auto`` measures the CPU time other processes used since the last check
-    (``/proc/stat`` minus this process) and sets ``cores - round(others)`` threads (at
-    least 1) before each batch. Thread counts change float summation order (log-probs
-    differ by ~1e-5), so results are bitwise reproducible only for a fixed ``threads``.
-    """
-
-    def __init__(self, threads: int | str | None):
-        import os
-
-        self.fixed = int(threads) if isinstance(threads, int) or (isinstance(threads, str) and threads.isdigit()) \
-            else None
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.used: dict[int, int] = {}
-        self._last = self._sample()
-        if self.fixed:
-            torch.set_num_threads(self.fixed)
-        elif threads is None:
-            self.fixed = torch.get_num_threads()
-
-    @staticmethod
-    def _sample():
-        import os
-
-        try:
-            with open("/proc/stat") as fh:
-                f = [int(x) for x in fh.readline().split()[1:]]
-            busy = sum(f) - f[3] - (f[4] if len(f) > 4 else 0)
-            with open("/proc/self/stat") as fh:
-                st = fh.read().rsplit(")", 1)[1].split()
-            mine = int(st[11]) + int(st[12])
-            return time.monotonic(), busy, mine, os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def update(self) -> int:
-        if self.fixed:
-            n = self.fixed
-        else:
-            now = self._sample()
-            n = torch.get_num_threads()
-            if now is not None and self._last is not None and now[0] - self._last[0] > 0.2:
-                others = ((now[1] - self._last[1]) - (now[2] - self._last[2])) / now[3] / (now[0] - self._last[0])
-                n = max(1, min(self.cores, self.cores - int(round(max(0.0, others)))))
-                self._last = now
-            elif self._last is None:
-                self._last = now
-            if n != torch.get_num_threads():
-                torch.set_num_threads(n)
-        self.used[n] = self.used.get(n, 0) + 1
-        return n
-
-
 # ----------------------------------------------------------------------------- backend
 
 
@@ -247,15 +166,19 @@ class HFSearchBackend:
         self.model.set_attn_implementation(SEARCH_IMPL)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.inner = self._inner(self.model)
         cfg = self.model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_heads = int(cfg.num_attention_heads)
+        self.hidden_size = int(cfg.hidden_size)
+        # the decoder stack (Any: run.py reads its embed_tokens) and its decoder layers
+        self.inner: Any
+        self.inner, self.layers = find_decoder(self.model, self.num_layers)
         self.calib = calib
         self.beta = float(beta)
         self.threshold = float(threshold)
         self.cache_hidden = cache_hidden
+        self._layer_tuple_out = False  # transformers 5 decoder layers return a tensor; the self-check reads it
         pad = getattr(cfg, "pad_token_id", None)
         self.batches = make_batches(calib, batch_tokens, pad_id=int(pad) if isinstance(pad, int) else 0)
         self._cache: dict[int, dict[int, torch.Tensor]] = {}  # layer -> batch -> hidden input
@@ -265,57 +188,84 @@ class HFSearchBackend:
         if self_check:
             self._self_check()
 
-    # ------------------------------------------------------------------ plumbing
-    @staticmethod
-    def _inner(model):
-        inner = getattr(model, "model", None)
-        for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
-            if inner is None or not hasattr(inner, attr):
-                raise NotImplementedError(
-                    f"head search (HF path) runs Llama-family decoders layer by layer; {type(model).__name__} has no "
-                    f"model.{attr} (use method 'exact', which runs in vLLM)")
-        return inner
-
+    # ------------------------------------------------------------------ one pass
     def _run(self, batch: Batch, start: int = 0, h: torch.Tensor | None = None,
              keep: Iterable[int] = (), mode: _Mode | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Answer log-probabilities ``[B, Cmax]`` (float32) with the attention in ``mode``
-        (None: plain sdpa); optionally the inputs of ``keep`` layers."""
-        keep = set(keep)
-        L = batch.ids.shape[1]
-        pos_ids = torch.arange(L).unsqueeze(0)
-        if start == 0 or h is None:
+        (None: plain sdpa), restarted at layer ``start`` from its input ``h`` when given;
+        optionally the inputs of the ``keep`` layers."""
+        if h is None:
             start = 0
-            h = self.inner.embed_tokens(batch.ids)
-        pe = self.inner.rotary_emb(h, position_ids=pos_ids)
-        kept = {}
-        for i in range(start, self.num_layers):
-            if i in keep:
-                kept[i] = h.detach()
-            h = self.inner.layers[i](h, attention_mask=None, position_ids=pos_ids, position_embeddings=pe,
-                                     past_key_values=None, use_cache=False, **{MODE_KWARG: mode})
-        last = h[torch.arange(h.shape[0]), batch.last]
-        logits = self.model.get_output_embeddings()(self.inner.norm(last)).float()
-        lp = torch.log_softmax(logits, dim=-1).gather(1, batch.choice_ids)
+        kept: dict[int, torch.Tensor] = {}
+        hooks = [self.inner.register_forward_hook(LastTokens(batch.last))]
+        hooks += [self.layers[i].register_forward_pre_hook(KeepInput(kept, i), with_kwargs=True)
+                  for i in set(keep) if start <= i < self.num_layers]
+        token = _ACTIVE.set(mode)
+        try:
+            with skip_layers(list(self.layers[:start]), h, self._layer_tuple_out):
+                logits = self.model(input_ids=batch.ids, use_cache=False).logits
+        finally:
+            _ACTIVE.reset(token)
+            for hook in hooks:
+                hook.remove()
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).gather(1, batch.choice_ids)
         return lp.masked_fill(~batch.valid, float("nan")), kept
 
+    def _mode(self, kind: str, batch: Batch, **kw) -> _Mode:
+        return _Mode(kind, batch.pos, self.beta, self.threshold, **kw)
+
+    # ------------------------------------------------------------------ self-check
     def _self_check(self) -> None:
-        """The layer loop must reproduce the model's own forward (right padding included)."""
+        """The batched pass must reproduce the model's own forward, reach every layer's
+        attention, and (for cached restarts) give the same answer restarted mid-way."""
         b = self.batches[-1]  # longest prompts: padding shows up in the shorter ones
+        probe = self._mode("exact", b)
+        mid = self.num_layers // 2
+        first = self.layers[0].register_forward_hook(self._note_layer_output)
+        try:
+            with torch.no_grad():
+                lp, kept = self._run(b, keep=[mid] if mid > 0 else [], mode=probe)
+        finally:
+            first.remove()
+        self._check_dispatch(probe)
+        self._check_against_forward(b, lp)
+        if self.cache_hidden and mid > 0:
+            self._check_restart(b, lp, mid, kept[mid])
+
+    def _note_layer_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._layer_tuple_out = isinstance(output, tuple)
+
+    def _check_dispatch(self, probe: _Mode) -> None:
+        missing = sorted(set(range(self.num_layers)) - probe.seen)
+        if missing:
+            raise HFSearchUnsupported(
+                f"head search (HF path): the attention of layer(s) {missing} of {describe_model(self.model)} does not "
+                f"run through transformers' attention interface ({SEARCH_IMPL!r} was not called), so "
+                "heads there cannot be calibrated on this path; use method 'exact', which runs in vLLM")
+
+    def _check_against_forward(self, b: Batch, lp: torch.Tensor) -> None:
         with torch.no_grad():
-            lp, _ = self._run(b)
             for r in (0, len(b.samples) - 1):
                 n = int(b.last[r]) + 1
                 ref = torch.log_softmax(self.model(input_ids=b.ids[r:r + 1, :n]).logits[0, -1].float(), -1)
                 ref = ref[b.choice_ids[r]][b.valid[r]]
                 got = lp[r][b.valid[r]]
                 if not torch.allclose(got, ref, atol=2e-3, rtol=0):
-                    raise RuntimeError(
-                        f"head search (HF path): the layer-by-layer forward does not reproduce "
-                        f"{type(self.model).__name__}.forward (max diff {float((got - ref).abs().max()):.2e}); "
+                    diff = float((got - ref).abs().max())
+                    raise HFSearchUnsupported(
+                        f"head search (HF path): the batched right-padded forward does not reproduce the forward of "
+                        f"{describe_model(self.model)} prompt by prompt (max diff {diff:.2e}); "
                         "this architecture is not supported by the HF search path (use method 'exact')")
 
-    def _positions_mode(self, kind: str, batch: Batch, **kw) -> _Mode:
-        return _Mode(kind, batch.pos, self.beta, self.threshold, **kw)
+    def _check_restart(self, b: Batch, lp: torch.Tensor, layer: int, hidden: torch.Tensor) -> None:
+        with torch.no_grad():
+            again, _ = self._run(b, layer, hidden, mode=self._mode("exact", b))
+        if not torch.allclose(again, lp, atol=1e-5, rtol=0, equal_nan=True):
+            self.cache_hidden = False
+            logger.warning(
+                "head search (HF path): %s does not give the same answer when restarted at layer %d from its cached "
+                "input (max diff %.2e); exact scores run the whole model instead (correct, slower)",
+                describe_model(self.model), layer, float((again - lp).nan_to_num().abs().max()))
 
     # ------------------------------------------------------------------ cache
     def plan_cache(self, layers: Iterable[int]) -> None:
@@ -359,7 +309,7 @@ class HFSearchBackend:
             for b in self.batches:
                 self.threads.update()
                 h0 = self._cache[start][b.index] if start > 0 else None
-                lp, kept = self._run(b, start, h0, keep=keep, mode=self._positions_mode("exact", b, exact=exact))
+                lp, kept = self._run(b, start, h0, keep=keep, mode=self._mode("exact", b, exact=exact))
                 for layer, t in kept.items():
                     self._cache.setdefault(layer, {})[b.index] = t
                 out[list(b.samples)] = lp.numpy()
@@ -390,7 +340,7 @@ class HFSearchBackend:
             if rec is None:
                 self.threads.update()
                 gates = {layer: torch.zeros(len(hs), requires_grad=True) for layer, hs in heads_t.items()}
-                mode = self._positions_mode("gate", b, gates=gates, gate_heads=heads_t)
+                mode = self._mode("gate", b, gates=gates, gate_heads=heads_t)
                 with torch.enable_grad():
                     lp, kept = self._run(b, 0, keep=self._missing(), mode=mode)
                     margin = margins_torch(lp.double(), b.gold, b.valid)
@@ -429,7 +379,7 @@ class HFSearchBackend:
         total = 0.0
         with torch.no_grad():
             for b in self.batches:
-                lp, _ = self._run(b, 0, mode=self._positions_mode("gate", b, gates=gates, gate_heads=heads_t))
+                lp, _ = self._run(b, 0, mode=self._mode("gate", b, gates=gates, gate_heads=heads_t))
                 total += float((margins_torch(lp.double(), b.gold, b.valid) * b.weights).sum())
         return total
 
