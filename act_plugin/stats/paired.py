@@ -1,16 +1,11 @@
-"""Paired statistics of an A/B accuracy comparison over the same documents.
+"""Paired comparison of two arms' per-document correctness over the same documents.
 
-* :func:`mcnemar` -- McNemar's test on the discordant pairs (``b`` = baseline wrong and
-  calibrated right, ``c`` = the reverse): exact two-sided p-value (``scipy.stats.binomtest``)
-  and the mid-p variant (``scipy.stats.binom``), which is less conservative.
 * :func:`paired_bootstrap_ci` -- percentile bootstrap (``scipy.stats.bootstrap``) of the mean
   per-document accuracy difference, resampling documents.
-* :func:`compare` -- both, plus flip counts, for per-document correctness of two arms.
+* :func:`compare` -- the bootstrap CI and McNemar's exact test
+  (:func:`act_plugin.stats.mcnemar.mcnemar`), plus flip counts, for per-document correctness of two arms.
 * :func:`macro_bootstrap_ci` -- CI of the mean of per-task deltas (tasks resampled
   independently, stratified by task).
-* :func:`minimum_detectable_effect` -- the smallest accuracy change a paired comparison of
-  ``n`` documents detects with a given power, for McNemar's test at a stated alpha (normal
-  approximation of Connor 1987, with the discordant rate observed in the comparison).
 
 Several seeds (few-shot): correctness arrays are ``[documents, seeds]``; a document's
 accuracy is its mean over seeds; the bootstrap resamples documents (the seeds of a document
@@ -27,34 +22,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["McNemar", "Comparison", "mcnemar", "paired_bootstrap_ci", "macro_bootstrap_ci", "compare",
-           "minimum_detectable_effect", "MDE_ALPHA", "MDE_POWER"]
+from act_plugin.stats.mcnemar import mcnemar
 
-# The minimum detectable effect is stated at these (two-sided alpha, power).
-MDE_ALPHA = 0.05
-MDE_POWER = 0.8
-
-
-@dataclass(frozen=True)
-class McNemar:
-    b: int  # baseline wrong, calibrated right
-    c: int  # baseline right, calibrated wrong
-    p_exact: float
-    p_midp: float
-
-
-def mcnemar(b: int, c: int) -> McNemar:
-    """McNemar's test from the two discordant counts (exact binomial and mid-p)."""
-    b, c = int(b), int(c)
-    if b < 0 or c < 0:
-        raise ValueError("discordant counts must be non-negative")
-    n = b + c
-    if n == 0:
-        return McNemar(b, c, 1.0, 1.0)
-    k = min(b, c)
-    p_exact = float(_st.binomtest(k, n, 0.5, alternative="two-sided").pvalue)
-    p_mid = 2.0 * (float(_st.binom.cdf(k, n, 0.5)) - 0.5 * float(_st.binom.pmf(k, n, 0.5)))
-    return McNemar(b, c, min(1.0, p_exact), min(1.0, p_mid))
+__all__ = ["Comparison", "paired_bootstrap_ci", "macro_bootstrap_ci", "compare"]
 
 
 def _as_2d(x: Sequence | np.ndarray) -> np.ndarray:
@@ -175,32 +145,3 @@ def compare(
         p_value=test.p_exact, p_value_midp=test.p_midp,
     )
 
-
-def minimum_detectable_effect(n: int, discordant_rate: float, alpha: float = MDE_ALPHA,
-                              power: float = MDE_POWER) -> float | None:
-    """Smallest |accuracy delta| (a fraction) that a paired test on ``n`` documents detects
-    with probability ``power`` at two-sided level ``alpha``, when a fraction
-    ``discordant_rate`` of the documents changes its outcome between the arms.
-
-    McNemar sample size, normal approximation (Connor 1987): with discordant rate ``p`` and
-    paired difference ``d``, ``n = (z_a sqrt(p) + z_b sqrt(p - d^2))^2 / d^2``
-    (``z_a = z(1 - alpha/2)``, ``z_b = z(power)``). Solved for ``d`` (the positive root of
-    ``(n + z_b^2) d^2 - 2 sqrt(n) z_a sqrt(p) d + (z_a^2 - z_b^2) p = 0``)::
-
-        d = sqrt(p) * (sqrt(n) z_a + z_b sqrt(n - z_a^2 + z_b^2)) / (n + z_b^2)
-
-    ``None`` when nothing can be said: no documents, or no discordant documents (the rate
-    is then unknown, not zero). The result is capped at ``p`` (all discordant pairs one way).
-    """
-    if not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
-        raise ValueError(f"alpha and power must be in (0, 1), got {alpha}, {power}")
-    if n <= 0 or not discordant_rate > 0.0:
-        return None
-    p = min(1.0, float(discordant_rate))
-    za = float(_st.norm.ppf(1.0 - alpha / 2.0))
-    zb = float(_st.norm.ppf(power))
-    inner = n - za * za + zb * zb
-    if inner <= 0:  # n so small that no effect is detectable
-        return p
-    d = np.sqrt(p) * (np.sqrt(n) * za + zb * np.sqrt(inner)) / (n + zb * zb)
-    return float(min(d, p))
