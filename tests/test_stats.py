@@ -4,12 +4,12 @@ outcome tables), bootstrap CIs, per-task comparisons."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 from scipy import stats as st
-
-import itertools
-import math
 
 from act_plugin.stats import (
     compare,
