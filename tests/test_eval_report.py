@@ -9,6 +9,7 @@ import pytest
 
 from act_plugin.eval import runner
 from act_plugin.eval.config import load_eval_config
+from act_plugin.eval.records import records_from_samples
 from act_plugin.eval.report import accuracy_from_samples, read_samples, write_samples
 
 
@@ -37,7 +38,7 @@ def test_multi_seed_assembly_and_files(tmp_path):
         records, lm_eval = [], {}
         for s in (0, 1):
             samples = _fake_samples(correct[arm][s], gold)
-            records += runner._records("sst2", "act_sst2", arm, s, samples, "acc")
+            records += records_from_samples("sst2", "act_sst2", arm, s, samples, "acc")
             lm_eval[str(s)] = {"acc,none": float(np.mean(correct[arm][s]))}
         name = f"samples_{arm}_sst2.jsonl"
         write_samples(tmp_path / name, records)
@@ -95,7 +96,7 @@ def test_assembly_with_a_per_task_arm_reuses_the_baseline_on_a_task_without_a_pr
     correct = {}
     for arm, task in cfg.pieces:
         correct[(arm, task)] = list(rng.integers(0, 2, 12))
-        records = runner._records(task, f"act_{task}", arm, 0, _fake_samples(correct[(arm, task)], gold), "acc")
+        records = records_from_samples(task, f"act_{task}", arm, 0, _fake_samples(correct[(arm, task)], gold), "acc")
         name = f"samples_{arm}_{task}.jsonl"
         write_samples(tmp_path / name, records)
         request = "off" if arm == "baseline" else f"per_task.{task}"
@@ -146,3 +147,59 @@ def test_heads_spec_reads_back_as_the_same_heads(spec):
     assert ACTConfig.from_any({"heads": shown}).heads == act.heads
     assert heads_spec(ACTConfig.from_any({"heads": "2-5:0;7:1-3,5;8:*;9:*"}).to_dict()["heads"]) == \
         "2-5:0; 7:1-3,5; 8-9:*"
+
+
+def _assemble_one_seed(tmp_path, correct: dict[tuple[str, str], list[int]], tasks: list[str]):
+    """Results of a baseline / act run whose per-document correctness is ``correct[(arm, task)]``."""
+    cfg = load_eval_config({"name": "fake", "model": "smollm2-135m", "tasks": tasks, "bootstrap_resamples": 200,
+                            "arms": {"baseline": None, "act": {"beta": 0.4, "heads": "2:0"}}})
+    versions = {"act_plugin": "0", "lm_eval": "0", "vllm": "0", "torch": "0", "python": "3"}
+    state = runner.RunState.open(tmp_path, runner.run_inputs(cfg, "/m", tmp_path, versions))
+    for (arm, task), corr in correct.items():
+        gold = [0] * len(corr)
+        name = f"samples_{arm}_{task}.jsonl"
+        write_samples(tmp_path / name, records_from_samples(task, f"act_{task}", arm, 0, _fake_samples(corr, gold),
+                                                            "acc"))
+        state.record({"arm": arm, "task": task, "samples": name, "records": len(corr), "wall_time_s": 1.0,
+                      "lm_eval": {"0": {}}, "lm_eval_raw": {}, "preemptions": 0,
+                      "engine": {"act_setting": None, "request": None, "config": None, "calibration": None,
+                                 "preemptions": 0}})
+    results = runner.assemble(cfg, state, "/m", tmp_path, "test", {t: f"act_{t}" for t in tasks}, [0], versions)
+    runner.write_outputs(tmp_path, cfg, state, results)
+    return results, (tmp_path / "report.md").read_text()
+
+
+def _pair(n: int, right: int, better: int, worse: int) -> tuple[list[int], list[int]]:
+    """Baseline right on the first ``right`` documents; the arm turns ``worse`` of those wrong
+    and ``better`` of the rest right."""
+    base = [1] * right + [0] * (n - right)
+    treat = base.copy()
+    for i in range(worse):
+        treat[i] = 0
+    for i in range(right, right + better):
+        treat[i] = 1
+    return base, treat
+
+
+def test_mde_and_resolution_reach_results_and_report(tmp_path):
+    """make demo's SST-5 case (n = 100, 3 discordant documents) is not resolvable at all, and
+    the report says why; a small delta at n = 400 is below its MDE; a large one is resolved."""
+    from act_plugin.stats import minimum_detectable_effect
+
+    cases = {"sst5": _pair(100, 40, 2, 1), "sst2": _pair(400, 200, 20, 14), "mr": _pair(400, 200, 60, 10)}
+    correct = {(arm, t): pair[i] for t, pair in cases.items() for i, arm in enumerate(("baseline", "act"))}
+    results, report = _assemble_one_seed(tmp_path, correct, list(cases))
+    sst5, sst2, mr = (results.tasks[t].comparisons["act"] for t in ("sst5", "sst2", "mr"))
+
+    assert sst5.delta == pytest.approx(0.01) and sst5.mde is None and not sst5.resolved
+    assert ("sst5, act: 3 discordant pairs: an exact McNemar test cannot reach p < 0.05 with fewer than 6: "
+            "not resolved at this n") in results.warnings[0]
+    assert sst2.mde == pytest.approx(minimum_detectable_effect(400, 34 / 400)) and not sst2.resolved
+    assert sst2.mde > 0.03 > abs(sst2.delta)
+    assert "sst2, act: n = 400 documents resolves effects of at least" in " ".join(results.warnings)
+    assert mr.resolved and mr.mde is not None and mr.mde < mr.delta
+    assert not any(w.startswith("mr,") for w in results.warnings)
+
+    assert "| none resolvable (!) |" in report.split("| sst5 |")[1].splitlines()[0]
+    assert f"| {100 * sst2.mde:.1f} pt (!) |" in report.split("| sst2 |")[1].splitlines()[0]
+    assert f"| {100 * mr.mde:.1f} pt |" in report.split("| mr |")[1].splitlines()[0]

@@ -17,10 +17,11 @@ import pytest
 from lm_eval.api.model import LM
 
 from act_plugin.config import ACTConfig, ACTEngineConfig
-from act_plugin.eval import runner
+from act_plugin.eval import engine_arms, runner
 from act_plugin.eval.config import load_eval_config
 from act_plugin.eval.report import read_samples
 from act_plugin.eval.results import EvalResults
+from act_plugin.stats import resolution
 
 TASKS = ["sst2", "cb"]  # small splits: lm-eval builds each task's whole split per call
 ACT = {"beta": 0.4, "heads": "2-27:0,4"}
@@ -90,7 +91,7 @@ def fake_engine(monkeypatch):
     import act_plugin.eval.model as eval_model
 
     monkeypatch.setattr(eval_model, "ActVLLM", FakeEngine)
-    monkeypatch.setattr(runner, "engine_status", lambda lm: lm.status())
+    monkeypatch.setattr(engine_arms, "engine_status", lambda lm: lm.status())
     monkeypatch.delenv("ACT_CONFIG", raising=False)
     FakeEngine.started = []
     FakeEngine.honours_act_off = True
@@ -227,11 +228,14 @@ def test_report_flags_controls_and_unresolved_effects(fake_engine, shared_data, 
     assert run.results.arms["identity"].control and not run.results.arms["identity"].calibrates
     for task in TASKS:
         c = run.results.tasks[task].comparisons["act"]
-        assert c.mde is not None and c.resolved == (not 0 < abs(c.delta) < c.mde)
+        # the exact MDE at the observed discordance (none resolvable at n = 12 unless almost every
+        # document flips), and the resolution the shared statistics give
+        expected = resolution(c.n, c.docs_better + c.docs_worse, c.delta)
+        assert (c.mde, c.resolved) == (expected.mde, expected.resolved)
         if not c.resolved:
-            assert any(w.startswith(f"{task}, act: n = 12 documents resolves effects of at least")
-                       for w in run.results.warnings)
-    assert "MDE (points)" in report and "power 0.8" in report
+            assert f"{task}, act: {expected.note}: not resolved at this n" in " ".join(run.results.warnings)
+            assert f"| {task} |" in report and "(!)" in report
+    assert "| MDE |" in report and "power 0.8" in report and "exact McNemar" in report
     assert run.results.arms["baseline"].engine.request == "off"  # shared engine: told per request
 
 

@@ -95,8 +95,22 @@ def test_mcnemar_and_mde_match_references():
         ref = binomtest(min(better, worse), better + worse, 0.5).pvalue if better + worse else 1.0
         assert mcnemar_p(better, worse) == pytest.approx(ref, rel=1e-9)
     # ~2,000 prompts for a 2-point change at 10% discordance (alpha 0.05, power 0.8)
-    assert min_detectable_effect(1962) == pytest.approx(0.02, abs=2e-4)
-    assert min_detectable_effect(100) > min_detectable_effect(400) > 0
+    assert min_detectable_effect(1962, 0.1) == pytest.approx(0.0204, abs=3e-4)
+    assert min_detectable_effect(100, 0.1) > min_detectable_effect(400, 0.1) > 0
+    # the search states the exact test's power, as the eval does: 40 validation prompts at 10%
+    # flips resolve nothing (4 discordant pairs expected; 6 are needed for p < 0.05)
+    assert min_detectable_effect(40, 0.1) is None
+
+
+def test_search_and_eval_share_one_statistics_home():
+    import act_plugin.eval.stats as eval_stats
+    import act_plugin.stats as shared
+    from act_plugin.search import select
+
+    assert select.mcnemar_p is shared.mcnemar_p and select.min_detectable_effect is shared.minimum_detectable_effect
+    assert eval_stats.minimum_detectable_effect is shared.minimum_detectable_effect
+    effect = select.judge([(1, 0)], {"a": _correct(300, range(150))}, {"a": _correct(300, range(160))}).effects["a"]
+    assert effect.to_dict()["mde_at_planning_discordance"] == shared.minimum_detectable_effect(300, 0.1)
 
 
 def test_selection_refuses_set_that_helps_the_mean_but_harms_one_task():

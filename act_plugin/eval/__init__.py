@@ -3,12 +3,17 @@
 * :mod:`act_plugin.tasks` -- the ACT paper suite over local data (``load_samples``), shared with search;
 * :mod:`act_plugin.eval.config` -- the eval config (``EvalConfig``);
 * :mod:`act_plugin.eval.runner` -- runs every arm through ``lm_eval.simple_evaluate``, piece by
-  piece (arm, task), resumable;
+  piece (arm, task), resumable; its steps: :mod:`~act_plugin.eval.run_state` (fingerprints,
+  resuming), :mod:`~act_plugin.eval.engine_arms` (engine setting and read-back per arm),
+  :mod:`~act_plugin.eval.harness` (driving lm-eval), :mod:`~act_plugin.eval.records`,
+  :mod:`~act_plugin.eval.assemble` (typed results and statistics), :mod:`~act_plugin.eval.outputs`;
 * :mod:`act_plugin.eval.model` -- the lm-eval model ``act-vllm`` (``ActVLLM``; imports vLLM and lm-eval);
 * :mod:`act_plugin.eval.scoring` -- next-token scoring, one prefill per context (pure);
-* :mod:`act_plugin.eval.stats` -- paired bootstrap CIs and McNemar tests;
+* :mod:`act_plugin.stats` -- paired bootstrap CIs, McNemar's exact test, its power and the
+  minimum detectable effect (shared with the search; ``act_plugin.eval.stats`` re-exports it);
 * :mod:`act_plugin.eval.results` -- ``results.json`` as a typed model (``EvalResults``, schema v2);
-* :mod:`act_plugin.eval.report` -- writes ``results.json``, ``report.md``, the chart, per-sample files;
+* :mod:`act_plugin.eval.report` -- writes ``results.json``, ``report.md`` and per-sample files;
+  :mod:`act_plugin.eval.chart` the chart;
 * :mod:`act_plugin.eval.cli` -- ``act-plugin eval CONFIG.yaml``.
 
 Importing this package is cheap (no vLLM, no lm-eval): the model is registered with lm-eval

@@ -1,4 +1,5 @@
-"""Writing an A/B evaluation: ``results.json``, ``report.md``, ``deltas.png``, per-sample files.
+"""Writing an A/B evaluation: ``results.json``, ``report.md``, per-sample files (the chart,
+``deltas.png``, is :mod:`act_plugin.eval.chart`'s).
 
 ``results.json`` is :class:`act_plugin.eval.results.EvalResults` (schema
 ``act-plugin/eval-results`` v2; JSON schema in ``docs/eval_results.schema.json``).
@@ -16,15 +17,16 @@ argmax behind it; the mean of ``correct`` over a file is the arm's accuracy in
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from act_plugin.atomic_files import atomic_write_bytes, atomic_write_text
+from act_plugin.atomic_files import atomic_write_text
+from act_plugin.eval.chart import as_dict, write_chart
 from act_plugin.eval.results import SCHEMA, SCHEMA_VERSION, EvalResults
+from act_plugin.stats import describe_mde
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "write_samples", "read_samples", "write_results", "write_report",
            "write_chart", "samples_filename", "accuracy_from_samples", "clean"]
@@ -61,10 +63,6 @@ def clean(obj: Any) -> Any:
     return obj
 
 
-def _as_dict(results: EvalResults | dict) -> dict:
-    return json.loads(results.to_json()) if isinstance(results, EvalResults) else results
-
-
 def write_results(path: Path, results: EvalResults) -> Path:
     return atomic_write_text(path, results.to_json())
 
@@ -79,70 +77,6 @@ def _p(x: float | None) -> str:
     if x is None:
         return "n/a"
     return f"{x:.3g}" if x >= 0.001 else "<0.001"
-
-
-def _num(x: float | None) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def write_chart(path: Path, results: EvalResults | dict) -> Path | None:
-    """Grouped bars of per-task deltas (percentage points) with CI error bars, plus the mean."""
-    results = _as_dict(results)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    arms = [a for a, info in results["arms"].items() if not info["baseline"]]
-    tasks = list(results["tasks"])
-    if not arms or not tasks:
-        return None
-    labels = tasks + ["mean"]
-    x = np.arange(len(labels))
-    width = 0.8 / len(arms)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.2))
-    for i, arm in enumerate(arms):
-        vals, lo, hi = [], [], []
-        pos = x - 0.4 + width * (i + 0.5)
-        for j, t in enumerate(tasks):
-            c = results["tasks"][t]["comparisons"][arm]
-            if not c.get("calibrated", True):  # a zero bar would read as "calibrated, no change"
-                ax.text(pos[j], 0, "uncalibrated (no profile)", rotation=90, ha="center", va="bottom", fontsize=7,
-                        color="#495057")
-            d, cl, ch = _num(c["delta"]), _num(c["ci_low"]), _num(c["ci_high"])
-            vals.append(100 * d)
-            lo.append(100 * (d - cl))
-            hi.append(100 * (ch - d))
-        s = results["summary"][arm]
-        d, cl, ch = _num(s["mean_delta"]), _num(s["ci_low"]), _num(s["ci_high"])
-        vals.append(100 * d)
-        lo.append(100 * (d - cl))
-        hi.append(100 * (ch - d))
-        colors: list[str] | tuple[float, float, float, float]
-        if len(arms) == 1:  # one arm: colour says the sign
-            colors = ["#2b8a3e" if v > 0 else "#c92a2a" if v < 0 else "#868e96" for v in vals]
-        else:  # several arms: one colour per arm, so the legend reads right (the zero line shows the sign)
-            colors = plt.get_cmap("tab10")(i % 10)
-        label = f"{arm} (per-task profiles)" if results["arms"][arm].get("per_task") else arm
-        ax.bar(pos, vals, width * 0.9, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=3, color=colors,
-               edgecolor="black", linewidth=0.5, label=label, alpha=0.85)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    conf = int(round(100 * results["settings"]["confidence"]))
-    ax.set_ylabel(f"accuracy delta vs baseline (points, {conf}% CI)")
-    title = f"{results.get('name') or 'eval'}: {results['model']['name']}"
-    if len(arms) == 1 and results["arms"][arms[0]].get("per_task"):  # no legend to say it
-        title += f" ({arms[0]}: per-task profiles)"
-    ax.set_title(title)
-    if len(arms) > 1:
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _ranges(values: list[int]) -> str:
@@ -228,16 +162,12 @@ def _profiles_table(arm: str, info: dict) -> list[str]:
     return lines
 
 
-def write_report(path: Path, results: EvalResults | dict) -> Path:
-    results = _as_dict(results)
-    arms = list(results["arms"])
-    cal = [a for a in arms if not results["arms"][a]["baseline"]]
+def _header(results: dict) -> list[str]:
     st = results["settings"]
-    conf = int(round(100 * st["confidence"]))
     lines = [f"# ACT A/B evaluation: {results.get('name') or 'eval'}", ""]
     if results.get("description"):
         lines += [results["description"], ""]
-    lines += [
+    return lines + [
         f"- model: `{results['model']['name']}` (`{results['model']['path']}`)",
         f"- engine: `{json.dumps(results['engine'], sort_keys=True)}`; "
         f"{'one engine for all arms (per-request switch)' if results['share_engine'] else 'one engine per arm'}",
@@ -246,57 +176,73 @@ def write_report(path: Path, results: EvalResults | dict) -> Path:
         f"- scoring: {results['scoring']['note']}",
         f"- created {results['created']} with act-plugin {results['versions']['act_plugin']}, lm-eval "
         f"{results['versions']['lm_eval']}, vLLM {results['versions']['vllm']}",
-        "",
-        "## Arms",
-        "",
+    ]
+
+
+def _arms_section(results: dict) -> list[str]:
+    """The arms table (calibration, engine read-back, preemptions, time), each per-task arm's
+    profiles, the engine start times and the warnings."""
+    lines = [
+        "", "## Arms", "",
         "| arm | calibration | engine (read back) | preempted | wall time (s) | scored (documents x seeds) |",
         "|---|---|---|---:|---:|---:|",
     ]
-    for a in arms:
-        info = results["arms"][a]
+    for a, info in results["arms"].items():
         pre = "n/a" if info["preemptions"] is None else str(info["preemptions"])
         wall = "n/a" if info["wall_time_s"] is None else f"{info['wall_time_s']:.1f}"
         lines.append(f"| {a} | {_arm_description(info)} | {_engine_description(a, info)} | {pre} | {wall} | "
                      f"{info['documents']} |")
     lines += ["", "Preempted: calibrated requests that vLLM preempted and recomputed while the arm ran "
               "(their sink statistics come from a different pass)."]
-    for a in arms:
-        if results["arms"][a].get("per_task"):
-            lines += _profiles_table(a, results["arms"][a])
+    for a, info in results["arms"].items():
+        if info.get("per_task"):
+            lines += _profiles_table(a, info)
     if results.get("engine_start_s"):
         lines += ["", f"Engine start: {', '.join(f'{s:.1f}' for s in results['engine_start_s'])} s."]
     if results.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
-    mde_how = (f"MDE = minimum detectable |delta| at this n (paired McNemar, two-sided alpha {st['mde_alpha']}, "
-               f"power {st['mde_power']}, from the observed discordant rate)")
-    for arm in cal:
-        lines += [
-            "",
-            f"## {arm} vs baseline",
-            "",
-            f"| task | metric | n | baseline | {arm} | delta (points) | {conf}% CI | + / - | McNemar p (exact / mid-p) "
-            f"| MDE (points) |",
-            "|---|---|---:|---:|---:|---:|---|---:|---|---:|",
-        ]
-        for t, info in results["tasks"].items():
-            c = info["comparisons"][arm]
-            mde = "n/a" if c["mde"] is None else f"{100 * c['mde']:.1f}" + ("" if c["resolved"] else " (!)")
-            task = t if c.get("calibrated", True) else f"{t} (**uncalibrated: no profile for this task**)"
-            lines.append(
-                f"| {task} | {info['metric']} | {c['n']} | {_pct(c['base_acc'])} | {_pct(c['treat_acc'])} | "
-                f"{_pct(c['delta'], True)} | [{_pct(c['ci_low'], True)}, {_pct(c['ci_high'], True)}] | "
-                f"{c['improved']} / {c['worsened']} | {_p(c['p_value'])} / {_p(c['p_value_midp'])} | {mde} |"
-            )
-        s = results["summary"][arm]
+    return lines
+
+
+def _mde_cell(c: dict) -> str:
+    """The MDE at the observed discordance, in the shared words; (!) marks an unresolved delta."""
+    cell = describe_mde(c["mde"], discordance_known=c["docs_better"] + c["docs_worse"] > 0)
+    return cell + ("" if c["resolved"] else " (!)")
+
+
+def _comparison_section(results: dict, arm: str) -> list[str]:
+    """One calibrated arm against the baseline: a row per task and the mean over tasks."""
+    conf = int(round(100 * results["settings"]["confidence"]))
+    lines = [
+        "", f"## {arm} vs baseline", "",
+        f"| task | metric | n | baseline | {arm} | delta (points) | {conf}% CI | + / - | McNemar p (exact / mid-p) "
+        f"| MDE |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for t, info in results["tasks"].items():
+        c = info["comparisons"][arm]
+        task = t if c.get("calibrated", True) else f"{t} (**uncalibrated: no profile for this task**)"
         lines.append(
-            f"| **mean over tasks** | | | | | **{_pct(s['mean_delta'], True)}** | "
-            f"[{_pct(s['ci_low'], True)}, {_pct(s['ci_high'], True)}] | {s['improved']} / {s['worsened']} | | |"
+            f"| {task} | {info['metric']} | {c['n']} | {_pct(c['base_acc'])} | {_pct(c['treat_acc'])} | "
+            f"{_pct(c['delta'], True)} | [{_pct(c['ci_low'], True)}, {_pct(c['ci_high'], True)}] | "
+            f"{c['improved']} / {c['worsened']} | {_p(c['p_value'])} / {_p(c['p_value_midp'])} | {_mde_cell(c)} |"
         )
-        if s.get("uncalibrated_tasks"):
-            lines += ["", f"Uncalibrated in {arm} (no profile for the task): {', '.join(s['uncalibrated_tasks'])}. "
-                      f"Not run: the baseline's records stand for them, so their delta is 0 by construction; "
-                      f"they count in the mean (the per-task arm as deployed runs them uncalibrated)."]
-    lines += [
+    s = results["summary"][arm]
+    lines.append(
+        f"| **mean over tasks** | | | | | **{_pct(s['mean_delta'], True)}** | "
+        f"[{_pct(s['ci_low'], True)}, {_pct(s['ci_high'], True)}] | {s['improved']} / {s['worsened']} | | |"
+    )
+    if s.get("uncalibrated_tasks"):
+        lines += ["", f"Uncalibrated in {arm} (no profile for the task): {', '.join(s['uncalibrated_tasks'])}. "
+                  f"Not run: the baseline's records stand for them, so their delta is 0 by construction; "
+                  f"they count in the mean (the per-task arm as deployed runs them uncalibrated)."]
+    return lines
+
+
+def _how_to_read(results: dict) -> list[str]:
+    st = results["settings"]
+    conf = int(round(100 * st["confidence"]))
+    return [
         "",
         f"![per-task accuracy deltas]({results['files']['chart']})",
         "",
@@ -308,11 +254,26 @@ def write_report(path: Path, results: EvalResults | dict) -> Path:
         "- `+ / -` = documents flipped from wrong to right / right to wrong (per seed). p = McNemar's exact "
         "test on those flips (with several seeds: an exact sign test over documents on the seed-averaged "
         "correctness) and its mid-p variant.",
-        f"- {mde_how}; n/a when no document changed. (!) marks a delta smaller than the MDE: "
-        "this n cannot resolve it.",
+        f"- MDE = minimum detectable |delta| at this n: the smallest change an exact McNemar test (two-sided "
+        f"alpha {st['mde_alpha']}) detects with power {st['mde_power']}, at the discordance this run observed "
+        "(power computed exactly, over the binomial counts of discordant pairs). 'none resolvable': no change "
+        "reaches that power at this n; n/a: no document changed. (!) marks a delta this n cannot resolve "
+        "(below the MDE, none resolvable, or too few discordant pairs for the exact test to reach p < alpha "
+        "at all: see Warnings).",
         "- Every number comes from the per-sample files `samples_<arm>_<task>.jsonl` (one line per seed and "
         "document: gold, prediction, per-choice log-likelihoods, correctness, prompt); `results.json` holds "
         f"them all (schema `{SCHEMA}` v{SCHEMA_VERSION}).",
         "",
     ]
+
+
+def write_report(path: Path, results: EvalResults | dict) -> Path:
+    """``report.md``: the run's settings, arms, warnings, one comparison table per calibrated
+    arm and how to read and recompute every number."""
+    results = as_dict(results)
+    lines = _header(results) + _arms_section(results)
+    for arm, info in results["arms"].items():
+        if not info["baseline"]:
+            lines += _comparison_section(results, arm)
+    lines += _how_to_read(results)
     return atomic_write_text(path, "\n".join(lines))

@@ -5,7 +5,7 @@ The JSON schema generated from :class:`EvalResults` is committed at
 a test checks it is current). Keys are only ever added within a schema version.
 
 Accuracies and deltas are fractions (0.1 = 10 points). ``comparisons`` are an arm minus the
-baseline over the same documents (see :mod:`act_plugin.eval.stats`). Floats that cannot be
+baseline over the same documents (see :mod:`act_plugin.stats`). Floats that cannot be
 computed (NaN) are written as ``null``.
 
 Changes from v1: each arm records what the engine was told and what it read back
@@ -18,6 +18,9 @@ Added within v2: per-task arms (each task calibrated with its own profile): ``ar
 and ``arms.*.tasks`` (per task: its profile or null, whether it was calibrated, the engine
 read-back); ``tasks.*.comparisons.*.calibrated`` (false: the arm has no profile for the task,
 so its records are the baseline's and the delta is 0); ``summary.*.uncalibrated_tasks``.
+The minimum detectable effect (``mde``) is computed from the exact power of McNemar's test
+(:mod:`act_plugin.stats`) instead of a normal approximation: same keys, and ``null`` now also
+when no effect is resolvable at the n (e.g. too few discordant documents).
 """
 
 from __future__ import annotations
@@ -134,10 +137,14 @@ class ComparisonResult(_Model):
     p_value: float = Field(description="exact McNemar (one seed) / sign test over documents (several)")
     p_value_midp: float
     discordant_rate: float = Field(description="(docs_better + docs_worse) / n")
-    mde: float | None = Field(description="minimum detectable |delta| at this n (settings.mde_alpha, "
-                                             "settings.mde_power; from the observed discordant rate); "
-                                             "null when no document changed")
-    resolved: bool = Field(description="false when 0 < |delta| < mde: this n cannot resolve the reported effect")
+    mde: float | None = Field(description="minimum detectable |delta| at this n: the smallest change the exact "
+                                             "McNemar test at settings.mde_alpha detects with power "
+                                             "settings.mde_power (power computed exactly) at the observed "
+                                             "discordant rate; null when no document changed or when no change "
+                                             "reaches that power at this n")
+    resolved: bool = Field(description="false when the delta is not 0 and this n cannot resolve it: |delta| < mde, "
+                                       "no mde, or too few discordant documents for the exact test to reach "
+                                       "p < settings.mde_alpha (the warnings say which)")
     calibrated: bool = Field(True, description="false: a per-task arm with no profile for this task ran it "
                                                "uncalibrated; its records are the baseline's (not re-run), delta 0")
 

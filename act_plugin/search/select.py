@@ -6,7 +6,9 @@ the exact McNemar test (two-sided binomial test on the discordant prompts) gives
 is *significantly harmed* when its accuracy drops and ``p < alpha``. The rule of the search
 (:func:`judge`): a set is accepted only if NO task is significantly harmed AND the mean of
 the per-task accuracy changes is positive. The per-task significance is not corrected for
-the number of tasks: that makes refusals more likely, which is the safe side.
+the number of tasks: that makes refusals more likely, which is the safe side. The test and
+the power figures (minimum detectable effect, exact) are :mod:`act_plugin.stats`'s, the same
+as the eval's.
 
 Sets are built greedily (:func:`select_forward`): heads are tried in the order the SEARCH
 part ranks them (their exact single-head gain there); a head joins the set only when the
@@ -21,41 +23,21 @@ dev/test split, which the search never reads.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
-__all__ = ["TaskEffect", "Decision", "Selection", "mcnemar_p", "min_detectable_effect", "judge",
-           "select_forward"]
+# mcnemar_p, min_detectable_effect, PLANNING_DISCORDANCE: the search's names for the shared statistics
+from act_plugin.stats import MDE_ALPHA, PLANNING_DISCORDANCE, mcnemar_p
+from act_plugin.stats import minimum_detectable_effect as min_detectable_effect
+
+__all__ = ["TaskEffect", "Decision", "Selection", "mcnemar_p", "min_detectable_effect", "PLANNING_DISCORDANCE",
+           "judge", "select_forward"]
 
 Head = tuple[int, int]
-DEFAULT_ALPHA = 0.05
-PLANNING_DISCORDANCE = 0.10  # share of prompts a set changes (flips either way); seen 3-17% on SmolLM2 dev
-
-
-def mcnemar_p(better: int, worse: int) -> float:
-    """Exact two-sided McNemar p-value (binomial test of the discordant pairs, p = 1/2)."""
-    n = better + worse
-    if n == 0:
-        return 1.0
-    k = min(better, worse)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
-    return min(1.0, 2.0 * tail)
-
-
-def min_detectable_effect(n: int, discordance: float = PLANNING_DISCORDANCE, alpha: float = DEFAULT_ALPHA,
-                          power: float = 0.8) -> float:
-    """Smallest paired accuracy change (fraction) a two-sided test at ``alpha`` detects with
-    ``power`` on ``n`` prompts when the set changes a share ``discordance`` of them
-    (normal approximation: sd of the paired difference ~ sqrt(discordance / n))."""
-    if n <= 0:
-        return float("inf")
-    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    return float(z * math.sqrt(max(discordance, 1.0 / n) / n))
+DEFAULT_ALPHA = MDE_ALPHA
 
 
 @dataclass(frozen=True)
@@ -78,7 +60,7 @@ class TaskEffect:
         return {"n": self.n, "baseline": self.baseline, "accuracy": self.accuracy, "delta": self.delta,
                 "better": self.better, "worse": self.worse, "mcnemar_p": self.p, "significantly_harmed": self.harmed,
                 "significantly_improved": self.improved,
-                "mde_at_planning_discordance": min_detectable_effect(self.n)}
+                "mde_at_planning_discordance": min_detectable_effect(self.n, PLANNING_DISCORDANCE)}
 
 
 @dataclass(frozen=True)

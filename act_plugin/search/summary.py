@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from act_plugin.stats import describe_mde
+
 __all__ = ["report_markdown"]
 
 
@@ -74,7 +76,7 @@ def report_markdown(report: dict[str, Any], top: int = 20) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if v["per_task"] else "")]
         for t, base_acc in v["baseline_accuracy"].items():
             e = dec["per_task"][t] if dec else None
-            row = (f"| {t} | {v['mde'][t]['n']} | {v['mde'][t]['at_10pct_discordance'] * 100:.1f} pt | "
+            row = (f"| {t} | {v['mde'][t]['n']} | {describe_mde(v['mde'][t]['at_10pct_discordance'])} | "
                    f"{base_acc * 100:.1f} | " + (f"{e['accuracy'] * 100:.1f} | {e['delta'] * 100:+.1f} | "
                                                  f"{e['better']} / {e['worse']} | {e['mcnemar_p']:.3g} |"
                                                  if e else "- | - | - | - |"))
