@@ -67,6 +67,29 @@ def test_config_file_and_overrides(tmp_path):
         load_search_config(p)
 
 
+def test_outputs_go_to_the_run_folder_unless_updating_the_shipped_files(tmp_path, capsys):
+    from pathlib import Path
+
+    from act_plugin.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_search_config(root / "configs" / "search_smollm2.yaml")
+    run = cfg.destinations()
+    assert run.report.parent == Path("runs") / cfg.config_name and run.profiles.name == "smollm2_searched_profiles.yaml"
+    assert all(p.parent == run.report.parent for p in (run.output, run.profiles, run.heatmap))
+    shipped = cfg.destinations(update_shipped=True)
+    assert shipped.profiles == Path("configs/smollm2_searched_profiles.yaml")
+    assert shipped.report == Path("docs/search/smollm2_search.json") and shipped.summary.suffix == ".md"
+    assert load_search_config(BASE, run_dir=str(tmp_path)).destinations().output == tmp_path / "x.yaml"
+    with pytest.raises(SearchConfigError, match="distinct file names"):
+        load_search_config({**BASE, "report": "a/x.yaml"}).destinations()
+    assert main(["search", str(root / "configs" / "search_smollm2.yaml"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "(run folder)" in out and "configs/smollm2_searched_profiles.yaml" not in out
+    assert main(["search", str(root / "configs" / "search_smollm2.yaml"), "--check", "--update-shipped"]) == 0
+    assert "configs/smollm2_searched_profiles.yaml" in capsys.readouterr().out
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     from act_plugin.cli import main
 
@@ -448,7 +471,8 @@ def _search_cfg(tmp, name, shared_data, **kw):
         "name": name, "model": "smollm2-135m", "tasks": ["sst2", "agnews"], "samples_per_task": 8,
         "validation_per_task": 12, "seed": 3, "data_dir": str(shared_data), "candidates": "5,20:0-2",
         "fast": {"top_k": 4, "verify": "hf", "check_layers": "20"}, "hf": {"threads": 1}, "per_task": True,
-        "output": str(tmp / name / "searched.yaml"), "state_dir": str(tmp / name / "state"), **kw})
+        "output": str(tmp / name / "shipped" / "searched.yaml"), "run_dir": str(tmp / name / "run"),
+        "state_dir": str(tmp / name / "state"), **kw})
 
 
 class _Stop(Exception):
@@ -462,6 +486,10 @@ def test_tiny_search_valid_outputs_and_resume(tmp_path, shared_data, smollm2_pat
 
     full = run_search(_search_cfg(tmp_path, "full", shared_data), hf_model=smollm2_hf, progress=False, quiet=True)
     report = json.loads(full.report_path.read_text())
+    # a plain run writes into its run folder only, never to the configured (shipped) paths
+    assert full.report_path.parent == tmp_path / "full" / "run" and full.profiles_path.parent == full.report_path.parent
+    assert not (tmp_path / "full" / "shipped").exists()
+    assert set(report["split"]["deduplication"]["tasks"]) == {"sst2", "agnews"}
     v = report["validation"]
     # the split is recorded, the parts are disjoint and of the asked sizes
     for task in ("sst2", "agnews"):
