@@ -85,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     from act_plugin.search.run import run_search
 
     res = run_search(cfg, progress=not args.no_progress, resume=not args.fresh, update_shipped=args.update_shipped)
+    _print_result(res)
+    return 0
+
+
+def _print_result(res) -> None:
     r = res.report
     sel = r["selected"]
     if res.config is not None:
@@ -102,4 +107,3 @@ def run(args: argparse.Namespace) -> int:
               f"{(v or {}).get('tasks_without_profile') or 'none'} -> {res.profiles_path}")
     print(f"wall time {r['timing']['total_s']:.1f}s")
     print(f"report: {res.report_path}\nheatmap: {res.heatmap_path}")
-    return 0
