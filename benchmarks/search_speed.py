@@ -53,7 +53,7 @@ def main() -> int:
         "candidates": args.candidates, "combine": not args.no_combine,
         "fast": {"top_k": args.top_k, "verify": args.verify},
         "hf": {"threads": args.threads} if args.threads else {},
-        "output": os.path.join(out, "searched.yaml"), "state_dir": args.state_dir or os.path.join(out, "state"),
+        "output": os.path.join(out, "searched.yaml"), "run_dir": out, "state_dir": args.state_dir or os.path.join(out, "state"),
     })
     load0 = os.getloadavg()
     t = time.perf_counter()

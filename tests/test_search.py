@@ -4,7 +4,6 @@ batched layer-by-layer scores, and a tiny real search with interruption + resume
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 
@@ -66,6 +65,29 @@ def test_config_file_and_overrides(tmp_path):
     p.write_text("model: smollm2-135m\ntasks: [sst2]\nsplit: validation\n")
     with pytest.raises(SearchConfigError, match=rf"{p}: .*TRAINING"):
         load_search_config(p)
+
+
+def test_outputs_go_to_the_run_folder_unless_updating_the_shipped_files(tmp_path, capsys):
+    from pathlib import Path
+
+    from act_plugin.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_search_config(root / "configs" / "search_smollm2.yaml")
+    run = cfg.destinations()
+    assert run.report.parent == Path("runs") / cfg.config_name and run.profiles.name == "smollm2_searched_profiles.yaml"
+    assert all(p.parent == run.report.parent for p in (run.output, run.profiles, run.heatmap))
+    shipped = cfg.destinations(update_shipped=True)
+    assert shipped.profiles == Path("configs/smollm2_searched_profiles.yaml")
+    assert shipped.report == Path("docs/search/smollm2_search.json") and shipped.summary.suffix == ".md"
+    assert load_search_config(BASE, run_dir=str(tmp_path)).destinations().output == tmp_path / "x.yaml"
+    with pytest.raises(SearchConfigError, match="distinct file names"):
+        load_search_config({**BASE, "report": "a/x.yaml"}).destinations()
+    assert main(["search", str(root / "configs" / "search_smollm2.yaml"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "(run folder)" in out and "configs/smollm2_searched_profiles.yaml" not in out
+    assert main(["search", str(root / "configs" / "search_smollm2.yaml"), "--check", "--update-shipped"]) == 0
+    assert "configs/smollm2_searched_profiles.yaml" in capsys.readouterr().out
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
@@ -214,10 +236,9 @@ def test_objectives():
 # ----------------------------------------------------------------------------- split
 
 
-def test_split_is_deterministic_disjoint_and_outside_the_reported_split(shared_data, smollm2_path):
+def test_split_is_deterministic_and_the_search_part_ignores_the_validation_budget(shared_data, smollm2_path):
     from transformers import AutoTokenizer
 
-    from act_plugin.tasks import get_task, load_docs
     from act_plugin.search.split import build_search_data
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
@@ -232,25 +253,91 @@ def test_split_is_deterministic_disjoint_and_outside_the_reported_split(shared_d
     assert d.search == a.search
     assert all(set(d.record()["tasks"][t]["validation"]["rows"]) <= set(rec_v) for t, rec_v in
                ((t, a.record()["tasks"][t]["validation"]["rows"]) for t in tasks))
-    rec = a.record()
-    for task in tasks:
-        parts = rec["tasks"][task]
-        s, v = set(parts["search"]["rows"]), set(parts["validation"]["rows"])
-        assert len(s) == 20 and len(v) == 30 and not s & v
-        spec = get_task(task)
-        test_file = spec.files.get("test") or spec.files["all"]
-        test_rows = {d["row"] for d in load_docs(task, "test", shared_data)}
-        if parts["search"]["file"] == test_file:  # carved out of one file: rows must not meet
-            assert not (s | v) & test_rows
-        else:
-            assert parts["search"]["file"] != test_file
-        # the reported split's prompts never appear in either part
-        from act_plugin.tasks import load_samples
-
-        test_prompts = {x.prompt for x in load_samples(task, "test", shared_data)}
-        train_docs = load_samples(task, "train", shared_data, limit=50, seed=5)
-        assert not {x.prompt for x in train_docs} & test_prompts
     assert len(a.search) == 60 and sum(len(x) for x in a.validation.values()) == 90
+
+
+def _evaluated_keys(shared_data):
+    """(task, row, key) of every document of every project task's evaluated split (the split
+    `act-plugin eval` scores), read independently of the search's index."""
+    from act_plugin.search.overlap import document_text, text_key
+    from act_plugin.tasks import TASKS, load_docs
+
+    out, files = [], set()
+    for name, spec in TASKS.items():
+        f = spec.files.get("test") or spec.files["all"]
+        if f not in files:
+            files.add(f)
+            out += [(name, d["row"], text_key(document_text(spec, d))) for d in load_docs(name, "test", shared_data)]
+    return out
+
+
+def test_text_key_finds_the_sst_sentences_inside_rotten_tomatoes_snippets(shared_data):
+    """SST-2's dev sentences are Rotten Tomatoes snippets of MR's rt-polarity.all (or
+    sentences inside one), tokenised differently ("it 's" / "it's", -lrb- / "("); the key
+    must see through that, and must not match unrelated texts by chance."""
+    from act_plugin.search.overlap import EvaluatedTexts, document_text, text_key
+    from act_plugin.tasks import get_task, load_docs
+
+    assert text_key("it 's a -lrb- charming -rrb- journey .") == text_key("It's a (charming) journey.")
+    assert text_key("Café") == text_key("cafe")
+    rt = EvaluatedTexts()
+    mr = get_task("mr")
+    rt.add("mr", ((d["row"], document_text(mr, d)) for d in load_docs("mr", "all", shared_data)), "all")
+    dev = load_docs("sst2", "test", shared_data)
+    found = [rt.matches(document_text(get_task("sst2"), d)) for d in dev]
+    hows = {m[0].how for m in found if m}
+    assert sum(bool(m) for m in found) >= 850 and len(dev) == 872  # 731 equal, the rest inside a snippet
+    assert hows == {"same text", "inside evaluated text"}
+    assert not rt.matches("bad") and not rt.matches("the film")  # short texts match only exactly
+
+
+def test_shipped_search_parts_share_no_text_with_any_evaluated_split(shared_data, smollm2_path):
+    """The parts the shipped search config draws (the same functions the search runs), for
+    every one of its tasks, against the evaluated split of EVERY project task: no document's
+    normalised text equals, contains or lies inside an evaluated document's. Rows of a task
+    carved out of one file never meet its evaluated rows; the parts keep their sizes (the
+    dropped documents were replaced), and every drop is recorded with what it matched."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from act_plugin.search.overlap import MIN_CONTAINED, document_text, text_key
+    from act_plugin.search.split import build_search_data
+    from act_plugin.tasks import TASKS, get_task, load_docs
+
+    cfg = load_search_config(Path(__file__).resolve().parents[1] / "configs" / "search_smollm2.yaml")
+    assert len(cfg.tasks) == 8
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    data = build_search_data(cfg.tasks, cfg.samples_per_task, cfg.validation_per_task, cfg.seed, tok,
+                             data_dir=shared_data)
+    rec = data.record()
+    evaluated = _evaluated_keys(shared_data)
+    exact = {k: (t, r) for t, r, k in evaluated}
+    long_eval = "\n".join(k for _, _, k in evaluated if len(k) >= MIN_CONTAINED)
+    assert set(rec["deduplication"]["evaluated_splits"]) | set(rec["deduplication"]["not_checked"]) >= \
+        {n for n in TASKS if not n.endswith("_ll")}
+    part_keys = {}
+    for task in cfg.tasks:
+        spec = get_task(task)
+        train = {d["row"]: d for d in load_docs(task, "train", shared_data)}
+        parts = rec["tasks"][task]
+        s, v = parts["search"]["rows"], parts["validation"]["rows"]
+        assert not set(s) & set(v)
+        assert (len(s), len(v)) == ((64, 300) if task != "cb" else (44, 206)), task  # cb: 250 training documents
+        test_file = spec.files.get("test") or spec.files["all"]
+        if parts["search"]["file"] == test_file:  # carved out of one file: rows must not meet
+            assert not set(s + v) & {d["row"] for d in load_docs(task, "test", shared_data)}
+        for row in s + v:
+            key = text_key(document_text(spec, train[row]))
+            assert key not in exact, (task, row, exact.get(key))
+            assert len(key) < MIN_CONTAINED or key not in long_eval, (task, row, "inside an evaluated document")
+            part_keys[(task, row)] = key
+    joined_parts = "\n".join(part_keys.values())
+    inside = [(t, r) for t, r, k in evaluated if len(k) >= MIN_CONTAINED and k in joined_parts]
+    assert not inside, f"evaluated documents inside a search/validation document: {inside[:5]}"
+    dedup = rec["deduplication"]["tasks"]
+    assert sum(x["dropped"] for x in dedup.values()) > 0 and dedup["mr"]["by_evaluated_task"].get("sst2")
+    assert all(x["dropped"] == len(x["documents"]) for x in dedup.values())
 
 
 def test_split_counts_of_a_small_task():
@@ -398,7 +485,8 @@ def _search_cfg(tmp, name, shared_data, **kw):
         "name": name, "model": "smollm2-135m", "tasks": ["sst2", "agnews"], "samples_per_task": 8,
         "validation_per_task": 12, "seed": 3, "data_dir": str(shared_data), "candidates": "5,20:0-2",
         "fast": {"top_k": 4, "verify": "hf", "check_layers": "20"}, "hf": {"threads": 1}, "per_task": True,
-        "output": str(tmp / name / "searched.yaml"), "state_dir": str(tmp / name / "state"), **kw})
+        "output": str(tmp / name / "shipped" / "searched.yaml"), "run_dir": str(tmp / name / "run"),
+        "state_dir": str(tmp / name / "state"), **kw})
 
 
 class _Stop(Exception):
@@ -412,6 +500,10 @@ def test_tiny_search_valid_outputs_and_resume(tmp_path, shared_data, smollm2_pat
 
     full = run_search(_search_cfg(tmp_path, "full", shared_data), hf_model=smollm2_hf, progress=False, quiet=True)
     report = json.loads(full.report_path.read_text())
+    # a plain run writes into its run folder only, never to the configured (shipped) paths
+    assert full.report_path.parent == tmp_path / "full" / "run" and full.profiles_path.parent == full.report_path.parent
+    assert not (tmp_path / "full" / "shipped").exists()
+    assert set(report["split"]["deduplication"]["tasks"]) == {"sst2", "agnews"}
     v = report["validation"]
     # the split is recorded, the parts are disjoint and of the asked sizes
     for task in ("sst2", "agnews"):

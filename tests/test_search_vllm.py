@@ -35,7 +35,8 @@ def _cfg(tmp_path, shared_data, name, **kw):
         "name": name, "model": "smollm2-135m", "tasks": ["sst2", "trec"], "samples_per_task": 6,
         "validation_per_task": 6, "score": "margin", "seed": 1,
         "data_dir": str(shared_data), "candidates": "12:0-2", "hf": {"threads": 1},
-        "output": str(tmp_path / name / "found.yaml"), "state_dir": str(tmp_path / name / "state"), **kw})
+        "output": str(tmp_path / name / "found.yaml"), "run_dir": str(tmp_path / name / "run"),
+        "state_dir": str(tmp_path / name / "state"), **kw})
 
 
 def test_exact_method_in_one_engine(engine, tmp_path, shared_data, smollm2_path):

@@ -8,9 +8,16 @@ results. The pieces:
   per batch) and exact scores on the transformers path;
 * :mod:`~act_plugin.search.vllm_backend` -- exact scores in one running vLLM engine;
 * :mod:`~act_plugin.search.split` -- the seeded search / validation parts of each task's training data;
+* :mod:`~act_plugin.search.overlap` -- texts the training documents share with any task's evaluated split
+  (dropped from the parts);
 * :mod:`~act_plugin.search.select` -- per-task paired acceptance of head sets on validation;
 * :mod:`~act_plugin.search.store` -- resumable partial results;
-* :mod:`~act_plugin.search.run` -- the orchestration and the outputs.
+* :mod:`~act_plugin.search.steps` -- prepare, rank, verify, combine;
+* :mod:`~act_plugin.search.evaluator` -- exact evaluations through the store, and the backends' lifetimes;
+* :mod:`~act_plugin.search.analysis` -- ranking agreement, which objective predicts validation;
+* :mod:`~act_plugin.search.report` / :mod:`~act_plugin.search.summary` -- the JSON report and its Markdown;
+* :mod:`~act_plugin.search.outputs` -- the files, in ``runs/<name>/`` unless ``--update-shipped``;
+* :mod:`~act_plugin.search.run` -- :func:`run_search`, the steps in order.
 
 Importing this package is cheap (no torch, transformers or vLLM until a search runs).
 """

@@ -1,7 +1,11 @@
 """``act-plugin search CONFIG.yaml [options]``: find which heads to calibrate.
 
-Writes the ACT config (``output``), a JSON of every candidate's scores and a per-head gain
-heatmap; partial results go to ``state_dir`` so an interrupted search resumes on rerun.
+Writes the ACT config (if a set passes validation), the per-task engine config (``per_task``),
+a JSON report of every candidate's scores with a Markdown summary and a per-head gain heatmap
+into the run folder ``runs/<name>/`` (``--run-dir``); ``--update-shipped`` writes them to the
+config's ``output`` / ``profiles_output`` / ``report`` / ``heatmap`` paths instead (for the
+shipped search config: the checkout's searched profiles and ``docs/search/``). Partial
+results go to ``state_dir`` so an interrupted search resumes on rerun.
 """
 
 from __future__ import annotations
@@ -13,9 +17,17 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="search config (YAML), e.g. configs/search_smollm2.yaml")
-    parser.add_argument("--output", "-o", default=None, help="ACT config to write (overrides 'output')")
-    parser.add_argument("--report", default=None, help="JSON report path (default: <output>.search.json)")
-    parser.add_argument("--heatmap", default=None, help="heatmap PNG path (default: <output>.heatmap.png)")
+    parser.add_argument("--run-dir", default=None,
+                        help="folder the outputs are written to (overrides 'run_dir'; default runs/<name>)")
+    parser.add_argument("--update-shipped", action="store_true",
+                        help="write to the config's output/profiles_output/report/heatmap paths instead of the run "
+                        "folder (for configs/search_smollm2.yaml: overwrites the shipped profiles and docs/search/)")
+    parser.add_argument("--output", "-o", default=None,
+                        help="shared ACT config path (overrides 'output'; in the run folder only its file name counts)")
+    parser.add_argument("--report", default=None, help="JSON report path (overrides 'report'; default: "
+                        "<output>.search.json; in the run folder only its file name counts)")
+    parser.add_argument("--heatmap", default=None, help="heatmap PNG path (overrides 'heatmap'; default: "
+                        "<output>.heatmap.png; in the run folder only its file name counts)")
     parser.add_argument("--method", choices=["fast", "exact"], default=None, help="overrides 'method'")
     parser.add_argument("--score", choices=["margin", "clipped_margin", "accuracy", "worst_task"], default=None,
                         help="search-part objective (overrides 'score')")
@@ -54,20 +66,30 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "combine": False if args.no_combine else None, "state_dir": args.state_dir,
         "data_dir": args.data_dir, "validation_per_task": args.validation_per_task, "alpha": args.alpha,
         "gain": args.gain, "per_task": True if args.per_task else None, "profiles_output": args.profiles_output,
+        "run_dir": args.run_dir,
     }
     cfg = load_search_config(args.config, **overrides)
     from act_plugin.tasks import check_data, resolve_data_dir
 
     data_dir, how = resolve_data_dir(cfg.data_dir)
     check_data(cfg.tasks, data_dir, splits=("train",))
+    paths = cfg.destinations(args.update_shipped)
     if args.check:
         print(f"{args.config}: OK -- method {cfg.method}, score {cfg.score}, tasks {cfg.tasks} "
               f"({cfg.samples_per_task} search + {cfg.validation_per_task} validation prompts per task, train "
-              f"splits), data {data_dir} ({how}); output {cfg.output}")
+              f"splits), data {data_dir} ({how}); writes "
+              + ("(--update-shipped) " if args.update_shipped else "(run folder) ")
+              + f"{paths.output} (if a shared set passes), "
+              + (f"{paths.profiles}, " if cfg.per_task else "") + f"{paths.report} (+ .md), {paths.heatmap}")
         return 0
     from act_plugin.search.run import run_search
 
-    res = run_search(cfg, progress=not args.no_progress, resume=not args.fresh)
+    res = run_search(cfg, progress=not args.no_progress, resume=not args.fresh, update_shipped=args.update_shipped)
+    _print_result(res)
+    return 0
+
+
+def _print_result(res) -> None:
     r = res.report
     sel = r["selected"]
     if res.config is not None:
@@ -85,4 +107,3 @@ def run(args: argparse.Namespace) -> int:
               f"{(v or {}).get('tasks_without_profile') or 'none'} -> {res.profiles_path}")
     print(f"wall time {r['timing']['total_s']:.1f}s")
     print(f"report: {res.report_path}\nheatmap: {res.heatmap_path}")
-    return 0

@@ -20,13 +20,19 @@ Example (``configs/search_smollm2.yaml``)::
     fast: {top_k: 16, verify: vllm, check_layers: null}
     output: configs/smollm2_searched.yaml
 
-Paths (``output``, ``report``, ``heatmap``, ``state_dir``, ``data_dir``) are relative to the
-current directory.
+Where a search writes (:meth:`SearchConfig.destinations`): by default everything goes into
+the run folder ``run_dir`` (default ``runs/<name>/``), under the file names of ``output``,
+``profiles_output``, ``report`` and ``heatmap``; those paths themselves -- for the shipped
+config, the shipped profiles and ``docs/search/`` -- are written only when asked
+(``act-plugin search --update-shipped``), so a run never overwrites the checkout's files by
+accident. Paths (``output``, ``report``, ``heatmap``, ``run_dir``, ``state_dir``,
+``data_dir``) are relative to the current directory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,11 +47,25 @@ from act_plugin.config import (
     read_config_mapping,
 )
 
-__all__ = ["SearchConfig", "FastOptions", "HFOptions", "load_search_config", "SearchConfigError"]
+__all__ = ["SearchConfig", "FastOptions", "HFOptions", "OutputPaths", "load_search_config", "SearchConfigError"]
 
 
 class SearchConfigError(ACTConfigError):
     """A search config that cannot be used (the message names the key and the problem)."""
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """The files one search run writes."""
+
+    output: Path  # the shared ACT config (written only if a set passed validation)
+    profiles: Path  # the per-task engine config (with per_task)
+    report: Path  # JSON report; its Markdown summary is ``summary``
+    heatmap: Path
+
+    @property
+    def summary(self) -> Path:
+        return self.report.with_suffix(".md")
 
 
 class FastOptions(BaseModel):
@@ -143,9 +163,13 @@ class SearchConfig(BaseModel):
         16, ge=1, description="heads tried by the combined-set step, the best by exact single-head gain on the "
         "search part (one validation evaluation each); null = every kept head")
     combine_max_evals: int | None = Field(None, ge=1, description="cap on the combined-set step's evaluations")
-    output: str = Field("runs/search/act_searched.yaml", description="the ACT config written (YAML)")
+    output: str = Field("runs/search/act_searched.yaml", description="the shared ACT config (YAML); its file name "
+                        "is used in the run folder, the path itself only with --update-shipped")
     report: str | None = Field(None, description="JSON of every candidate's scores (default: <output>.search.json)")
     heatmap: str | None = Field(None, description="per-head gain heatmap PNG (default: <output>.heatmap.png)")
+    run_dir: str | None = Field(None, description="folder a search run writes its outputs to (default: "
+                                "runs/<name>); --update-shipped writes to output/profiles_output/report/heatmap "
+                                "instead")
     state_dir: str = Field("runs/search-state", description="resumable partial results (JSONL per settings hash)")
 
     # ----------------------------------------------------------------- validators
@@ -222,6 +246,22 @@ class SearchConfig(BaseModel):
     @property
     def heatmap_path(self) -> Path:
         return Path(self.heatmap) if self.heatmap else _beside(Path(self.output), ".heatmap.png")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.config_name
+
+    def destinations(self, update_shipped: bool = False) -> OutputPaths:
+        """Where a run writes: the run folder (default), or with ``update_shipped`` the
+        configured paths (for the shipped search config: the files the checkout ships)."""
+        named = OutputPaths(Path(self.output), self.profiles_path, self.report_path, self.heatmap_path)
+        if update_shipped:
+            return named
+        names = [p.name for p in (named.output, named.profiles, named.report, named.heatmap)]
+        if len(set(names)) < len(names):
+            raise SearchConfigError(f"output, profiles_output, report and heatmap need distinct file names to share "
+                                    f"the run folder {self.run_path}, got {names}")
+        return OutputPaths(*(self.run_path / n for n in names))
 
     def candidate_heads(self, num_layers: int, num_heads: int) -> list[tuple[int, int]]:
         """Every candidate (layer, head), validated against the model's shape."""
