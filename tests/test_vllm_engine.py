@@ -282,7 +282,7 @@ def test_fp8_kv_cache_is_refused_at_engine_start(smollm2_path):
 def test_unsupported_engine_settings_are_named(change, message):
     from types import SimpleNamespace
 
-    from act_plugin.vllm.engine import ACTEngineError, _check_supported
+    from act_plugin.vllm.config_hook import ACTEngineError, _check_supported
 
     cfg = SimpleNamespace(
         model_config=SimpleNamespace(use_mla=change.get("use_mla", False)),

@@ -24,7 +24,7 @@ from act_plugin.vllm.router import (  # noqa: E402
     ACTRequestRouter,
     ACTRequestRouterV2,
 )
-from act_plugin.vllm.runtime import WorkerState, normalize_request_value, worker_state  # noqa: E402
+from act_plugin.vllm.worker_state import WorkerState, normalize_request_value, worker_state  # noqa: E402
 
 PROFILES = {"a": {"beta": 0.4, "heads": "2-27:0,4"}, "b": {"beta": 0.2, "heads": {"3": [1]}}}
 
@@ -76,8 +76,8 @@ def test_act_false_ignores_act_config_env(smollm2_path, monkeypatch, tmp_path):
     cfg_file = tmp_path / "act.yaml"
     cfg_file.write_text("heads: '2-27:0,4'\n")
     monkeypatch.setenv("ACT_CONFIG", str(cfg_file))
-    from act_plugin.vllm.runtime import frontend_state
-    from act_plugin.vllm.settings import read_engine_settings
+    from act_plugin.vllm.config_source import read_engine_settings
+    from act_plugin.vllm.frontend_state import frontend_state
 
     assert read_engine_settings({"act": False}) is None
     assert read_engine_settings({}).source == f"ACT_CONFIG={cfg_file}"
@@ -217,7 +217,7 @@ def test_unwrapped_backend_is_refused_when_act_is_on():
     from vllm.config import VllmConfig, set_current_vllm_config
 
     from act_plugin.vllm import BACKEND_WRAPPERS
-    from act_plugin.vllm.selfcheck import ACTEngineError, check_backend_choice
+    from act_plugin.vllm.layer_support import ACTEngineError, check_backend_choice
 
     sel = SimpleNamespace(attn_type="decoder", use_mla=False)
     flex = "vllm.v1.attention.backends.flex_attention.FlexAttentionBackend"
@@ -232,8 +232,8 @@ def test_unwrapped_backend_is_refused_when_act_is_on():
 
 
 def test_profiles_touching_unsupported_layers_are_refused():
-    """The capability table, as the self-check and runtime reconfiguration apply it."""
-    from act_plugin.vllm.selfcheck import ACTEngineError, check_profiles_against_layers
+    """The capability table, as the start-up check and runtime reconfiguration apply it."""
+    from act_plugin.vllm.layer_support import ACTEngineError, check_profiles_against_layers
 
     def row(layer, **kw):
         base = {"layer_name": f"model.layers.{layer}.self_attn.attn", "layer": layer, "kind": "attention",
@@ -284,7 +284,7 @@ def test_control_rolls_back_and_guards_the_front_end(monkeypatch):
     import asyncio
 
     from act_plugin.vllm import control
-    from act_plugin.vllm.runtime import frontend_state
+    from act_plugin.vllm.frontend_state import frontend_state
 
     monkeypatch.setattr(control, "_act_on", lambda engine: True)
     monkeypatch.setattr(control, "_validated", lambda engine, cfg: ACTEngineConfig.from_any(cfg))

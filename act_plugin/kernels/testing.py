@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from act_plugin.core import act_attention_blocked, act_attention_dense
+from act_plugin.kernels.cache_layout import cpu_attn_split, flash_attn_split
 
 LAYOUTS = ("cpu_attn", "flash_attn")
 
@@ -152,13 +153,9 @@ def make_problem(
         values.append(torch.randn(Hkv, L, D, generator=gen).to(dtype))
     # cache in the backend's physical layout
     if layout == "cpu_attn":
-        from act_plugin.vllm.kv_layout import cpu_attn_split
-
         kv = torch.randn(total_blocks, Hkv, bs, 2 * D, generator=gen).to(dtype)
         key_cache, value_cache = cpu_attn_split(kv)
     elif layout == "flash_attn":
-        from act_plugin.vllm.kv_layout import flash_attn_split
-
         P = D + 8  # padded head size, as TRITON_ATTN may use
         kv = torch.randn(total_blocks, bs, Hkv, 2 * P, generator=gen).to(dtype).permute(0, 2, 1, 3)
         key_cache, value_cache = flash_attn_split(kv, D)

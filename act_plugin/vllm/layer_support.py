@@ -1,47 +1,46 @@
-"""Start-up self-check: every configured layer is calibrated, or the engine does not start.
+"""Whether ACT can calibrate a vLLM attention layer, judged from what vLLM built for it.
 
-Runs once per worker process, after the model is loaded (from the first ACT metadata
-builder; see :mod:`act_plugin.vllm.backends`). It walks the layers vLLM registered for the
-forward pass and, for every layer index some profile configures, checks that the layer is
-decoder self-attention served by a wrapped backend whose ``Impl`` carries a calibrator, and
-that the capability table (:mod:`act_plugin.capabilities`) accepts it. A problem raises
-:class:`ACTEngineError` naming the layer, what vLLM chose and the setting to change, so a
-request can never find it later. The report (per configured layer: attention type, backend,
-impl, calibrated or not, local heads per profile) is what ``control.get_act_status`` returns.
+* :func:`describe_layer` turns one registered forward-context layer into a capability row
+  (attention kind and type, backend, impl, whether a calibrator is attached, what the
+  capability table (:mod:`act_plugin.capabilities`) refuses);
+* :func:`check_profiles_against_layers` raises :class:`ACTEngineError` when a profile
+  configures a layer that a row says cannot be calibrated: at start-up
+  (:mod:`act_plugin.vllm.startup_check`) and before every runtime reconfiguration
+  (:meth:`act_plugin.vllm.worker_state.WorkerState.check`);
+* :func:`check_backend_choice` runs when vLLM picks a layer's backend: with ACT on, a decoder
+  self-attention layer on a backend the plugin does not wrap is refused there (no ACT
+  metadata builder would ever run the start-up check for such a model).
 
-Runtime reconfiguration checks new profiles against the same table
-(:func:`check_profiles_against_layers`) before any worker switches.
-
-A second guard, :func:`check_backend_choice`, runs when vLLM picks a layer's backend: with
-ACT on, a decoder self-attention layer on a backend the plugin does not wrap is refused
-there (no ACT builder would ever run the self-check for such a model).
+Nothing here holds state; it judges rows and settings.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from typing import Any
 
 from act_plugin.capabilities import LayerFeatures, describe_refusal, unsupported_reasons
 from act_plugin.config import ACTConfigError, ACTEngineConfig
+from act_plugin.vllm.backend_registry import BACKEND_HINT, BACKEND_WRAPPERS, wrapped_backend_names
+from act_plugin.vllm.config_source import act_configured
 
-logger = logging.getLogger("act_plugin")
-
-_done = False
-_lock = threading.Lock()
-
-BACKEND_HINT = "--attention-backend {choices} (attention_config={{'backend': ...}} in Python)"
+__all__ = ["ACTEngineError", "impl_features", "describe_layer", "layer_problem", "check_profiles_against_layers",
+           "check_backend_choice"]
 
 
 class ACTEngineError(ACTConfigError):
     """An engine setting or model that ACT cannot work with (refused at start)."""
 
 
-def wrapped_backend_names() -> list[str]:
-    from act_plugin.vllm import BACKEND_WRAPPERS
-
-    return sorted(BACKEND_WRAPPERS)
+def impl_features(impl: Any) -> LayerFeatures:
+    """What a native ``Impl`` computes, for the capability table."""
+    attn_type = getattr(impl, "attn_type", "decoder")
+    return LayerFeatures(
+        attn_type=str(getattr(attn_type, "value", attn_type)),  # vLLM's AttentionType enum or str
+        alibi=getattr(impl, "alibi_slopes", None) is not None,
+        logit_softcap=bool(getattr(impl, "logits_soft_cap", None)),
+        learned_sinks=getattr(impl, "sinks", None) is not None,
+        kv_cache_dtype=str(getattr(impl, "kv_cache_dtype", "auto")),
+    )
 
 
 def _layer_kind(module: Any) -> str:
@@ -59,37 +58,42 @@ def _layer_kind(module: Any) -> str:
     return "attention" if hasattr(module, "impl") else name
 
 
-def describe_layer(name: str, module: Any) -> dict:
-    """Capability row of one registered forward-context layer."""
-    from vllm.model_executor.models.utils import extract_layer_index
+def _layer_index(name: str) -> int | None:
+    from vllm.model_executor.models.utils import extract_layer_index  # vLLM itself: loaded with the model
 
     try:
-        index = extract_layer_index(name)
+        return extract_layer_index(name)
     except (AssertionError, ValueError):
-        index = None
-    impl = getattr(module, "impl", None)
-    backend = getattr(module, "attn_backend", None)
-    backend_name = backend.get_name() if backend is not None and hasattr(backend, "get_name") else None
-    calibrator = getattr(impl, "act", None)
-    kind = _layer_kind(module)
+        return None
+
+
+def _layer_features(impl: Any, kind: str) -> LayerFeatures:
+    """The features of a layer: the ACT impl's own record where there is one, else the
+    native impl's, with the kind of layer the module is."""
     if impl is not None and hasattr(impl, "act_features"):
         features = impl.act_features
-        if kind != "attention":
-            features = LayerFeatures(kind=kind, attn_type=features.attn_type)
-    else:
-        from act_plugin.vllm.backends import impl_features
+        return features if kind == "attention" else LayerFeatures(kind=kind, attn_type=features.attn_type)
+    base = impl_features(impl) if impl is not None else LayerFeatures()
+    return LayerFeatures(
+        kind=kind, attn_type=base.attn_type, alibi=base.alibi, logit_softcap=base.logit_softcap,
+        learned_sinks=base.learned_sinks, kv_cache_dtype=base.kv_cache_dtype,
+    )
 
-        base = impl_features(impl) if impl is not None else LayerFeatures()
-        features = LayerFeatures(
-            kind=kind, attn_type=base.attn_type, alibi=base.alibi, logit_softcap=base.logit_softcap,
-            learned_sinks=base.learned_sinks, kv_cache_dtype=base.kv_cache_dtype,
-        )
+
+def describe_layer(name: str, module: Any) -> dict:
+    """Capability row of one registered forward-context layer; ``_calibrator`` is the
+    layer's calibrator (None: none), which the start-up check binds and then drops."""
+    impl = getattr(module, "impl", None)
+    backend = getattr(module, "attn_backend", None)
+    kind = _layer_kind(module)
+    features = _layer_features(impl, kind)
+    calibrator = getattr(impl, "act", None)
     return {
         "layer_name": name,
-        "layer": index,
+        "layer": _layer_index(name),
         "kind": kind,
         "attn_type": features.attn_type,
-        "backend": backend_name,
+        "backend": backend.get_name() if backend is not None and hasattr(backend, "get_name") else None,
         "impl": type(impl).__name__ if impl is not None else None,
         "calibrator": calibrator is not None,
         "unsupported": unsupported_reasons(features),
@@ -136,88 +140,15 @@ def check_profiles_against_layers(engine_cfg: ACTEngineConfig, rows: list[dict])
                     raise ACTEngineError(f"profile '{name}': {problem}")
 
 
-def run_startup_check(vllm_config: Any) -> None:
-    """Check every configured layer of this worker once; attach layer indices; log a summary."""
-    global _done
-    with _lock:
-        if _done:
-            return
-        from act_plugin.vllm.runtime import init_worker_state
-
-        state = init_worker_state(vllm_config)
-        ctx = vllm_config.compilation_config.static_forward_context
-        rows = [describe_layer(name, module) for name, module in ctx.items()]
-        check_profiles_against_layers(state.engine_cfg, rows)
-        for row in rows:
-            cal = row["_calibrator"]
-            if cal is not None and not row["unsupported"] and row["layer"] is not None:
-                cal.layer_index = row["layer"]
-        state.layers = [{k: v for k, v in row.items() if k != "_calibrator"} for row in rows]
-        _done = True
-        configured = sorted(state.calibrated_layers())
-        backends = sorted({str(r["backend"]) for r in rows if r["layer"] in configured})
-        logger.info(
-            "act-plugin: start-up check passed on TP rank %d: %d configured layer(s) %s calibrated on %s; "
-            "runner %s; profiles %s (default %s)",
-            state.tp.rank if state.tp else 0, len(configured), _ranges(configured), ", ".join(backends) or "-",
-            state.runner, sorted(state.engine_cfg.profiles), state.engine_cfg.default,
-        )
-
-
-def configured_layer_report(state: Any) -> list[dict]:
-    """Status rows of the layers the current profiles configure, with local heads per profile."""
-    configured = state.calibrated_layers()
-    out = []
-    for row in state.layers:
-        if row["layer"] not in configured:
-            continue
-        heads = {}
-        for name, prof in state.engine_cfg.profiles.items():
-            if prof.is_identity or row["layer"] not in prof.heads:
-                continue
-            num_local = _num_local_heads(state)
-            local = state.local_heads(prof, row["layer"], num_local, "cpu")
-            heads[name] = local.tolist() if local is not None else []
-        out.append({**row, "local_heads": heads})
-    return out
-
-
-def _num_local_heads(state: Any) -> int:
-    from vllm.distributed import get_tensor_model_parallel_world_size
-
-    try:
-        world = get_tensor_model_parallel_world_size()
-    except (AssertionError, RuntimeError):
-        world = 1
-    return state.tp.num_heads // world
-
-
-def _ranges(values: list[int]) -> str:
-    if not values:
-        return "[]"
-    parts, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(f"{start}-{prev}" if prev > start else str(start))
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)
-
-
 def check_backend_choice(class_path: str, attn_selector_config: Any) -> None:
     """Refuse, when ACT is on, a decoder self-attention backend act-plugin does not wrap."""
-    from vllm.config import get_current_vllm_config_or_none
-
-    from act_plugin.vllm import BACKEND_WRAPPERS
-    from act_plugin.vllm.settings import act_configured
+    from vllm.config import get_current_vllm_config_or_none  # vLLM itself: only called from its selector
 
     if not act_configured(get_current_vllm_config_or_none()):
         return
     attn_type = getattr(attn_selector_config, "attn_type", "decoder")
     if str(getattr(attn_type, "value", attn_type)) != "decoder":
-        return  # other attention types are judged per layer by the self-check
+        return  # other attention types are judged per layer by the start-up check
     if getattr(attn_selector_config, "use_mla", False):
         return  # MLA is refused by the engine config hook
     if class_path in BACKEND_WRAPPERS.values():
