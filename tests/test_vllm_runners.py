@@ -90,6 +90,63 @@ def test_act_false_ignores_act_config_env(smollm2_path, monkeypatch, tmp_path):
         validate_request(vllm.SamplingParams(extra_args={"act": "on"}))
 
 
+# ----------------------------------------------------------------------------- CUDA graphs
+# (mode, what the config hook leaves): full graphs would capture attention, and with it a
+# stale step plan; piecewise graphs keep attention eager.
+GRAPH_LOWERING = [
+    ("FULL", "PIECEWISE"), ("FULL_AND_PIECEWISE", "PIECEWISE"), ("FULL_DECODE_ONLY", "PIECEWISE"),
+    ("PIECEWISE", "PIECEWISE"), ("NONE", "NONE"),
+]
+
+
+def _on_cuda(monkeypatch, cuda: bool) -> None:
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: cuda)
+
+
+@pytest.mark.parametrize(("mode", "lowered"), GRAPH_LOWERING)
+def test_full_cuda_graphs_are_lowered_to_piecewise(monkeypatch, mode, lowered):
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from act_plugin.vllm.config_hook import _limit_cuda_graphs
+
+    _on_cuda(monkeypatch, True)
+    vllm_config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode[mode]))
+    changed = _limit_cuda_graphs(vllm_config)
+    assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode[lowered]
+    assert changed == ([] if mode == lowered else [f"CUDA graphs {mode} -> PIECEWISE (attention runs eagerly)"])
+
+
+@pytest.mark.parametrize("mode", [mode for mode, _ in GRAPH_LOWERING])
+def test_cuda_graph_mode_is_left_alone_off_cuda(monkeypatch, mode):
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from act_plugin.vllm.config_hook import _limit_cuda_graphs
+
+    _on_cuda(monkeypatch, False)
+    vllm_config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode[mode]))
+    assert _limit_cuda_graphs(vllm_config) == []
+    assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode[mode]
+
+
+def test_graph_lowering_is_logged_with_the_engine_settings(smollm2_path, monkeypatch, caplog):
+    """Through the whole config hook, on a real engine config: the lowering is applied and named
+    in the one "ACT on" line."""
+    from vllm.config import CUDAGraphMode
+
+    from act_plugin.vllm.config_hook import apply_engine_settings
+
+    cfg = _engine_config(smollm2_path, {"act": {"profiles": PROFILES, "default": None}}, False, monkeypatch)
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    _on_cuda(monkeypatch, True)
+    with caplog.at_level("INFO", logger="act_plugin"):
+        apply_engine_settings(cfg)
+    assert cfg.compilation_config.cudagraph_mode is CUDAGraphMode.PIECEWISE
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("act-plugin: ACT on")]
+    assert "CUDA graphs FULL_AND_PIECEWISE -> PIECEWISE (attention runs eagerly)" in line
+
+
 # ----------------------------------------------------------------------------- routing adapters
 @pytest.fixture
 def state():
