@@ -3,7 +3,7 @@
 #   make install   create $(VENV) and install act-plugin[cpu,eval,dev] with the CPU torch (idempotent)
 #   make model     build the embedded default model (smollm2-135m) into the models cache
 #   make test      run the test suite
-#   make lint      ruff and mypy on the package
+#   make lint      ruff, mypy and the import contracts (lint-imports) on the package
 #   make demo      A/B evaluation demo (configs/demo.yaml)
 #   make bench     engine overhead benchmark (vanilla vs ACT)
 #   make test-gpu  the GPU suite (tests/gpu: CUDA + a CUDA vLLM; skipped elsewhere)
@@ -73,10 +73,12 @@ model: install
 test: model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-# The package only (tests and benchmarks are not held to the same typing bar).
+# The package only (tests and benchmarks are not held to the same typing bar). lint-imports:
+# the layers and no-circle contracts in pyproject.toml ([tool.importlinter]).
 lint: install
 	$(VENV)/bin/ruff check act_plugin
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test-gpu: model
 	$(PY) -m pytest -q -ra tests/gpu $(PYTEST_ARGS)

@@ -218,12 +218,7 @@ def act_attention_blocked(
     _check_shapes(q, k, v, q_pos, k_pos)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    kf = _expand_kv(k, H).to(torch.float32)
-    vf = _expand_kv(v, H).to(torch.float32)
-    qf = q.to(torch.float32)
-    is_first = (k_pos == 0).unsqueeze(1)
     rows_per_block = max(1, max_block_elems // max(1, B * H * Lk))
-
     if rows_per_block >= Lq:
         res = act_attention_dense(
             q, k, v, q_pos, k_pos, scale=scale, beta=beta, threshold=threshold, window=window, attn_mask=attn_mask
@@ -231,36 +226,68 @@ def act_attention_blocked(
         res.probs = None
         return res
 
-    kt = kf.transpose(-1, -2)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    col_mass = torch.zeros(B, H, Lk, dtype=torch.float32, device=q.device)
-    row_count = torch.zeros(B, 1, Lk, dtype=torch.float32, device=q.device)
+    scores = _RowBlockScores(
+        q=q.to(torch.float32), kt=_expand_kv(k, H).to(torch.float32).transpose(-1, -2), q_pos=q_pos, k_pos=k_pos,
+        window=window, attn_mask=attn_mask, scale=scale,
+    )
     blocks = [(r0, min(Lq, r0 + rows_per_block)) for r0 in range(0, Lq, rows_per_block)]
+    lse, col_mass, row_count = _column_statistics(scores, blocks, B, H, Lq, Lk)
+    sinks = find_sinks(col_mass, row_count, (k_pos == 0).unsqueeze(1), threshold)
+    out = _calibrated_output(scores, blocks, lse, sinks, beta, _expand_kv(v, H).to(torch.float32))
+    return ACTResult(out=out, sinks=sinks)
 
-    def block_probs(r0: int, r1: int, blk_lse: torch.Tensor | None):
-        vis = visibility_mask(q_pos[:, r0:r1], k_pos, window)
-        if attn_mask is not None:
-            vis = vis & attn_mask[:, r0:r1]
+
+@dataclass
+class _RowBlockScores:
+    """Attention probabilities of one block of query rows over all keys, computed on demand, so
+    that memory holds one block of scores at a time (float32 queries, transposed keys)."""
+
+    q: torch.Tensor  # [B, H, Lq, D]
+    kt: torch.Tensor  # [B, H, D, Lk]
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    window: int | None
+    attn_mask: torch.Tensor | None
+    scale: float
+
+    def probs(self, r0: int, r1: int, lse: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``r0:r1``: probabilities, visibility and log-sum-exp (computed here when
+        ``lse`` is None, else the given exact normalisers are used)."""
+        vis = visibility_mask(self.q_pos[:, r0:r1], self.k_pos, self.window)
+        if self.attn_mask is not None:
+            vis = vis & self.attn_mask[:, r0:r1]
         vis = vis.unsqueeze(1)
-        s = torch.matmul(qf[:, :, r0:r1], kt) * scale
+        s = torch.matmul(self.q[:, :, r0:r1], self.kt) * self.scale
         s = s.masked_fill(~vis, float("-inf"))
-        if blk_lse is None:
-            blk_lse = torch.logsumexp(s, dim=-1).clamp_min(torch.finfo(torch.float32).min)
-        p = torch.exp(s - blk_lse.unsqueeze(-1)).masked_fill(~vis, 0.0)
-        return p, vis, blk_lse
+        if lse is None:
+            lse = torch.logsumexp(s, dim=-1).clamp_min(torch.finfo(torch.float32).min)
+        p = torch.exp(s - lse.unsqueeze(-1)).masked_fill(~vis, 0.0)
+        return p, vis, lse
 
-    # Pass 1: exact row normalisers and the column statistics of this call's rows.
+
+def _column_statistics(scores: _RowBlockScores, blocks: list[tuple[int, int]], B: int, H: int, Lq: int, Lk: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1: exact row normalisers, and the column mass and row counts of this call's rows."""
+    device = scores.q.device
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=device)
+    col_mass = torch.zeros(B, H, Lk, dtype=torch.float32, device=device)
+    row_count = torch.zeros(B, 1, Lk, dtype=torch.float32, device=device)
     for r0, r1 in blocks:
-        p, vis, lse[:, :, r0:r1] = block_probs(r0, r1, None)
+        p, vis, lse[:, :, r0:r1] = scores.probs(r0, r1, None)
         col_mass += p.sum(-2)
         row_count += vis.sum(-2)
-    sinks = find_sinks(col_mass, row_count, is_first, threshold)
+    return lse, col_mass, row_count
 
-    # Pass 2: recompute each block's probabilities, calibrate them, multiply by V.
-    # (Not the output form o' = f(o, o_S): when a row's non-sink mass is tiny, o - o_S
-    # cancels catastrophically and the factor 1/(1 - P_S) amplifies the error.)
-    out = torch.empty(B, H, Lq, D, dtype=torch.float32, device=q.device)
+
+def _calibrated_output(scores: _RowBlockScores, blocks: list[tuple[int, int]], lse: torch.Tensor,
+                       sinks: torch.Tensor, beta: float, vf: torch.Tensor) -> torch.Tensor:
+    """Pass 2: recompute each block's probabilities, calibrate them, multiply by V.
+    (Not the output form o' = f(o, o_S): when a row's non-sink mass is tiny, o - o_S cancels
+    catastrophically and the factor 1/(1 - P_S) amplifies the error.)"""
+    B, H, Lq, _ = scores.q.shape
+    out = torch.empty(B, H, Lq, vf.shape[-1], dtype=torch.float32, device=scores.q.device)
     for r0, r1 in blocks:
-        p, _, _ = block_probs(r0, r1, lse[:, :, r0:r1])
+        p, _, _ = scores.probs(r0, r1, lse[:, :, r0:r1])
         out[:, :, r0:r1] = torch.matmul(calibrate_probs(p, sinks, beta), vf)
-    return ACTResult(out=out, sinks=sinks)
+    return out

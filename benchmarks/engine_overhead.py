@@ -234,7 +234,7 @@ def _curve(runner: StepRunner, tokenizer, args, act_extra: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="path or embedded model name")
     ap.add_argument("--heads", default="2-27:0,4", help="ACT head spec (default: 2 of 9 heads in layers 2..27)")
@@ -256,7 +256,23 @@ def main() -> None:
     if args.tiny:
         args.prompts, args.prompt_len, args.decode_tokens, args.repeats = 2, 32, 4, 1
         args.decode_seqs, args.prefill_lens, args.curve_prompt_len, args.curve_decode_tokens = [1, 4], [32, 96], 32, 4
+    return args
 
+
+def main() -> None:
+    args = _parse_args()
+    act = {"beta": args.beta, "threshold": args.threshold, "heads": args.heads}
+    results = _run_engines(args, act)
+    ratios = _print_summary(args, act, results)
+    if results.get("curve"):
+        _print_curve(results["curve"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results, "ratios": ratios}, f, indent=1)
+
+
+def _run_engines(args: argparse.Namespace, act: dict) -> dict:
+    """Vanilla and ACT engines side by side, arms interleaved; the cost curve on the ACT one."""
     from act_plugin.models import ensure_model
     from act_plugin.vllm.env import apply_cpu_defaults, cpu_engine_kwargs
 
@@ -273,7 +289,6 @@ def main() -> None:
         dtype=args.dtype, max_model_len=max_len, enable_prefix_caching=False, enable_chunked_prefill=False,
         max_num_batched_tokens=max(max_len, 2048), seed=0,
     )
-    act = {"beta": args.beta, "threshold": args.threshold, "heads": args.heads}
     # Both engines live for the whole measurement, so that their arms can be interleaved.
     llms = {
         "vanilla": LLM(model=model, **common),
@@ -292,7 +307,11 @@ def main() -> None:
         llm.llm_engine.engine_core.shutdown()
     del llms, runners
     gc.collect()
+    return results
 
+
+def _print_summary(args: argparse.Namespace, act: dict, results: dict) -> dict:
+    """Throughput per arm, the ratios against vanilla and the calibration's own share; returns the ratios."""
     from act_plugin.config import ACTConfig
 
     cfg = ACTConfig.from_any(act)
@@ -326,23 +345,23 @@ def main() -> None:
     print(f"{'whole-layer decode':18s}{'':15s}{whole * 1e3:12.1f} ms   (calibrated layers' attention, calibration "
           f"included, computed in one pass in place of the native kernel: {whole / max(a['decode_s'], 1e-9) * 100:.1f}% "
           f"of decode; {a['whole_layer_decode_calls']} layer calls)")
-    if results.get("curve"):
-        print(f"\ncalibration cost per step (ACT engine, off/on interleaved; kernel: {results['curve'][0]['kernel']})")
-        print(f"{'step':26s}{'off ms':>10s}{'act ms':>10s}{'calib ms':>10s}{'share':>8s}{'on-off':>8s}"
-              f"{'whole ms':>10s}{'peak scratch':>14s}  load (1/5/15 min)")
-        for r in results["curve"]:
-            what = (f"decode, {r['seqs']} seqs x {r['prompt_len']}" if r["kind"] == "decode"
-                    else f"prefill, 1 x {r['prompt_len']} tokens")
-            mem = f"{r['scratch_peak_bytes'] / 1024:.0f} KiB" if r["scratch_peak_bytes"] >= 0 else "n/a"
-            print(f"{what:26s}{r['off_ms']:10.2f}{r['act_ms']:10.2f}{r['calib_ms']:10.2f}{r['share'] * 100:7.1f}%"
-                  f"{r['on_minus_off'] * 100:7.1f}%{r['whole_layer_ms']:10.2f}{mem:>14s}  {r['load']}")
-        print("calib ms: the calibration's own time per calibrated step (plan + separate-pass kernel), accounted in "
-              "the worker; share: of the act step; on-off: 1 - off/act from the two end-to-end timings; whole ms: "
-              "calibrated layers' attention computed in one fused pass in place of the native kernel (decode steps "
-              "whose rows all run ACT), calibration included")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "ratios": ratios}, f, indent=1)
+    return ratios
+
+
+def _print_curve(curve: list[dict]) -> None:
+    print(f"\ncalibration cost per step (ACT engine, off/on interleaved; kernel: {curve[0]['kernel']})")
+    print(f"{'step':26s}{'off ms':>10s}{'act ms':>10s}{'calib ms':>10s}{'share':>8s}{'on-off':>8s}"
+          f"{'whole ms':>10s}{'peak scratch':>14s}  load (1/5/15 min)")
+    for r in curve:
+        what = (f"decode, {r['seqs']} seqs x {r['prompt_len']}" if r["kind"] == "decode"
+                else f"prefill, 1 x {r['prompt_len']} tokens")
+        mem = f"{r['scratch_peak_bytes'] / 1024:.0f} KiB" if r["scratch_peak_bytes"] >= 0 else "n/a"
+        print(f"{what:26s}{r['off_ms']:10.2f}{r['act_ms']:10.2f}{r['calib_ms']:10.2f}{r['share'] * 100:7.1f}%"
+              f"{r['on_minus_off'] * 100:7.1f}%{r['whole_layer_ms']:10.2f}{mem:>14s}  {r['load']}")
+    print("calib ms: the calibration's own time per calibrated step (plan + separate-pass kernel), accounted in "
+          "the worker; share: of the act step; on-off: 1 - off/act from the two end-to-end timings; whole ms: "
+          "calibrated layers' attention computed in one fused pass in place of the native kernel (decode steps "
+          "whose rows all run ACT), calibration included")
 
 
 if __name__ == "__main__":

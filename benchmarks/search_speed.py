@@ -23,7 +23,7 @@ import time
 TASKS = ["sst2", "sst5", "mr", "subj", "agnews", "trec", "cb", "dbpedia"]
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="path or embedded model name")
     ap.add_argument("--tasks", default=",".join(TASKS))
@@ -40,8 +40,11 @@ def main() -> int:
                     "a later `act-plugin search` with the same settings and state_dir reuses them")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> int:
+    args = _parse_args()
     from act_plugin.search.config import load_search_config
     from act_plugin.search.run import run_search
 
@@ -60,11 +63,21 @@ def main() -> int:
     res = run_search(cfg, progress=args.progress, resume=False)
     wall = time.perf_counter() - t
     load1 = os.getloadavg()
-    r = res.report
+    figures = _figures(args, res.report, wall, load0, load1)
+    _print_figures(args, res.report, figures)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=1)
+    return 0
+
+
+def _figures(args: argparse.Namespace, r: dict, wall: float, load0, load1) -> dict:
+    """The figures the benchmark reports (and writes with --json), from the search's report."""
     tm = r["timing"]
-    n_cand = len(r["candidates"])
-    figures = {
-        "model": args.model, "candidates": n_cand, "prompts": r["prompts"], "prompt_tokens": r["prompt_tokens"],
+    return {
+        "model": args.model, "candidates": len(r["candidates"]), "prompts": r["prompts"],
+        "prompt_tokens": r["prompt_tokens"],
         "top_k_verified": args.top_k, "verify": args.verify, "score": args.score, "wall_s": wall,
         "phases_s": {k: v for k, v in tm.items() if k.endswith("_s") and k not in
                      ("total_s", "brute_force_extrapolated_s", "full_pass_s_median")},
@@ -77,7 +90,13 @@ def main() -> int:
         "loadavg_before": load0, "loadavg_after": load1, "cpu_count": os.cpu_count(),
         "torch_threads": tm["torch_threads"],
     }
-    print(f"full single-head sweep: {n_cand} heads x {r['prompts']} prompts ({r['prompt_tokens']} tokens), "
+
+
+def _print_figures(args: argparse.Namespace, r: dict, figures: dict) -> None:
+    tm = r["timing"]
+    wall, load0, load1 = figures["wall_s"], figures["loadavg_before"], figures["loadavg_after"]
+    print(f"full single-head sweep: {figures['candidates']} heads x {r['prompts']} prompts "
+          f"({r['prompt_tokens']} tokens), "
           f"method fast, top-{args.top_k} verified exactly in {args.verify}")
     print(f"  wall time: {wall:.1f} s ({wall / 60:.1f} min)  [target: < 30 min]")
     print(f"  single-head sweep (load + ranking + baseline + top-{args.top_k} exact): {figures['sweep_s']:.1f} s; "
@@ -94,11 +113,6 @@ def main() -> int:
           f"{r['selected']['delta_score']:+.4f}")
     print(f"  load average before {tuple(round(x, 2) for x in load0)}, after {tuple(round(x, 2) for x in load1)} "
           f"on {os.cpu_count()} CPUs (torch threads {tm['torch_threads']})")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(figures, fh, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

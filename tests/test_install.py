@@ -15,9 +15,9 @@ import sys
 import pytest
 
 PURE = ["act_plugin", "act_plugin.config", "act_plugin.core", "act_plugin.calibration", "act_plugin.capabilities",
-        "act_plugin.atomic_files", "act_plugin.kernels", "act_plugin.vllm.settings"]
-WITH_VLLM = ["act_plugin.vllm", "act_plugin.vllm.engine", "act_plugin.vllm.control", "act_plugin.vllm.router",
-             "act_plugin.vllm.plan", "act_plugin.vllm.selfcheck", "act_plugin.vllm.worker",
+        "act_plugin.atomic_files", "act_plugin.kernels", "act_plugin.vllm.config_source"]
+WITH_VLLM = ["act_plugin.vllm", "act_plugin.vllm.config_hook", "act_plugin.vllm.control", "act_plugin.vllm.router",
+             "act_plugin.vllm.plan", "act_plugin.vllm.startup_check", "act_plugin.vllm.worker",
              "act_plugin.vllm.backends.cpu_attn", "act_plugin.vllm.cli"]
 EVAL_ONLY = ("lm_eval", "matplotlib", "scipy")
 

@@ -78,7 +78,7 @@ print(json.dumps({{"imported": names, "ours": ours, "modules": sorted(sys.module
 @pytest.mark.slow
 def test_serving_path_needs_no_eval_extra():
     got = _loaded_after(SERVING)
-    assert "act_plugin.vllm.engine" in got["imported"] and "act_plugin.vllm.backends" in got["imported"]
+    assert "act_plugin.vllm.config_hook" in got["imported"] and "act_plugin.vllm.backends" in got["imported"]
     assert got["ours"] == []
 
 

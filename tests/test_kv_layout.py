@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from act_plugin.vllm.kv_layout import cpu_attn_split, flash_attn_split, gather_kv
+from act_plugin.kernels.cache_layout import cpu_attn_split, flash_attn_split, gather_kv
 
 pytest.importorskip("vllm")
 

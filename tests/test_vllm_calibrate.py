@@ -1,4 +1,4 @@
-"""The per-layer calibrator the wrapped backends call (act_plugin.vllm.calibrate), outside an
+"""The per-layer calibrator the wrapped backends call (act_plugin.vllm.layer_calibrator), outside an
 engine: its results against the dense reference, its per-layer caches (head indices per
 profile content, the cache views per KV-cache tensor) and the opt-in host-time accounting."""
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from act_plugin.config import ACTConfig, ACTEngineConfig
+from act_plugin.kernels.cache_layout import cpu_attn_split
 from act_plugin.kernels.testing import make_problem
-from act_plugin.vllm.calibrate import LayerCalibrator
-from act_plugin.vllm.kv_layout import cpu_attn_split
+from act_plugin.vllm.layer_calibrator import LayerCalibrator
 from act_plugin.vllm.plan import SeqGroup, StepPlan
 from act_plugin.vllm.profiling import per_kind, set_profiling, timer
-from act_plugin.vllm.runtime import Arm, TPSlice, WorkerState
+from act_plugin.vllm.worker_state import Arm, TPSlice, WorkerState
 
 H, HKV, D, LAYER = 4, 2, 32, 1
 
@@ -31,9 +31,9 @@ def _state(heads: list[int]) -> tuple[WorkerState, ACTConfig]:
 
 
 def _calibrator(state: WorkerState) -> LayerCalibrator:
-    cal = LayerCalibrator(state=state, num_heads=H, num_kv_heads=HKV, scale=D**-0.5, sliding_window=None,
+    cal = LayerCalibrator(heads=state, num_heads=H, num_kv_heads=HKV, scale=D**-0.5, sliding_window=None,
                           kv_split=cpu_attn_split)
-    cal.layer_index = LAYER
+    cal.bind_layer(LAYER)
     return cal
 
 

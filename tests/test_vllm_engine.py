@@ -35,6 +35,7 @@ PROFILES = {
     "b": {"beta": 0.2, "threshold": 0.05, "heads": HEADS_B},
 }
 GREEDY_STEPS = 32
+TOP_K = 20  # first-step log-probabilities compared (vLLM's default max_logprobs)
 LOGPROB_TOL = 2e-3
 
 
@@ -83,16 +84,38 @@ def _run(llm, token_prompts, arm, max_tokens=GREEDY_STEPS, logprobs=20):
     return result
 
 
+def _engine_logprobs_of(llm, token_prompts, arm, token_ids):
+    """The engine's first-step log-probability of each of ``token_ids[i]`` (one list per
+    prompt) after prompt ``i``, whether or not it is in the engine's own top-k."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = {} if arm is None else {"act": arm}
+    params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), extra_args=extra)
+              for ids in token_ids]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_prompts], params, use_tqdm=False)
+    return [{tid: lp.logprob for tid, lp in o.outputs[0].logprobs[0].items()} for o in outs]
+
+
 def _assert_same(got, ref, tol=1e-4):
-    """Same greedy tokens; first-step log-probabilities within ``tol``. Calibrated runs are
-    not bitwise reproducible run to run on CPU (float32 GEMMs may pick alignment-dependent
-    kernels), so repeated calibrated runs are compared to 1e-4, not bitwise."""
+    """Same greedy tokens; first-step log-probabilities within ``tol`` for every token of the
+    reference's top-k. A reference token missing from ``got``'s top-k fails, unless it sits at
+    the top-k boundary (within ``tol`` of ``got``'s last kept log-probability, where equal
+    values may swap ranks). Calibrated runs are not bitwise reproducible run to run on CPU
+    (float32 GEMMs may pick alignment-dependent kernels), so repeated calibrated runs are
+    compared to 1e-4, not bitwise."""
     assert len(got) == len(ref)
     for i, (g, r) in enumerate(zip(got, ref)):
         assert g["tokens"] == r["tokens"], f"prompt {i}: greedy tokens differ"
+        kept = g["first_logprobs"]
         for tid, lp in r["first_logprobs"].items():
-            if tid in g["first_logprobs"]:
-                assert abs(g["first_logprobs"][tid] - lp) < tol, f"prompt {i}, token {tid}"
+            if tid in kept:
+                assert abs(kept[tid] - lp) < tol, f"prompt {i}, token {tid}: {kept[tid]} vs {lp}"
+            else:
+                assert lp < min(kept.values()) + tol, (
+                    f"prompt {i}: token {tid} (log-prob {lp}) of the reference's top-k is missing from the "
+                    f"run's top-k (lowest kept {min(kept.values())})"
+                )
 
 
 # ----------------------------------------------------------------------------- HF parity
@@ -114,15 +137,54 @@ def _hf_reference(model, ids, cfg, steps=GREEDY_STEPS):
     return first, gen[0, len(ids) :].tolist()
 
 
+def _assert_parity(engine_top, engine_of_ref_top, ref_first, ref_top, label):
+    """Both directions: each token of the engine's top-k against the reference's value, and
+    each token of the reference's top-k against the engine's value (fetched for exactly those
+    tokens, so a token the engine ranks elsewhere, or lacks, cannot be skipped)."""
+    diffs = {tid: abs(lp - ref_first[tid].item()) for tid, lp in engine_top.items()}
+    for tid in ref_top:
+        assert tid in engine_of_ref_top, f"{label}: no engine log-prob for the reference's top-k token {tid}"
+        diffs[tid] = max(diffs.get(tid, 0.0), abs(engine_of_ref_top[tid] - ref_first[tid].item()))
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < LOGPROB_TOL, f"{label}: max |dlogprob| {diffs[worst]} (token {worst})"
+
+
 @pytest.mark.parametrize("profile", ["a", "b"])
 def test_parity_with_hf_reference(engine, token_prompts, hf_model, profile):
     got = _run(engine, token_prompts, profile)
     cfg = ACTConfig.from_any(PROFILES[profile])
-    for ids, out in zip(token_prompts, got):
-        ref_first, ref_tokens = _hf_reference(hf_model, ids, cfg)
-        diffs = [abs(lp - ref_first[tid].item()) for tid, lp in out["first_logprobs"].items()]
-        assert max(diffs) < LOGPROB_TOL, f"profile {profile}, prompt of {len(ids)} tokens: max |dlogprob| {max(diffs)}"
-        assert out["tokens"] == ref_tokens, f"profile {profile}: greedy tokens differ from the HF reference"
+    refs = [_hf_reference(hf_model, ids, cfg) for ids in token_prompts]
+    ref_tops = [ref_first.topk(TOP_K).indices.tolist() for ref_first, _ in refs]
+    engine_of_ref_tops = _engine_logprobs_of(engine, token_prompts, profile, ref_tops)
+    for ids, out, (ref_first, ref_tokens), ref_top, fetched in zip(token_prompts, got, refs, ref_tops,
+                                                                    engine_of_ref_tops):
+        label = f"profile {profile}, prompt of {len(ids)} tokens"
+        _assert_parity(out["first_logprobs"], fetched, ref_first, ref_top, label)
+        assert out["tokens"] == ref_tokens, f"{label}: greedy tokens differ from the HF reference"
+
+
+def test_parity_check_fails_on_a_shifted_token():
+    """The parity check itself: a reference top-k token the engine puts elsewhere fails it,
+    even when every token of the engine's own top-k matches."""
+    ref_first = torch.log_softmax(torch.tensor([3.0, 2.0, 1.0, 0.0]), -1)
+    engine_top = {0: ref_first[0].item(), 1: ref_first[1].item()}
+    ref_top = [0, 1, 2]
+    _assert_parity(engine_top, {t: ref_first[t].item() for t in ref_top}, ref_first, ref_top, "same")
+    shifted = {0: ref_first[0].item(), 1: ref_first[1].item(), 2: ref_first[2].item() - 0.5}
+    with pytest.raises(AssertionError, match="token 2"):
+        _assert_parity(engine_top, shifted, ref_first, ref_top, "shifted")
+    with pytest.raises(AssertionError, match="no engine log-prob"):
+        _assert_parity(engine_top, {0: ref_first[0].item()}, ref_first, ref_top, "missing")
+
+
+def test_run_comparison_fails_on_a_missing_token():
+    """``_assert_same``: a token of the reference's top-k missing from the run's fails, unless
+    it sits at the top-k boundary."""
+    ref = [{"tokens": [5], "first_logprobs": {5: -0.1, 6: -2.0, 7: -3.0}}]
+    _assert_same([{"tokens": [5], "first_logprobs": {5: -0.1, 6: -2.0, 7: -3.0}}], ref)
+    _assert_same([{"tokens": [5], "first_logprobs": {5: -0.1, 6: -2.0, 8: -3.0}}], ref)  # 7 and 8 tie
+    with pytest.raises(AssertionError, match="token 6"):
+        _assert_same([{"tokens": [5], "first_logprobs": {5: -0.1, 8: -1.5, 7: -3.0}}], ref)
 
 
 def test_calibration_changes_outputs(engine, token_prompts):
@@ -282,7 +344,7 @@ def test_fp8_kv_cache_is_refused_at_engine_start(smollm2_path):
 def test_unsupported_engine_settings_are_named(change, message):
     from types import SimpleNamespace
 
-    from act_plugin.vllm.engine import ACTEngineError, _check_supported
+    from act_plugin.vllm.config_hook import ACTEngineError, _check_supported
 
     cfg = SimpleNamespace(
         model_config=SimpleNamespace(use_mla=change.get("use_mla", False)),

@@ -24,7 +24,7 @@ from act_plugin.vllm.router import (  # noqa: E402
     ACTRequestRouter,
     ACTRequestRouterV2,
 )
-from act_plugin.vllm.runtime import WorkerState, normalize_request_value, worker_state  # noqa: E402
+from act_plugin.vllm.worker_state import WorkerState, normalize_request_value, worker_state  # noqa: E402
 
 PROFILES = {"a": {"beta": 0.4, "heads": "2-27:0,4"}, "b": {"beta": 0.2, "heads": {"3": [1]}}}
 
@@ -76,8 +76,8 @@ def test_act_false_ignores_act_config_env(smollm2_path, monkeypatch, tmp_path):
     cfg_file = tmp_path / "act.yaml"
     cfg_file.write_text("heads: '2-27:0,4'\n")
     monkeypatch.setenv("ACT_CONFIG", str(cfg_file))
-    from act_plugin.vllm.runtime import frontend_state
-    from act_plugin.vllm.settings import read_engine_settings
+    from act_plugin.vllm.config_source import read_engine_settings
+    from act_plugin.vllm.frontend_state import frontend_state
 
     assert read_engine_settings({"act": False}) is None
     assert read_engine_settings({}).source == f"ACT_CONFIG={cfg_file}"
@@ -88,6 +88,63 @@ def test_act_false_ignores_act_config_env(smollm2_path, monkeypatch, tmp_path):
 
     with pytest.raises(ValueError, match="ACT is explicitly off"):
         validate_request(vllm.SamplingParams(extra_args={"act": "on"}))
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+# (mode, what the config hook leaves): full graphs would capture attention, and with it a
+# stale step plan; piecewise graphs keep attention eager.
+GRAPH_LOWERING = [
+    ("FULL", "PIECEWISE"), ("FULL_AND_PIECEWISE", "PIECEWISE"), ("FULL_DECODE_ONLY", "PIECEWISE"),
+    ("PIECEWISE", "PIECEWISE"), ("NONE", "NONE"),
+]
+
+
+def _on_cuda(monkeypatch, cuda: bool) -> None:
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: cuda)
+
+
+@pytest.mark.parametrize(("mode", "lowered"), GRAPH_LOWERING)
+def test_full_cuda_graphs_are_lowered_to_piecewise(monkeypatch, mode, lowered):
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from act_plugin.vllm.config_hook import _limit_cuda_graphs
+
+    _on_cuda(monkeypatch, True)
+    vllm_config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode[mode]))
+    changed = _limit_cuda_graphs(vllm_config)
+    assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode[lowered]
+    assert changed == ([] if mode == lowered else [f"CUDA graphs {mode} -> PIECEWISE (attention runs eagerly)"])
+
+
+@pytest.mark.parametrize("mode", [mode for mode, _ in GRAPH_LOWERING])
+def test_cuda_graph_mode_is_left_alone_off_cuda(monkeypatch, mode):
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from act_plugin.vllm.config_hook import _limit_cuda_graphs
+
+    _on_cuda(monkeypatch, False)
+    vllm_config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode[mode]))
+    assert _limit_cuda_graphs(vllm_config) == []
+    assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode[mode]
+
+
+def test_graph_lowering_is_logged_with_the_engine_settings(smollm2_path, monkeypatch, caplog):
+    """Through the whole config hook, on a real engine config: the lowering is applied and named
+    in the one "ACT on" line."""
+    from vllm.config import CUDAGraphMode
+
+    from act_plugin.vllm.config_hook import apply_engine_settings
+
+    cfg = _engine_config(smollm2_path, {"act": {"profiles": PROFILES, "default": None}}, False, monkeypatch)
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    _on_cuda(monkeypatch, True)
+    with caplog.at_level("INFO", logger="act_plugin"):
+        apply_engine_settings(cfg)
+    assert cfg.compilation_config.cudagraph_mode is CUDAGraphMode.PIECEWISE
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("act-plugin: ACT on")]
+    assert "CUDA graphs FULL_AND_PIECEWISE -> PIECEWISE (attention runs eagerly)" in line
 
 
 # ----------------------------------------------------------------------------- routing adapters
@@ -217,7 +274,7 @@ def test_unwrapped_backend_is_refused_when_act_is_on():
     from vllm.config import VllmConfig, set_current_vllm_config
 
     from act_plugin.vllm import BACKEND_WRAPPERS
-    from act_plugin.vllm.selfcheck import ACTEngineError, check_backend_choice
+    from act_plugin.vllm.layer_support import ACTEngineError, check_backend_choice
 
     sel = SimpleNamespace(attn_type="decoder", use_mla=False)
     flex = "vllm.v1.attention.backends.flex_attention.FlexAttentionBackend"
@@ -232,8 +289,8 @@ def test_unwrapped_backend_is_refused_when_act_is_on():
 
 
 def test_profiles_touching_unsupported_layers_are_refused():
-    """The capability table, as the self-check and runtime reconfiguration apply it."""
-    from act_plugin.vllm.selfcheck import ACTEngineError, check_profiles_against_layers
+    """The capability table, as the start-up check and runtime reconfiguration apply it."""
+    from act_plugin.vllm.layer_support import ACTEngineError, check_profiles_against_layers
 
     def row(layer, **kw):
         base = {"layer_name": f"model.layers.{layer}.self_attn.attn", "layer": layer, "kind": "attention",
@@ -284,7 +341,7 @@ def test_control_rolls_back_and_guards_the_front_end(monkeypatch):
     import asyncio
 
     from act_plugin.vllm import control
-    from act_plugin.vllm.runtime import frontend_state
+    from act_plugin.vllm.frontend_state import frontend_state
 
     monkeypatch.setattr(control, "_act_on", lambda engine: True)
     monkeypatch.setattr(control, "_validated", lambda engine, cfg: ACTEngineConfig.from_any(cfg))

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from act_plugin.config import ACTConfig
-from act_plugin.vllm.runtime import TPSlice
+from act_plugin.vllm.worker_state import TPSlice
 
 
 @pytest.mark.parametrize("tp_size", [1, 2, 4, 8])

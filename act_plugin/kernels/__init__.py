@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from act_plugin.kernels import cpu
 from act_plugin.kernels.cpu import BLOCK_ELEMS as _CPU_BLOCK_ELEMS
 from act_plugin.kernels.cpu import RECOMPUTE_BELOW as _CPU_CUT
 from act_plugin.kernels.reference import calibrate_paged_reference
@@ -80,8 +81,6 @@ _cpu_op: Callable[..., Any] | None = None  # torch.ops.act_kernels.calibrate_pag
 
 def _load_cpu_op():
     global _cpu_op
-    from act_plugin.kernels import cpu
-
     op = cpu.load()
     if op is not None:
         _cpu_op = op
@@ -93,8 +92,6 @@ def _choose(device: torch.device, forced: str) -> str:
         return "reference"
     if forced in ("", "auto"):
         if device.type == "cpu":
-            from act_plugin.kernels import cpu
-
             return "cpu" if _load_cpu_op() is not None else "reference"
         if device.type == "cuda" and _triton_available():
             return "triton"
@@ -103,8 +100,6 @@ def _choose(device: torch.device, forced: str) -> str:
         )
         return "reference"
     if forced == "cpu":
-        from act_plugin.kernels import cpu
-
         if _load_cpu_op() is None:
             raise RuntimeError(f"{KERNEL_ENV}=cpu but the CPU kernel is unavailable: {cpu._state.get('error')}")
         return "cpu"
@@ -148,44 +143,55 @@ def bind_paged(
         )
         name = "reference"
     if name == "reference":
-        def run_reference(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-                          heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
-            calibrate_paged_reference(
-                query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-                heads, kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
-                max_query_len=max_query_len, max_seq_len=max_seq_len,
-            )
-
-        return run_reference
+        return _reference_kernel()
     if name == "cpu":
-        cut = _CPU_CUT.get(output.dtype, 1.0 / 16) if recompute_below is None else float(recompute_below)
-        # "cpu" is only chosen (and cached in _chosen) after _load_cpu_op() returned the op and set _cpu_op
-        op = _cpu_op
-        assert op is not None
-
-        def run_cpu(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-                    heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
-            if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
-                return  # nothing changes (spec: beta = 1 leaves every row as it is)
-            op(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
-               kv_heads, scale, beta, threshold, window or 0, cut, max_query_len, max_seq_len, _CPU_BLOCK_ELEMS)
-
-        return run_cpu
+        return _cpu_kernel(_CPU_CUT.get(output.dtype, 1.0 / 16) if recompute_below is None else float(recompute_below))
     if name == "triton":
-        from act_plugin.kernels.triton_paged import calibrate_paged_triton
-
-        def run_triton(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-                       heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
-            if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
-                return
-            calibrate_paged_triton(
-                query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
-                kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
-                max_query_len=max_query_len, max_seq_len=max_seq_len, recompute_below=recompute_below,
-            )
-
-        return run_triton
+        return _triton_kernel(recompute_below)
     raise AssertionError(name)  # pragma: no cover
+
+
+def _reference_kernel() -> PagedKernel:
+    def run_reference(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                      heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+        calibrate_paged_reference(
+            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+            heads, kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
+            max_query_len=max_query_len, max_seq_len=max_seq_len,
+        )
+
+    return run_reference
+
+
+def _cpu_kernel(cut: float) -> PagedKernel:
+    # "cpu" is only chosen (and cached in _chosen) after _load_cpu_op() returned the op and set _cpu_op
+    op = _cpu_op
+    assert op is not None
+
+    def run_cpu(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+        if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
+            return  # nothing changes (spec: beta = 1 leaves every row as it is)
+        op(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
+           kv_heads, scale, beta, threshold, window or 0, cut, max_query_len, max_seq_len, _CPU_BLOCK_ELEMS)
+
+    return run_cpu
+
+
+def _triton_kernel(recompute_below: float | None) -> PagedKernel:
+    from act_plugin.kernels.triton_paged import calibrate_paged_triton  # triton: optional, CUDA only
+
+    def run_triton(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                   heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+        if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
+            return
+        calibrate_paged_triton(
+            query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
+            kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
+            max_query_len=max_query_len, max_seq_len=max_seq_len, recompute_below=recompute_below,
+        )
+
+    return run_triton
 
 
 # A bound whole-layer decode kernel: (query, output, key_cache, value_cache, block_table,
@@ -208,8 +214,6 @@ def bind_decode_attention(
     """
     if kernel_name(query.device) != "cpu" or not _fused_dtypes(query, output, key_cache, value_cache):
         return None
-    from act_plugin.kernels import cpu
-
     op = cpu.decode_attention_op()
     if op is None:
         return None

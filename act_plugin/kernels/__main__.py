@@ -6,14 +6,14 @@ from __future__ import annotations
 import sys
 import time
 
+from act_plugin.kernels import cpu
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv != ["build"]:
         print("usage: python -m act_plugin.kernels build", file=sys.stderr)
         return 2
-    from act_plugin.kernels import cpu
-
     t = time.perf_counter()
     try:
         cpu.build(verbose=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from act_plugin.core import act_attention_blocked
-from act_plugin.vllm.kv_layout import gather_kv
+from act_plugin.kernels.cache_layout import gather_kv
 
 
 def padded_positions(

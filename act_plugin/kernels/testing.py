@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from act_plugin.core import act_attention_blocked, act_attention_dense
+from act_plugin.kernels.cache_layout import cpu_attn_split, flash_attn_split
 
 LAYOUTS = ("cpu_attn", "flash_attn")
 
@@ -129,41 +130,12 @@ def make_problem(
     the front, which must stay untouched; blocks are shuffled, block tables padded."""
     gen = torch.Generator().manual_seed(seed)
     H, Hkv, D, bs = num_heads, num_kv_heads, head_size, block_size
-    G = len(seq_lens)
-    nblk = [(L + bs - 1) // bs for L in seq_lens]
-    width = max(nblk) + 1  # one padding column
-    total_blocks = sum(nblk) + 3  # spare blocks hold garbage
-    perm = torch.randperm(total_blocks, generator=gen)
-    table = torch.zeros(G, width, dtype=torch.int32)
-    pos = 0
-    for g, n in enumerate(nblk):
-        table[g, :n] = perm[pos : pos + n].to(torch.int32)
-        table[g, n:] = perm[-1]  # padding entries point at a valid (garbage) block
-        pos += n
+    # The generator is drawn in this order: table, sink direction, keys/values, cache, queries.
+    table, total_blocks = _shuffled_block_table(seq_lens, bs, gen)
     u = torch.randn(D, generator=gen)
     u = u / u.norm()
-    keys, values = [], []
-    for L in seq_lens:
-        k = torch.randn(Hkv, L, D, generator=gen)
-        for s in sink_positions:
-            if s < L:
-                k[:, s] += sink_strength * (1.0 + 0.25 * torch.rand(Hkv, 1, generator=gen)) * u * D**0.5
-        keys.append(k.to(dtype))
-        values.append(torch.randn(Hkv, L, D, generator=gen).to(dtype))
-    # cache in the backend's physical layout
-    if layout == "cpu_attn":
-        from act_plugin.vllm.kv_layout import cpu_attn_split
-
-        kv = torch.randn(total_blocks, Hkv, bs, 2 * D, generator=gen).to(dtype)
-        key_cache, value_cache = cpu_attn_split(kv)
-    elif layout == "flash_attn":
-        from act_plugin.vllm.kv_layout import flash_attn_split
-
-        P = D + 8  # padded head size, as TRITON_ATTN may use
-        kv = torch.randn(total_blocks, bs, Hkv, 2 * P, generator=gen).to(dtype).permute(0, 2, 1, 3)
-        key_cache, value_cache = flash_attn_split(kv, D)
-    else:
-        raise ValueError(layout)
+    keys, values = _sequences(seq_lens, Hkv, D, dtype, u, sink_positions, sink_strength, gen)
+    kv, key_cache, value_cache = _paged_cache(layout, total_blocks, Hkv, bs, D, dtype, gen)
     for g, L in enumerate(seq_lens):
         for t in range(L):
             b, off = int(table[g, t // bs]), t % bs
@@ -190,6 +162,52 @@ def make_problem(
         max_query_len=max(query_lens), max_seq_len=max(seq_lens), scale=scale, window=window,
         keys=keys, values=values, raw_cache=kv,
     )
+
+
+def _shuffled_block_table(seq_lens: list[int], bs: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A block table over shuffled blocks, one padding column pointing at a valid block, and
+    the number of blocks (three spare ones hold garbage)."""
+    nblk = [(L + bs - 1) // bs for L in seq_lens]
+    width = max(nblk) + 1  # one padding column
+    total_blocks = sum(nblk) + 3  # spare blocks hold garbage
+    perm = torch.randperm(total_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    pos = 0
+    for g, n in enumerate(nblk):
+        table[g, :n] = perm[pos : pos + n].to(torch.int32)
+        table[g, n:] = perm[-1]  # padding entries point at a valid (garbage) block
+        pos += n
+    return table, total_blocks
+
+
+def _sequences(seq_lens: list[int], Hkv: int, D: int, dtype: torch.dtype, u: torch.Tensor,
+               sink_positions: tuple[int, ...], sink_strength: float, gen: torch.Generator) -> tuple[list, list]:
+    """Dense keys and values per sequence; keys at ``sink_positions`` lean along ``u``."""
+    keys, values = [], []
+    for L in seq_lens:
+        k = torch.randn(Hkv, L, D, generator=gen)
+        for s in sink_positions:
+            if s < L:
+                k[:, s] += sink_strength * (1.0 + 0.25 * torch.rand(Hkv, 1, generator=gen)) * u * D**0.5
+        keys.append(k.to(dtype))
+        values.append(torch.randn(Hkv, L, D, generator=gen).to(dtype))
+    return keys, values
+
+
+def _paged_cache(layout: str, total_blocks: int, Hkv: int, bs: int, D: int, dtype: torch.dtype,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A garbage-filled cache in the backend's physical layout: the raw tensor and its key and
+    value views."""
+    if layout == "cpu_attn":
+        kv = torch.randn(total_blocks, Hkv, bs, 2 * D, generator=gen).to(dtype)
+        key_cache, value_cache = cpu_attn_split(kv)
+    elif layout == "flash_attn":
+        P = D + 8  # padded head size, as TRITON_ATTN may use
+        kv = torch.randn(total_blocks, bs, Hkv, 2 * P, generator=gen).to(dtype).permute(0, 2, 1, 3)
+        key_cache, value_cache = flash_attn_split(kv, D)
+    else:
+        raise ValueError(layout)
+    return kv, key_cache, value_cache
 
 
 def problem_to(p: PagedProblem, device: str | torch.device) -> PagedProblem:

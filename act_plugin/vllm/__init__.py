@@ -27,16 +27,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from act_plugin.vllm.backend_registry import BACKEND_WRAPPERS
+from act_plugin.vllm.layer_support import check_backend_choice
+
 logger = logging.getLogger("act_plugin")
 
-# Native backend name -> class path of our wrapper. Lazy: nothing is imported until vLLM
-# resolves the backend for a model.
-BACKEND_WRAPPERS = {
-    "CPU_ATTN": "act_plugin.vllm.backends.cpu_attn.ACTCPUAttentionBackend",
-    "FLASH_ATTN": "act_plugin.vllm.backends.flash_attn.ACTFlashAttentionBackend",
-    "TRITON_ATTN": "act_plugin.vllm.backends.triton_attn.ACTTritonAttentionBackend",
-    "FLASHINFER": "act_plugin.vllm.backends.flashinfer.ACTFlashInferBackend",
-}
+__all__ = ["BACKEND_WRAPPERS", "register"]
 
 _registered = False
 
@@ -58,7 +54,9 @@ def register() -> None:
             continue
         register_backend(backend, path)
 
-    from act_plugin.vllm.engine import install_config_hook
+    # Deferred, like every import in this module that reaches vLLM: importing the package
+    # (for act_plugin.vllm.env / compat, e.g. in the eval's front end) must not load vLLM.
+    from act_plugin.vllm.config_hook import install_config_hook
 
     install_config_hook()
     _install_backend_guard()
@@ -68,8 +66,6 @@ def register() -> None:
 
 def _install_backend_guard() -> None:
     from vllm.platforms import current_platform
-
-    from act_plugin.vllm.selfcheck import check_backend_choice
 
     # Any: a classmethod of vLLM's platform class is replaced below (get_attn_backend_cls wrapped), which its
     # declared type does not allow; the wrapper keeps the original signature.
@@ -94,7 +90,7 @@ def _install_beam_search_guard() -> None:
     running their beams on the engine's default arm."""
     import sys
 
-    from act_plugin.vllm.router import REQUEST_KEY
+    from act_plugin.vllm.router import REQUEST_KEY  # the router module subclasses vLLM's classes
 
     targets = []
     for mod, cls in (

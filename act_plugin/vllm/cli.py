@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 
+from act_plugin.vllm.compat import vllm_distribution_alias
+
 
 def main() -> None:
-    from act_plugin.vllm.compat import vllm_distribution_alias
-
     with vllm_distribution_alias():
         from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -21,8 +21,8 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from act_plugin.config import ACTConfigError, ACTEngineConfig
-from act_plugin.vllm.runtime import frontend_state
-from act_plugin.vllm.settings import ADDITIONAL_CONFIG_KEY, act_explicitly_off
+from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY, act_explicitly_off
+from act_plugin.vllm.frontend_state import frontend_state
 
 __all__ = ["set_act_config", "aset_act_config", "get_act_config", "aget_act_config", "get_act_status",
            "aget_act_status"]

@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from act_plugin.vllm.runtime import Arm, WorkerState
+from act_plugin.vllm.worker_state import Arm, WorkerState
+
+# Attribute of vLLM's per-step attention metadata that carries the step plan: the wrapped
+# metadata builder sets it (act_plugin.vllm.backends), every calibrated layer reads it.
+PLAN_ATTR = "act_plan"
 
 MAX_TRANSIENT_ENV = "ACT_MAX_TRANSIENT_MB"
 DEFAULT_MAX_TRANSIENT_MB = 256
@@ -56,7 +60,7 @@ class SeqGroup:
 class StepPlan:
     groups: list[SeqGroup] = field(default_factory=list)
     # Every request of the step is in some group (no row runs without ACT): a calibrated layer
-    # may then compute the whole step's attention itself (decode: one pass, see calibrate.py).
+    # may then compute the whole step's attention itself (decode: one pass, see layer_calibrator.py).
     covers_step: bool = False
 
     @property
@@ -98,8 +102,31 @@ def build_step_plan(
     num_reqs = common.num_reqs
     qsl = _host_array(common.query_start_loc_cpu)[: num_reqs + 1].astype(np.int64)
     q_lens = (qsl[1:] - qsl[:-1]).tolist()
+    by_key = _positions_by_arm(arms, _slots(common, num_reqs), q_lens)
+    if not by_key:
+        return EMPTY_PLAN
+    seq_lens = _host_seq_lens(common)
+    q_lens_np = np.asarray(q_lens, dtype=np.int64)
+    budget = max_transient_bytes()
+    bytes_per_key = 2 * max(1, max_heads) * head_size * 4  # gathered K and V, float32
+    on_host = device.type == "cpu"
+    groups = [
+        _group(arm, chunk, common.block_table_tensor, seq_lens, q_lens_np, qsl, device, on_host)
+        for arm, positions in by_key.values()
+        for chunk in _chunks(positions, seq_lens, bytes_per_key, budget)
+    ]
+    covered = sum(len(positions) for _, positions in by_key.values())
+    return StepPlan(groups=groups, covers_step=covered == num_reqs)
+
+
+def _slots(common, num_reqs: int):
+    """Batch position -> request slot: ``req_idx`` under Model Runner V2, the identity under V1."""
     req_idx = getattr(common, "req_idx", None)
-    slots = np.asarray(req_idx[:num_reqs], dtype=np.int64).tolist() if req_idx is not None else range(num_reqs)
+    return np.asarray(req_idx[:num_reqs], dtype=np.int64).tolist() if req_idx is not None else range(num_reqs)
+
+
+def _positions_by_arm(arms: dict[int, Arm], slots, q_lens: list[int]) -> dict[tuple[str, str, bool], tuple[Arm, list]]:
+    """The batch positions of calibrated rows, by (profile, settings, decode or not)."""
     by_key: dict[tuple[str, str, bool], tuple[Arm, list[int]]] = {}
     for pos, slot in enumerate(slots):
         arm = arms.get(slot)
@@ -113,40 +140,31 @@ def build_step_plan(
         if entry is None:
             by_key[key] = entry = (arm, [])
         entry[1].append(pos)
-    if not by_key:
-        return EMPTY_PLAN
-    seq_lens = _host_seq_lens(common)
-    q_lens_np = np.asarray(q_lens, dtype=np.int64)
-    budget = max_transient_bytes()
-    bytes_per_key = 2 * max(1, max_heads) * head_size * 4  # gathered K and V, float32
-    on_host = device.type == "cpu"
-    block_table = common.block_table_tensor
-    groups = []
-    for arm, positions in by_key.values():
-        for chunk in _chunks(positions, seq_lens, bytes_per_key, budget):
-            first, last = chunk[0], chunk[-1]
-            rows: slice | np.ndarray
-            if last - first + 1 == len(chunk):  # consecutive batch positions (the usual case)
-                rows = slice(first, last + 1)
-                table = block_table[first : last + 1]
-            else:
-                rows = np.asarray(chunk, dtype=np.int64)
-                idx_t = torch.from_numpy(rows)
-                table = block_table.index_select(0, idx_t if block_table.is_cpu else idx_t.to(block_table.device))
-            kl, ql, qs = seq_lens[rows].copy(), q_lens_np[rows], qsl[:-1][rows].copy()
-            groups.append(
-                SeqGroup(
-                    arm=arm,
-                    block_table=table,
-                    seq_lens=_to(kl, device, on_host),
-                    query_start=_to(qs, device, on_host),
-                    query_lens=_to(ql.copy(), device, on_host),
-                    max_query_len=int(ql.max()),
-                    max_seq_len=int(kl.max()),
-                )
-            )
-    covered = sum(len(positions) for _, positions in by_key.values())
-    return StepPlan(groups=groups, covers_step=covered == num_reqs)
+    return by_key
+
+
+def _group(arm: Arm, chunk: list[int], block_table: torch.Tensor, seq_lens: np.ndarray, q_lens: np.ndarray,
+           qsl: np.ndarray, device: torch.device, on_host: bool) -> SeqGroup:
+    """One kernel call's sequences: the chunk's block-table rows, lengths and query offsets."""
+    first, last = chunk[0], chunk[-1]
+    rows: slice | np.ndarray
+    if last - first + 1 == len(chunk):  # consecutive batch positions (the usual case)
+        rows = slice(first, last + 1)
+        table = block_table[first : last + 1]
+    else:
+        rows = np.asarray(chunk, dtype=np.int64)
+        idx_t = torch.from_numpy(rows)
+        table = block_table.index_select(0, idx_t if block_table.is_cpu else idx_t.to(block_table.device))
+    kl, ql, qs = seq_lens[rows].copy(), q_lens[rows], qsl[:-1][rows].copy()
+    return SeqGroup(
+        arm=arm,
+        block_table=table,
+        seq_lens=_to(kl, device, on_host),
+        query_start=_to(qs, device, on_host),
+        query_lens=_to(ql.copy(), device, on_host),
+        max_query_len=int(ql.max()),
+        max_seq_len=int(kl.max()),
+    )
 
 
 def _to(values: np.ndarray, device: torch.device, on_host: bool) -> torch.Tensor:

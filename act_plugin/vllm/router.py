@@ -25,7 +25,8 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from act_plugin.config import ACTConfigError
-from act_plugin.vllm.runtime import NO_REQUEST_VALUE, frontend_state, normalize_request_value, worker_state
+from act_plugin.vllm.frontend_state import frontend_state
+from act_plugin.vllm.worker_state import NO_REQUEST_VALUE, normalize_request_value, worker_state
 
 REQUEST_KEY = "act"
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from act_plugin.config import ACTEngineConfig
+from act_plugin.vllm.startup_check import configured_layer_report
+from act_plugin.vllm.worker_state import WorkerState, init_worker_state
 
 
-def _state(worker: Any):
-    from act_plugin.vllm.runtime import init_worker_state
-
+def _state(worker: Any) -> WorkerState:
     return init_worker_state(worker.vllm_config)
 
 
@@ -34,8 +34,6 @@ class ACTWorkerExtension:
         return _state(self).engine_cfg.to_dict()
 
     def act_status(self) -> dict:
-        from act_plugin.vllm.selfcheck import configured_layer_report
-
         state = _state(self)
         status = state.status()
         status["layers"] = configured_layer_report(state)

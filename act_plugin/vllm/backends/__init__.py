@@ -8,10 +8,10 @@ builder, so such an engine runs vanilla vLLM. With ACT on it hands out:
   :class:`~act_plugin.vllm.plan.StepPlan` to the native metadata: per-step work where vLLM
   does per-step work, before the forward pass and outside any CUDA graph;
 * an ``Impl`` subclass with :class:`ACTImplMixin`: the native kernel computes every head, then
-  a :class:`~act_plugin.vllm.calibrate.LayerCalibrator` overwrites the configured heads.
+  a :class:`~act_plugin.vllm.layer_calibrator.LayerCalibrator` overwrites the configured heads.
 
 The first ACT builder a worker constructs (after the model is loaded) runs the start-up
-self-check (:mod:`act_plugin.vllm.selfcheck`).
+check (:mod:`act_plugin.vllm.startup_check`).
 """
 
 from __future__ import annotations
@@ -20,33 +20,25 @@ import time
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from act_plugin.capabilities import LayerFeatures
-from act_plugin.vllm.calibrate import PLAN_ATTR, LayerCalibrator
-from act_plugin.vllm.kv_layout import KVSplit
-from act_plugin.vllm.plan import build_step_plan
+import torch
+
+from act_plugin.kernels.cache_layout import KVSplit
+from act_plugin.vllm.config_source import act_configured
+from act_plugin.vllm.layer_calibrator import LayerCalibrator
+from act_plugin.vllm.layer_support import impl_features
+from act_plugin.vllm.plan import PLAN_ATTR, build_step_plan, max_transient_bytes
 from act_plugin.vllm.profiling import timer
-from act_plugin.vllm.settings import act_configured
+from act_plugin.vllm.startup_check import run_startup_check
+from act_plugin.vllm.worker_state import init_worker_state
 
 if TYPE_CHECKING:
     from vllm.v1.attention.backend import AttentionBackend
 
 
 def act_enabled_for_current_engine() -> bool:
-    from vllm.config import get_current_vllm_config_or_none
+    from vllm.config import get_current_vllm_config_or_none  # vLLM itself: called while it builds a model
 
     return act_configured(get_current_vllm_config_or_none())
-
-
-def impl_features(impl: Any) -> LayerFeatures:
-    """What a native ``Impl`` computes, for the capability table."""
-    attn_type = getattr(impl, "attn_type", "decoder")
-    return LayerFeatures(
-        attn_type=str(getattr(attn_type, "value", attn_type)),  # vLLM's AttentionType enum or str
-        alibi=getattr(impl, "alibi_slopes", None) is not None,
-        logit_softcap=bool(getattr(impl, "logits_soft_cap", None)),
-        learned_sinks=getattr(impl, "sinks", None) is not None,
-        kv_cache_dtype=str(getattr(impl, "kv_cache_dtype", "auto")),
-    )
 
 
 def _window(impl: Any) -> int | None:
@@ -64,10 +56,6 @@ def reserve_transient_memory(device) -> None:
     budget (``ACT_MAX_TRANSIENT_MB``, see :mod:`act_plugin.vllm.plan`) inside that pass puts
     it into the peak, so the KV cache leaves room for it.
     """
-    import torch
-
-    from act_plugin.vllm.plan import max_transient_bytes
-
     torch.empty(max_transient_bytes(), dtype=torch.uint8, device=device)
 
 
@@ -81,16 +69,14 @@ class ACTImplMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from vllm.config import get_current_vllm_config
-
-        from act_plugin.vllm.runtime import init_worker_state
+        from vllm.config import get_current_vllm_config  # vLLM itself (this module is imported without it)
 
         impl: Any = self
-        # Unsupported features are judged at start by the self-check, which knows the
+        # Unsupported features are judged at start by the start-up check, which knows the
         # layer; the calibrator keeps what it needs to compute.
         self.act_features = impl_features(impl)
         self.act = LayerCalibrator(
-            state=init_worker_state(get_current_vllm_config()),
+            heads=init_worker_state(get_current_vllm_config()),
             num_heads=impl.num_heads,
             num_kv_heads=impl.num_kv_heads,
             scale=float(impl.scale),
@@ -129,9 +115,6 @@ def act_builder(native_builder: type) -> type:
     class ACTMetadataBuilder(native_builder):
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
             super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
-            from act_plugin.vllm.runtime import init_worker_state
-            from act_plugin.vllm.selfcheck import run_startup_check
-
             self.act_state = init_worker_state(vllm_config)
             self.act_device = device
             self.act_head_size = int(kv_cache_spec.head_size)

@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
+import torch
+from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
+from act_plugin.kernels.cache_layout import cpu_attn_split, gather_kv
 from act_plugin.vllm.backends import act_backend
-from act_plugin.vllm.kv_layout import cpu_attn_split, verify_cpu_layout
+
+_verified: dict = {}
+
+
+def verify_cpu_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int) -> None:
+    """Write known keys/values with vLLM's own CPU cache kernel and read them back through
+    :func:`cpu_attn_split`; raise if this ISA stores them in another layout."""
+    key = (isa, dtype, head_size, block_size)
+    if key in _verified:
+        if _verified[key]:
+            raise NotImplementedError(_verified[key])
+        return
+    gen = torch.Generator().manual_seed(0)
+    nb, hkv, t = 3, 2, block_size + 3
+    kv = torch.zeros(nb, hkv, block_size, 2 * head_size, dtype=dtype)
+    k_view, v_view = kv.view(nb, hkv, 2 * block_size, head_size).chunk(2, dim=2)  # vLLM's own view
+    k = torch.randn(t, hkv, head_size, generator=gen).to(dtype)
+    v = torch.randn(t, hkv, head_size, generator=gen).to(dtype)
+    slots = torch.arange(t) + block_size  # blocks 1 and 2
+    ops.cpu_attn_reshape_and_cache(k, v, k_view, v_view, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    keys, values = cpu_attn_split(kv)
+    table = torch.tensor([[1, 2]])
+    ok = torch.equal(gather_kv(keys, table, t)[0].transpose(0, 1), k) and torch.equal(
+        gather_kv(values, table, t)[0].transpose(0, 1), v
+    )
+    _verified[key] = None if ok else (
+        f"ACT cannot read vLLM's CPU KV cache for the '{isa}' attention ISA ({dtype}, head size {head_size}); "
+        "supported: the 'vec'/'vec16' layouts (x86 AVX2/AVX-512 without AMX)"
+    )
+    if _verified[key]:
+        raise NotImplementedError(_verified[key])
 
 
 class CPUAttentionImplWithLayoutCheck(CPUAttentionBackendImpl):
@@ -26,7 +59,7 @@ class CPUAttentionImplWithLayoutCheck(CPUAttentionBackendImpl):
 
 
 # Whole-layer decode: the fused CPU kernel computes decode steps whose rows all run ACT arms in
-# one pass (act_plugin.vllm.calibrate.LayerCalibrator.decode_whole_layer) instead of this
+# one pass (act_plugin.vllm.layer_calibrator.LayerCalibrator.decode_whole_layer) instead of this
 # backend's kernel followed by a second read of the cache.
 ACTCPUAttentionBackend = act_backend(CPUAttentionBackend, cpu_attn_split, impl_base=CPUAttentionImplWithLayoutCheck,
                                      whole_decode=True)

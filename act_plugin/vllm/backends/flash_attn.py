@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
+from act_plugin.kernels.cache_layout import flash_attn_split
 from act_plugin.vllm.backends import act_backend
-from act_plugin.vllm.kv_layout import flash_attn_split
 
 ACTFlashAttentionBackend = act_backend(FlashAttentionBackend, flash_attn_split)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vllm.v1.attention.backends.flashinfer import FlashInferBackend
 
+from act_plugin.kernels.cache_layout import flash_attn_split
 from act_plugin.vllm.backends import act_backend
-from act_plugin.vllm.kv_layout import flash_attn_split
 
 ACTFlashInferBackend = act_backend(FlashInferBackend, flash_attn_split)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
 
+from act_plugin.kernels.cache_layout import flash_attn_split
 from act_plugin.vllm.backends import act_backend
-from act_plugin.vllm.kv_layout import flash_attn_split
 
 # Triton may pad the head size inside the cache; flash_attn_split reads keys at [0, D) and
 # values at [P, P + D) of each token's 2P entries.

@@ -19,19 +19,45 @@ float rounding, not bit for bit; rows of ACT-off requests never take this path.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from act_plugin.calibration import kv_heads_of
+from act_plugin.config import ACTConfig
 from act_plugin.kernels import DecodeAttention, PagedKernel, bind_decode_attention, bind_paged
-from act_plugin.vllm.kv_layout import KVSplit
-from act_plugin.vllm.plan import StepPlan
+from act_plugin.kernels.cache_layout import KVSplit
+from act_plugin.vllm.plan import PLAN_ATTR, StepPlan
 from act_plugin.vllm.profiling import timer
-from act_plugin.vllm.runtime import Arm, WorkerState
+from act_plugin.vllm.worker_state import Arm
 
-# Attribute of vLLM's per-step attention metadata that carries the ACT step plan; set by
-# the wrapped metadata builder (act_plugin.vllm.backends.act_builder).
-PLAN_ATTR = "act_plan"
+__all__ = ["HeadSource", "LayerCalibrator"]
+
+
+class HeadSource(Protocol):
+    """Where a calibrator learns which layers and heads the profiles in force calibrate
+    (the worker state, :class:`act_plugin.vllm.worker_state.WorkerState`)."""
+
+    def calibrated_layers(self) -> frozenset[int]: ...
+
+    def local_heads(
+        self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device
+    ) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BoundKernels:
+    """A layer's cache views and the kernels bound to them, valid while the layer's KV-cache
+    tensor (same object, same storage) and the query dtype stay the same."""
+
+    kv_cache: torch.Tensor
+    data_ptr: int
+    query_dtype: torch.dtype
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    paged: PagedKernel
+    decode: DecodeAttention | None  # the whole-layer decode kernel; None: none for these tensors
 
 
 class LayerCalibrator:
@@ -40,28 +66,32 @@ class LayerCalibrator:
     def __init__(
         self,
         *,
-        state: WorkerState,
+        heads: HeadSource,
         num_heads: int,
         num_kv_heads: int,
         scale: float,
         sliding_window: int | None,
         kv_split: KVSplit,
     ) -> None:
-        self.state = state
+        self.head_source = heads
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.window = sliding_window
         self.kv_split = kv_split
-        # Set by the start-up self-check, which knows the layer's name; None = never
-        # calibrated (not configured, or not decoder self-attention).
+        # None until bind_layer(): never calibrated (not configured, or not decoder
+        # self-attention, or not checked at start-up).
         self.layer_index: int | None = None
         # profile hash -> (local heads, their KV heads) in this layer; None = none here
         self._heads: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        # (KV-cache tensor, its data pointer, query dtype) -> key view, value view, bound
-        # kernel, bound whole-layer decode kernel (None: none for these tensors)
-        self._bound: tuple | None = None
+        self._bound: BoundKernels | None = None
         self._no_heads: torch.Tensor | None = None  # an empty head list, for rows of arms without heads here
+
+    def bind_layer(self, index: int) -> None:
+        """Make this calibrator the one of layer ``index`` (the start-up check calls it once it
+        has judged the layer calibratable; before that the calibrator does nothing)."""
+        self.layer_index = index
+        self._heads.clear()
 
     def apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> None:
         """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT."""
@@ -76,24 +106,28 @@ class LayerCalibrator:
     def _heads_of(self, arm: Arm, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         if arm.hash in self._heads:
             return self._heads[arm.hash]
-        heads = self.state.local_heads(arm.config, layer, self.num_heads, device)
+        heads = self.head_source.local_heads(arm.config, layer, self.num_heads, device)
         got = None if heads is None else (heads, kv_heads_of(heads, self.num_heads, self.num_kv_heads))
         self._heads[arm.hash] = got
         return got
 
-    def _bind(self, query: torch.Tensor, output: torch.Tensor, kv_cache: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, PagedKernel, DecodeAttention | None]:
+    def _bind(self, query: torch.Tensor, output: torch.Tensor, kv_cache: torch.Tensor) -> BoundKernels:
         """The layer's key and value cache views and the kernels bound to their device and
         dtypes. The cache tensor is the same every step, so all are made once: views and
         the kernel's choice cost ~10 us each per layer and step."""
         bound = self._bound
-        if bound is not None and bound[0] is kv_cache and bound[1] == kv_cache.data_ptr() and bound[2] is query.dtype:
-            return bound[3], bound[4], bound[5], bound[6]
+        # inline, not a method: this test runs in every calibrated layer of every step
+        if (bound is not None and bound.kv_cache is kv_cache and bound.data_ptr == kv_cache.data_ptr()
+                and bound.query_dtype is query.dtype):
+            return bound
         key_cache, value_cache = self.kv_split(kv_cache)
-        kernel = bind_paged(query, output, key_cache, value_cache)
-        decode = bind_decode_attention(query, output, key_cache, value_cache)
-        self._bound = (kv_cache, kv_cache.data_ptr(), query.dtype, key_cache, value_cache, kernel, decode)
-        return key_cache, value_cache, kernel, decode
+        self._bound = bound = BoundKernels(
+            kv_cache=kv_cache, data_ptr=kv_cache.data_ptr(), query_dtype=query.dtype,
+            key_cache=key_cache, value_cache=value_cache,
+            paged=bind_paged(query, output, key_cache, value_cache),
+            decode=bind_decode_attention(query, output, key_cache, value_cache),
+        )
+        return bound
 
     def decode_whole_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> bool:
         """Compute this layer's whole attention for a decode step whose rows all run ACT arms,
@@ -105,15 +139,17 @@ class LayerCalibrator:
         plan = getattr(metadata, PLAN_ATTR, None)
         if plan is None or not plan.covers_step or not plan.groups or not plan.is_decode_only:
             return False
-        if kv_cache.numel() == 0 or layer not in self.state.calibrated_layers():
+        if kv_cache.numel() == 0 or layer not in self.head_source.calibrated_layers():
             return False
         heads = [self._heads_of(g.arm, layer, query.device) for g in plan.groups]
         if all(h is None for h in heads):
             return False  # no arm of this step calibrates this layer: the native result, bit for bit
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
-        key_cache, value_cache, _, decode = self._bind(query, out, kv_cache)
+        bound = self._bind(query, out, kv_cache)
+        decode = bound.decode
         if decode is None:
             return False
+        key_cache, value_cache = bound.key_cache, bound.value_cache
         start = time.perf_counter() if timer.enabled else 0.0
         if self._no_heads is None:
             self._no_heads = torch.zeros(0, dtype=torch.long, device=query.device)
@@ -130,9 +166,8 @@ class LayerCalibrator:
         """The calibration; returns the step plan it ran (None: nothing to do)."""
         layer = self.layer_index
         if metadata is None or layer is None or kv_cache.numel() == 0:
-            return None  # profiling / dummy runs, and layers the self-check found not calibratable
-        state = self.state
-        if layer not in state.calibrated_layers():
+            return None  # profiling / dummy runs, and layers the start-up check found not calibratable
+        if layer not in self.head_source.calibrated_layers():
             return None
         plan = getattr(metadata, PLAN_ATTR, None)
         if plan is None:
@@ -144,7 +179,8 @@ class LayerCalibrator:
             return None
         # vLLM hands the output as [T, H, D] already; a view costs ~3 us per layer and step
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
-        key_cache, value_cache, kernel, _ = self._bind(query, out, kv_cache)
+        bound = self._bind(query, out, kv_cache)
+        key_cache, value_cache, kernel = bound.key_cache, bound.value_cache, bound.paged
         for group in plan.groups:
             arm = group.arm
             heads = self._heads_of(arm, layer, query.device)

@@ -1,9 +1,12 @@
-"""Paged KV-cache layouts of the backends ACT wraps, and the gather that reads them.
+"""Paged KV-cache layouts the kernels read, and the gather that reads them.
 
-Each adapter turns a layer's raw ``kv_cache`` tensor into ``(key_cache, value_cache)``
-views of shape ``[num_blocks, num_kv_heads, block_size, head_size]`` (any strides); the
-gather then reads whole sequences through the block table. Adapters are plain functions
-on tensors so that the CUDA layouts are unit-tested on CPU.
+Each adapter turns a layer's raw ``kv_cache`` tensor, as vLLM's attention backends hold it,
+into ``(key_cache, value_cache)`` views of shape ``[num_blocks, num_kv_heads, block_size,
+head_size]`` (any strides), which is what every kernel takes; the gather then reads whole
+sequences through the block table. Adapters are plain functions on tensors (no vLLM import),
+so that the CUDA layouts are unit-tested on CPU. The check that vLLM's CPU cache kernel
+really writes the layout :func:`cpu_attn_split` reads is the CPU backend's
+(:mod:`act_plugin.vllm.backends.cpu_attn`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ def cpu_attn_split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (block, head) holds the block's keys first, *transposed* (``[D, block]``, so the kernel
     streams one dimension across tokens), then its values (``[block, D]``).
 
-    Other CPU ISAs (AMX, NEON, ...) pack keys differently; :func:`verify_cpu_layout` checks
-    the layout against the real kernel before the first use.
+    Other CPU ISAs (AMX, NEON, ...) pack keys differently; the CPU backend checks the layout
+    against vLLM's own cache kernel before the first use.
     """
     nb, hkv, bs, d2 = kv_cache.shape
     d = d2 // 2
@@ -29,40 +32,6 @@ def cpu_attn_split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keys = halves[:, :, 0].view(nb, hkv, d, bs).transpose(-1, -2)
     values = halves[:, :, 1].view(nb, hkv, bs, d)
     return keys, values
-
-
-_verified: dict = {}
-
-
-def verify_cpu_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int) -> None:
-    """Write known keys/values with vLLM's own CPU cache kernel and read them back through
-    :func:`cpu_attn_split`; raise if this ISA stores them in another layout."""
-    key = (isa, dtype, head_size, block_size)
-    if key in _verified:
-        if _verified[key]:
-            raise NotImplementedError(_verified[key])
-        return
-    from vllm import _custom_ops as ops
-
-    gen = torch.Generator().manual_seed(0)
-    nb, hkv, t = 3, 2, block_size + 3
-    kv = torch.zeros(nb, hkv, block_size, 2 * head_size, dtype=dtype)
-    k_view, v_view = kv.view(nb, hkv, 2 * block_size, head_size).chunk(2, dim=2)  # vLLM's own view
-    k = torch.randn(t, hkv, head_size, generator=gen).to(dtype)
-    v = torch.randn(t, hkv, head_size, generator=gen).to(dtype)
-    slots = torch.arange(t) + block_size  # blocks 1 and 2
-    ops.cpu_attn_reshape_and_cache(k, v, k_view, v_view, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    keys, values = cpu_attn_split(kv)
-    table = torch.tensor([[1, 2]])
-    ok = torch.equal(gather_kv(keys, table, t)[0].transpose(0, 1), k) and torch.equal(
-        gather_kv(values, table, t)[0].transpose(0, 1), v
-    )
-    _verified[key] = None if ok else (
-        f"ACT cannot read vLLM's CPU KV cache for the '{isa}' attention ISA ({dtype}, head size {head_size}); "
-        "supported: the 'vec'/'vec16' layouts (x86 AVX2/AVX-512 without AMX)"
-    )
-    if _verified[key]:
-        raise NotImplementedError(_verified[key])
 
 
 def flash_attn_split(kv_cache: torch.Tensor, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

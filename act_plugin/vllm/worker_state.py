@@ -1,12 +1,9 @@
-"""Per-process ACT state of a vLLM engine.
+"""The ACT state of one vLLM worker process (:data:`worker_state`).
 
-* :data:`frontend_state` lives in the process that builds the engine configuration and
-  validates per-request values (``SamplingParams.extra_args["act"]``) before they reach
-  the engine.
-* :data:`worker_state` lives in each worker: the profiles in force, the arm of each request
-  slot (resolved once, when the request is admitted, so a reconfiguration never changes the
-  arm of a running request), the per-layer local heads of each profile under this worker's
-  tensor-parallel slice, the start-up layer report and counters.
+The profiles in force, the arm of each request slot (resolved once, when the request is
+admitted, so a reconfiguration never changes the arm of a running request), the per-layer
+local heads of each profile under this worker's tensor-parallel slice, the start-up layer
+report and counters. (The front end's state is :mod:`act_plugin.vllm.frontend_state`.)
 
 A request *slot* is where the model runner keeps a request: the persistent-batch row under
 the V1 model runner, the request-state index under Model Runner V2. The routers
@@ -24,7 +21,8 @@ from typing import Any
 import torch
 
 from act_plugin.config import ACTConfig, ACTConfigError, ACTEngineConfig
-from act_plugin.vllm.settings import ADDITIONAL_CONFIG_KEY
+from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY
+from act_plugin.vllm.layer_support import check_profiles_against_layers
 
 logger = logging.getLogger("act_plugin")
 
@@ -32,21 +30,6 @@ logger = logging.getLogger("act_plugin")
 NO_REQUEST_VALUE = "__act_default__"
 # Log the first preemption of a calibrated request, then every this many.
 PREEMPTION_LOG_EVERY = 100
-
-
-class FrontendState:
-    """The front end's view: which profiles requests may name (None = ACT not configured)."""
-
-    def __init__(self) -> None:
-        self.engine_cfg: ACTEngineConfig | None = None
-        self.explicitly_off = False
-
-    def set(self, cfg: ACTEngineConfig | None, explicitly_off: bool = False) -> None:
-        self.engine_cfg = cfg
-        self.explicitly_off = explicitly_off
-
-
-frontend_state = FrontendState()
 
 
 @dataclass(frozen=True)
@@ -89,7 +72,7 @@ class WorkerState:
     retired: dict[str, ACTConfig] = field(default_factory=dict)
     preemptions: int = 0  # calibrated requests recomputed after a preemption
     unroutable: int = 0  # requests naming a profile this worker never held (a bug if > 0)
-    layers: list[dict] = field(default_factory=list)  # start-up report (selfcheck)
+    layers: list[dict] = field(default_factory=list)  # start-up report (startup_check)
     _heads_cache: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,8 +81,6 @@ class WorkerState:
         """Raise ACTConfigError if this worker cannot run ``engine_cfg`` (nothing changes)."""
         if self.tp is not None:
             engine_cfg.validate_for({"num_hidden_layers": self.tp.num_layers, "num_attention_heads": self.tp.num_heads})
-        from act_plugin.vllm.selfcheck import check_profiles_against_layers
-
         check_profiles_against_layers(engine_cfg, self.layers)
 
     def configure(self, engine_cfg: ACTEngineConfig) -> None:
@@ -204,7 +185,7 @@ def init_worker_state(vllm_config: Any) -> WorkerState:
     """Load the engine's ACT config into this worker (once per process)."""
     with _init_lock:
         if worker_state.tp is None:
-            from vllm.distributed import get_tensor_model_parallel_rank
+            from vllm.distributed import get_tensor_model_parallel_rank  # vLLM itself, in its worker
 
             try:
                 rank = get_tensor_model_parallel_rank()

@@ -4,7 +4,8 @@ Runs inside ``Platform.check_and_update_config`` (wrapped by :func:`install_conf
 i.e. while vLLM builds its ``VllmConfig`` in the front-end process, before any worker
 starts. Everything that can be judged from the configuration alone is judged here, with a
 message naming the problem and the setting; what needs the loaded model (backends, layer
-kinds, unsupported features) is judged by the workers' start-up self-check.
+kinds, unsupported features) is judged by the workers' start-up check
+(:mod:`act_plugin.vllm.startup_check`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 
 from act_plugin.capabilities import SUPPORTED_KV_CACHE_DTYPES
 from act_plugin.config import ACTEngineConfig
+from act_plugin.vllm.backend_registry import BACKEND_HINT, wrapped_backend_names
+from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY, act_explicitly_off, read_engine_settings
+from act_plugin.vllm.frontend_state import frontend_state
+from act_plugin.vllm.layer_support import ACTEngineError
 from act_plugin.vllm.router import V1_ROUTER_FQCN, V2_ROUTER_FQCN
-from act_plugin.vllm.runtime import frontend_state
-from act_plugin.vllm.selfcheck import BACKEND_HINT, ACTEngineError, wrapped_backend_names
-from act_plugin.vllm.settings import ADDITIONAL_CONFIG_KEY, act_explicitly_off, read_engine_settings
 
 logger = logging.getLogger("act_plugin")
 
@@ -58,48 +60,13 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     engine_cfg.validate_for(model_config.hf_text_config)
     _check_supported(vllm_config)
 
-    sched = vllm_config.scheduler_config
-    cache = vllm_config.cache_config
     changed = []
     if settings.source != "additional_config":
         changed.append(f"configuration read from {settings.source}")
-    # Sink statistics are per forward call over the rows that call computes (spec §5):
-    # a prompt split into chunks, or partly served from the prefix cache, would see
-    # fewer rows and calibrate differently. One-call prefill, no prefix cache.
-    if cache.enable_prefix_caching:
-        cache.enable_prefix_caching = False
-        changed.append("prefix caching off")
-    if sched.enable_chunked_prefill:
-        sched.enable_chunked_prefill = False
-        changed.append("chunked prefill off")
-    if getattr(sched, "long_prefill_token_threshold", 0):
-        sched.long_prefill_token_threshold = 0
-        changed.append("long_prefill_token_threshold=0")
-    if sched.max_num_batched_tokens < model_config.max_model_len:
-        sched.max_num_batched_tokens = model_config.max_model_len
-        changed.append(f"max_num_batched_tokens={model_config.max_model_len}")
-    max_scheduled = getattr(sched, "max_num_scheduled_tokens", None)
-    if max_scheduled is not None and max_scheduled < model_config.max_model_len:
-        sched.max_num_scheduled_tokens = model_config.max_model_len
-
+    changed += _one_call_prefill(vllm_config)
     changed += _limit_cuda_graphs(vllm_config)
-
-    # Per-request arms: the router of the model runner this engine will use.
-    runner = "v2" if vllm_config.use_v2_model_runner else "v1"
-    router, other = (V2_ROUTER_FQCN, V1_ROUTER_FQCN) if runner == "v2" else (V1_ROUTER_FQCN, V2_ROUTER_FQCN)
-    procs = [p for p in (model_config.logits_processors or []) if p != other]
-    if router not in procs:
-        procs.append(router)
-    model_config.logits_processors = procs
-
-    parallel = vllm_config.parallel_config
-    if not parallel.worker_extension_cls:
-        parallel.worker_extension_cls = WORKER_EXTENSION_FQCN
-    elif parallel.worker_extension_cls != WORKER_EXTENSION_FQCN:
-        raise ACTEngineError(
-            f"worker_extension_cls is already {parallel.worker_extension_cls!r}; act-plugin needs "
-            f"{WORKER_EXTENSION_FQCN!r} for runtime control and status. Remove the other worker extension."
-        )
+    runner = _install_router(vllm_config)
+    _install_worker_extension(vllm_config.parallel_config)
 
     # Workers read the config from here: resolved once (ACT_CONFIG files included), so every
     # process calibrates with exactly the same settings.
@@ -116,6 +83,56 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
         f"; {', '.join(changed)}" if changed else "",
     )
     return engine_cfg
+
+
+def _one_call_prefill(vllm_config: Any) -> list[str]:
+    """Sink statistics are per forward call over the rows that call computes (spec §5): a
+    prompt split into chunks, or partly served from the prefix cache, would see fewer rows
+    and calibrate differently. One-call prefill, no prefix cache; returns what changed."""
+    sched = vllm_config.scheduler_config
+    cache = vllm_config.cache_config
+    max_model_len = vllm_config.model_config.max_model_len
+    changed = []
+    if cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        changed.append("prefix caching off")
+    if sched.enable_chunked_prefill:
+        sched.enable_chunked_prefill = False
+        changed.append("chunked prefill off")
+    if getattr(sched, "long_prefill_token_threshold", 0):
+        sched.long_prefill_token_threshold = 0
+        changed.append("long_prefill_token_threshold=0")
+    if sched.max_num_batched_tokens < max_model_len:
+        sched.max_num_batched_tokens = max_model_len
+        changed.append(f"max_num_batched_tokens={max_model_len}")
+    max_scheduled = getattr(sched, "max_num_scheduled_tokens", None)
+    if max_scheduled is not None and max_scheduled < max_model_len:
+        sched.max_num_scheduled_tokens = max_model_len
+    return changed
+
+
+def _install_router(vllm_config: Any) -> str:
+    """Per-request arms: add the router of the model runner this engine will use (and drop the
+    other runner's); returns the runner, "v1" or "v2"."""
+    model_config = vllm_config.model_config
+    runner = "v2" if vllm_config.use_v2_model_runner else "v1"
+    router, other = (V2_ROUTER_FQCN, V1_ROUTER_FQCN) if runner == "v2" else (V1_ROUTER_FQCN, V2_ROUTER_FQCN)
+    procs = [p for p in (model_config.logits_processors or []) if p != other]
+    if router not in procs:
+        procs.append(router)
+    model_config.logits_processors = procs
+    return runner
+
+
+def _install_worker_extension(parallel: Any) -> None:
+    """Runtime control and status reach the workers through our worker extension."""
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = WORKER_EXTENSION_FQCN
+    elif parallel.worker_extension_cls != WORKER_EXTENSION_FQCN:
+        raise ACTEngineError(
+            f"worker_extension_cls is already {parallel.worker_extension_cls!r}; act-plugin needs "
+            f"{WORKER_EXTENSION_FQCN!r} for runtime control and status. Remove the other worker extension."
+        )
 
 
 def _limit_cuda_graphs(vllm_config: Any) -> list[str]:
