@@ -28,8 +28,9 @@ from typing import Any
 
 from act_plugin.config import ACTConfig
 from act_plugin.search.analysis import ranking_agreement
+from act_plugin.search.backends import close_backends, open_exact_backends, open_ranking_backend
 from act_plugin.search.config import SearchConfig
-from act_plugin.search.evaluator import Evaluator, close_backends, open_exact_backends, open_ranking_backend
+from act_plugin.search.evaluator import Evaluator
 from act_plugin.search.outputs import act_config, log, write_outputs
 from act_plugin.search.report import build_report
 from act_plugin.search.steps import Combination, Head, Prepared, Ranking, combine, prepare, rank, verify
