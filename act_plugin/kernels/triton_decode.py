@@ -361,16 +361,19 @@ def decode_split_k(
     query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, *,
     scale: float, beta: float, threshold: float, window: int | None, max_seq_len: int, whole: bool,
     block_n: int = 64, split_len: int | None = None,
-) -> None:
+) -> torch.Tensor | None:
     """Launch the split and reduce kernels for the decode rows of a group (rows with
     ``query_lens == 1``; every row when ``query_lens`` is None). ``whole``: write every head
     of those rows (uncalibrated heads: plain attention); else only the calibrated heads'
-    changed rows. ``split_len`` (a multiple of ``block_n``) overrides the split planning."""
+    changed rows. ``split_len`` (a multiple of ``block_n``) overrides the split planning.
+    Returns the per-split statistics ``[G, H, splits, 4]`` (max, sum, non-candidate sum,
+    overflow flag; rows and heads the kernels skipped hold garbage) for tests, or None when
+    there was nothing to launch."""
     G = block_table.shape[0]
     H, D = query.shape[1], query.shape[2]
     Hkv = key_cache.shape[1]
     if G == 0 or (heads.shape[0] == 0 and not whole):
-        return
+        return None
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
     qpg = H // Hkv
@@ -410,3 +413,4 @@ def decode_split_k(
         QPG=qpg, BLOCK_N=block_n, BLOCK_D=block_d, CAND=cand, HS_P=hs_p, WHOLE=whole,
         HAS_QLENS=query_lens is not None,
     )
+    return stats.view(G, H, num_splits, 4)
