@@ -50,8 +50,7 @@ MAX_CAND = 32
 # Candidates are kept with a small margin below the threshold (ln-space), so that the
 # reduce's float comparison p > tau never meets a key the split has already dropped.
 CAND_MARGIN = 1e-3
-_NEG = -1.0e30
-_NO_TAU = 1.0e30  # ln-threshold of uncalibrated heads: no candidates
+_NO_TAU = 1.0e30  # tau <= 0: every key is a candidate (ln-threshold -inf)
 
 
 def candidate_slots(tau: float) -> int:
@@ -169,7 +168,7 @@ def _split_kernel(
                     other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
-        ltau = tl.where(is_cal, log_tau - 1e-3, 1.0e30)  # 1e-3: CAND_MARGIN
+        ltau = tl.where(is_cal, log_tau, 1.0e30)  # uncalibrated heads: no candidates
         m = tl.full([BLOCK_H], -1.0e30, tl.float32)
         l_all = tl.zeros([BLOCK_H], tl.float32)
         l_nc = tl.zeros([BLOCK_H], tl.float32)
@@ -242,7 +241,8 @@ def _global_lse(stat_ptr, base, num_splits):
 
 @triton.jit
 def _exact_row(q_ptr, k_ptr, v_ptr, bt_ptr, g, row, h, kvh, lo, L, lse, tau, scale, d, dmask,
-               sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, sbt1, page, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, sbt1, page,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The overflow fallback: the row's sink and non-sink masses and outputs from all its
     keys (a second pass over K and V for this row only)."""
     q = tl.load(q_ptr + row * sq0 + h * sq1 + d * sq2, mask=dmask, other=0.0).to(tl.float32)
@@ -394,7 +394,7 @@ def decode_split_k(
     # float32 caches: exact float32 dots ("ieee"); 16-bit ones on tensor cores. Triton's
     # interpreter computes bf16 dots wrongly, so there they go through float32.
     dot_fp32 = query.dtype == torch.float32 or (interpreted and query.dtype == torch.bfloat16)
-    log_tau = math.log(threshold) if threshold > 0 else -_NO_TAU
+    log_tau = math.log(threshold) - CAND_MARGIN if threshold > 0 else -_NO_TAU
     qlens = query_lens if query_lens is not None else seq_lens
     win = int(window or 0)
     common = (block_table, seq_lens, query_start, qlens, heads, stats, acc, cand_s, cand_i)
