@@ -225,7 +225,8 @@ def _correct_kernel(
         N = 1.0 - S
         op = o_ptr + (row0 + i)[:, None] * so0 + h * so1 + d[None, :] * so2
         active = rm & (S > 0.0) & (N > eps)
-        if tl.max((active & (N < cut)).to(tl.int32), axis=0) > 0:
+        # 1 - S cannot tell a small N from one at or below eps: any small one is summed exactly
+        if tl.max((rm & (S > 0.0) & (N < cut)).to(tl.int32), axis=0) > 0:
             S, N, o_s, o_n = _exact_block(
                 q, k_ptr, v_ptr, bt_ptr, col_ptr, g, gh, kvh, lse, k_lo, k_end, first, ql, d, dmask, rm, pos, row_lo,
                 sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, sbt1, max_k, scale, tau, window, page,
