@@ -101,17 +101,22 @@ def _value_rows(v_ptr, bt_ptr, g, kvh, idx, mask, d, dmask, sv0, sv1, sv2, sv3, 
 
 @triton.jit
 def _hand_back(cand_s, cand_i, thr, m_new, l_nc, acc, v_ptr, bt_ptr, g, kvh, d, dmask,
-               sv0, sv1, sv2, sv3, sbt0, sbt1, page):
+               sv0, sv1, sv2, sv3, sbt0, sbt1, page, CAND: tl.constexpr):
     """Candidates now at or below the running threshold can never be sinks: their mass
     and values go back to the non-candidate sums, and their slots are freed."""
     drop = (cand_i >= 0) & (cand_s <= thr[:, None])
     if tl.max(drop.to(tl.int32)) > 0:
         w = tl.where(drop, tl.exp(cand_s - m_new[:, None]), 0.0)
         l_nc += tl.sum(w, axis=1)
-        v = _value_rows(v_ptr, bt_ptr, g, kvh, cand_i[:, :, None], drop[:, :, None], d[None, None, :],
-                        dmask[None, None, :],
-                        sv0, sv1, sv2, sv3, sbt0, sbt1, page)
-        acc += tl.sum(w[:, :, None] * v, axis=1)
+        slots = tl.arange(0, CAND)
+        for c in range(CAND):  # one slot at a time: [BLOCK_H, BLOCK_D] V rows, not [BLOCK_H, CAND, BLOCK_D]
+            at = slots[None, :] == c
+            idx = tl.sum(tl.where(at, cand_i, 0), axis=1)
+            wc = tl.sum(tl.where(at, w, 0.0), axis=1)
+            dc = tl.max((at & drop).to(tl.int32), axis=1) > 0
+            v = _value_rows(v_ptr, bt_ptr, g, kvh, idx[:, None], dc[:, None], d[None, :], dmask[None, :],
+                            sv0, sv1, sv2, sv3, sbt0, sbt1, page)
+            acc += wc[:, None] * v
         cand_i = tl.where(drop, -1, cand_i)
     return cand_i, l_nc, acc
 
@@ -201,7 +206,7 @@ def _split_kernel(
             else:
                 acc += tl.dot(e_nc.to(v.dtype), v)
             cand_i, l_nc, acc = _hand_back(cand_s, cand_i, thr, m_new, l_nc, acc, v_ptr, bt_ptr, g, kvh, d, dmask,
-                                           sv0, sv1, sv2, sv3, sbt0, sbt1, page)
+                                           sv0, sv1, sv2, sv3, sbt0, sbt1, page, CAND)
             cand_s, cand_i, overflow = _insert(new, s, j, cand_s, cand_i, overflow, CAND)
             m = m_new
         _store_split(stat_ptr, acc_ptr, cs_ptr, ci_ptr, g, h, hmask, sp, num_heads, num_splits, m, l_all, l_nc,
