@@ -9,13 +9,14 @@ Needs torch with CUDA and Triton, not vLLM. Per setting (decode: G sequences of 
 query row each; prefill: G prompts of P tokens) it times with CUDA events (median of the
 repeats after warm-up):
 
-* ``native``: one plain attention call over every head (torch's flash SDPA on dense K/V --
-  what the step pays anyway, and a lower bound for vLLM's paged kernel); in prefill the
-  flash kernel that also returns the row log-sum-exp, as FLASH_ATTN does;
+* ``native``: one plain attention call over every head (torch SDPA with GQA on dense K/V --
+  what the step pays anyway, and a lower bound for vLLM's paged kernel);
 * decode ``fused``: the Triton whole-layer decode (every head, ACT on the calibrated ones),
-  which *replaces* the native call; ``native+ACT``: native, then ``calibrate_paged``;
-* prefill ``native+ACT``: native, then ``calibrate_paged`` with the native LSE (``+ACT own
-  lse``: without it, one more K-only pass).
+  which *replaces* the native call; ``native+ACT``: the native time plus that of
+  ``calibrate_paged`` (timed apart);
+* prefill ``native+ACT``: the native time plus ``calibrate_paged`` given the row
+  log-sum-exp FLASH_ATTN returns (computed once, untimed, by torch's flash kernel); ``own
+  lse``: without it, one more K-only pass.
 
 Bytes (HBM traffic per call, modelled from shapes; the KV cache dominates): ``native`` reads
 Q, K, V and writes O; the fused decode adds its split scratch (partials, statistics,
@@ -139,19 +140,26 @@ def build(G: int, L: int, P: int, s: Shape, dtype, block: int = 16, seed: int = 
 
 
 def native_call(p: dict, G: int, P: int, s: Shape):
-    """The plain attention call over all heads; returns ``run() -> lse [T, H]`` (prefill: the
-    flash kernel's natural-log LSE, as FLASH_ATTN returns it; decode: None)."""
+    """The plain attention call over all heads (SDPA with GQA on the dense K/V), and the row
+    log-sum-exp FLASH_ATTN would return with it (``[T, H]``, natural log; prefill only),
+    computed once outside the timing by the flash kernel on K/V expanded to every head."""
+    import torch.nn.functional as F  # noqa: N812
+
     q = p["query"].view(G, P, s.H, s.D).transpose(1, 2)
-    k = p["k"].repeat_interleave(s.H // s.Hkv, 1)  # the flash kernel takes no GQA; K/V expanded once, outside
-    v = p["v"].repeat_interleave(s.H // s.Hkv, 1)
     out = p["output"].view(G, P, s.H, s.D)
 
     def run():
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, P > 1, False, scale=p["scale"])[:2]
+        o = F.scaled_dot_product_attention(q, p["k"], p["v"], is_causal=P > 1, scale=p["scale"], enable_gqa=True)
         out.copy_(o.transpose(1, 2))
-        return lse.transpose(1, 2).reshape(G * P, s.H) if P > 1 else None
 
-    return run
+    lse = None
+    if P > 1:
+        k = p["k"].repeat_interleave(s.H // s.Hkv, 1)
+        v = p["v"].repeat_interleave(s.H // s.Hkv, 1)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=p["scale"])
+        lse = res[1].transpose(1, 2).reshape(G * P, s.H).contiguous()
+        del k, v, res
+    return run, lse
 
 
 def time_setting(mode: str, G: int, L: int, s: Shape, dtype, repeats: int) -> str:
@@ -160,22 +168,22 @@ def time_setting(mode: str, G: int, L: int, s: Shape, dtype, repeats: int) -> st
 
     P = 1 if mode == "decode" else L
     p = build(G, L, P, s, dtype)
-    native = native_call(p, G, P, s)
+    native, lse = native_call(p, G, P, s)
     names = ("query", "output", "key_cache", "value_cache", "block_table", "seq_lens", "query_start", "query_lens",
              "heads", "kv_heads")
     tensors = [p[k] for k in names]
     kw = dict(scale=p["scale"], beta=0.4, threshold=0.1, window=None, max_query_len=P, max_seq_len=L)
     inner = 20 if mode == "decode" else 5
     t_native = _timed(native, repeats, inner)
+    t_act = _timed(lambda: calibrate_paged(*tensors, **kw, lse=lse), repeats, inner)  # after the native call
+    t_after = t_native + t_act
     if mode == "decode":
         t_fused = _timed(lambda: decode_attention_triton(
             p["query"], p["output"], p["key_cache"], p["value_cache"], p["block_table"], p["seq_lens"],
             p["query_start"], p["heads"], p["scale"], 0.4, 0.1, None, L), repeats, inner)
-        t_after = _timed(lambda: (native(), calibrate_paged(*tensors, **kw)), repeats, inner)
         return (f"{mode:8} {G:>3} {L:>5} | {t_native:9.3f} {t_fused:9.3f} {t_fused / t_native:6.2f}x"
                 f" | {t_after:12.3f} {t_after / t_native:6.2f}x")
-    t_after = _timed(lambda: calibrate_paged(*tensors, **kw, lse=native()), repeats, inner)
-    t_own = _timed(lambda: (native(), calibrate_paged(*tensors, **kw)), repeats, inner)
+    t_own = t_native + _timed(lambda: calibrate_paged(*tensors, **kw), repeats, inner)
     return (f"{mode:8} {G:>3} {L:>5} | {t_native:9.3f} {'-':>9} {'-':>7} | {t_after:12.3f} {t_after / t_native:6.2f}x"
             f" | own lse {t_own:8.3f} {t_own / t_native:6.2f}x")
 
