@@ -93,3 +93,99 @@ def test_triton_decode_on_cuda_under_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
     assert not torch.equal(out, p.output)
+
+
+# --- the split-K whole-layer decode and the native-LSE prefill -------------------------------------------
+
+
+def _whole_layer(p, beta, threshold):
+    """The whole-layer decode on CUDA through bind_decode_attention, from zeroed group rows."""
+    from act_plugin.kernels import bind_decode_attention
+
+    out = p.output.clone()
+    out[p.query_start] = 0.0
+    decode = bind_decode_attention(p.query, out, p.key_cache, p.value_cache)
+    assert decode is not None
+    decode(p.query, out, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start, p.heads, p.scale,
+           beta, threshold, p.window, p.max_seq_len)
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("lens", [[37, 130, 5], [2048, 700, 1500, 33], [9000]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_layer_decode_on_cuda_matches_core(layout, lens, dtype):
+    """Every head written: calibrated ones as core, the others as plain attention."""
+    p = make_problem(lens, [1] * len(lens), layout=layout, dtype=dtype, num_heads=8, num_kv_heads=2,
+                     heads=[0, 3, 5], sink_strength=1.5, head_size=64, window=None, seed=len(lens))
+    got = _whole_layer(problem_to(p, "cuda"), 0.4, 0.1)
+    _check(p, got, 0.4, 0.1, dtype)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("threshold", [0.1, 0.004])
+def test_whole_layer_decode_on_cuda_windows_and_overflow(window, threshold):
+    """Sliding windows; and tau 0.004, where a split can hold more candidates than its
+    slots (the exact fallback)."""
+    p = make_problem([3000, 257, 64], [1, 1, 1], num_heads=12, num_kv_heads=4, heads=list(range(0, 12, 2)),
+                     sink_strength=0.8, head_size=128, window=window, seed=5)
+    _check(p, _whole_layer(problem_to(p, "cuda"), 0.4, threshold), 0.4, threshold, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_on_cuda_with_the_native_lse(dtype):
+    """FLASH_ATTN's LSE layout ([H, T], passed transposed) replaces the kernel's own pass."""
+    p = make_problem([1100, 300], [1100, 100], dtype=dtype, head_size=64, sink_strength=1.5, seed=21)
+    c = problem_to(p, "cuda")
+    lse = torch.full((c.query.shape[1], c.query.shape[0]), float("-inf"), device="cuda")  # [H, T]
+    for g, k in enumerate(p.keys):
+        L, ql, q0 = int(p.seq_lens[g]), int(p.query_lens[g]), int(p.query_start[g])
+        H = c.query.shape[1]
+        q = c.query[q0 : q0 + ql].transpose(0, 1).float()
+        kf = k.cuda().float().repeat_interleave(H // k.shape[0], 0)
+        s = q @ kf.transpose(-1, -2) * p.scale
+        vis = torch.arange(L, device="cuda")[None] <= torch.arange(L - ql, L, device="cuda")[:, None]
+        lse[:, q0 : q0 + ql] = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)
+    out = c.output.clone()
+    args = list(c.args())
+    args[1] = out
+    calibrate_paged(*args, **c.kwargs(0.4, 0.1), lse=lse.t())
+    torch.cuda.synchronize()
+    _check(p, out, 0.4, 0.1, dtype)
+
+
+def test_whole_layer_decode_graph_replays_another_batch():
+    """Captured once, replayed after a different batch (other lengths, block tables, queries,
+    cache contents; same shapes) was written into the captured buffers: equal to eager."""
+    from act_plugin.kernels import bind_decode_attention
+
+    a = problem_to(make_problem([200, 90, 33], [1, 1, 1], sink_strength=1.5, head_size=64, seed=3), "cuda")
+    b = problem_to(make_problem([33, 200, 90], [1, 1, 1], sink_strength=1.5, head_size=64, seed=4), "cuda")
+    assert a.raw_cache.shape == b.raw_cache.shape and a.block_table.shape == b.block_table.shape
+    out = torch.zeros_like(a.output)
+    decode = bind_decode_attention(a.query, out, a.key_cache, a.value_cache)
+    assert decode is not None
+
+    def step():
+        decode(a.query, out, a.key_cache, a.value_cache, a.block_table, a.seq_lens, a.query_start, a.heads, a.scale,
+               0.4, 0.1, None, 200)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for dst, src in ((a.raw_cache, b.raw_cache), (a.query, b.query), (a.block_table, b.block_table),
+                     (a.seq_lens, b.seq_lens)):
+        dst.copy_(src)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = torch.zeros_like(b.output)
+    decode(b.query, eager, b.key_cache, b.value_cache, b.block_table, b.seq_lens, b.query_start, b.heads, b.scale,
+           0.4, 0.1, None, 200)
+    torch.cuda.synchronize()
+    rows = b.query_start
+    assert torch.equal(out[rows], eager[rows])
+    assert not torch.equal(eager[rows], torch.zeros_like(eager[rows]))

@@ -9,7 +9,8 @@ overwrites the selected heads of ``output`` with the ACT result (spec sections 1
 Implementations (``ACT_KERNEL`` = ``auto`` (default), ``reference``, ``cpu`` or ``triton``):
 
 * ``cpu`` (:mod:`act_plugin.kernels.cpu`, C++ with OpenMP): the default on CPU tensors.
-* ``triton`` (:mod:`act_plugin.kernels.triton_paged`): the default on CUDA tensors.
+* ``triton`` (:mod:`act_plugin.kernels.triton_act`: split-K decode, K-only prefill column
+  pass with the native log-sum-exp where given): the default on CUDA tensors.
 * ``reference`` (:mod:`act_plugin.kernels.reference`): gathers the sequences' keys and values
   into padded tensors and calls :func:`act_plugin.core.act_attention_blocked`. Readable,
   any device; every fused kernel is tested against it and against ``core``. Used when the
@@ -117,7 +118,8 @@ def _fused_dtypes(query, output, key_cache, value_cache) -> bool:
 
 # A bound kernel: calibrate_paged's positional arguments (query, output, key_cache,
 # value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads, scale, beta,
-# threshold, window, max_query_len, max_seq_len) with the implementation already chosen.
+# threshold, window, max_query_len, max_seq_len; optional keywords lse, lse_base2) with the
+# implementation already chosen.
 PagedKernel = Callable[..., None]
 
 
@@ -153,7 +155,8 @@ def bind_paged(
 
 def _reference_kernel() -> PagedKernel:
     def run_reference(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-                      heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+                      heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len, lse=None,
+                      lse_base2=False) -> None:  # a native lse is not needed here
         calibrate_paged_reference(
             query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
             heads, kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
@@ -169,7 +172,8 @@ def _cpu_kernel(cut: float) -> PagedKernel:
     assert op is not None
 
     def run_cpu(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-                heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+                heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len, lse=None,
+                lse_base2=False) -> None:  # the CPU backend gives no lse; the kernel computes its own
         if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
             return  # nothing changes (spec: beta = 1 leaves every row as it is)
         op(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
@@ -179,16 +183,18 @@ def _cpu_kernel(cut: float) -> PagedKernel:
 
 
 def _triton_kernel(recompute_below: float | None) -> PagedKernel:
-    from act_plugin.kernels.triton_paged import calibrate_paged_triton  # triton: optional, CUDA only
+    from act_plugin.kernels.triton_act import calibrate_paged_triton  # triton: optional, CUDA only
 
     def run_triton(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
-                   heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len) -> None:
+                   heads, kv_heads, scale, beta, threshold, window, max_query_len, max_seq_len, lse=None,
+                   lse_base2=False) -> None:
         if beta == 1.0 or heads.shape[0] == 0 or block_table.shape[0] == 0:
             return
         calibrate_paged_triton(
             query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads,
             kv_heads, scale=scale, beta=beta, threshold=threshold, window=window,
             max_query_len=max_query_len, max_seq_len=max_seq_len, recompute_below=recompute_below,
+            lse=lse, lse_base2=lse_base2,
         )
 
     return run_triton
@@ -202,9 +208,10 @@ DecodeAttention = Callable[..., None]
 def bind_decode_attention(
     query: torch.Tensor, output: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
 ) -> DecodeAttention | None:
-    """The fused CPU kernel's whole-layer decode attention for tensors like these, or None
-    where there is none (another device, ``ACT_KERNEL`` other than auto/cpu, mixed or other
-    dtypes): the caller then keeps the native kernel and calibrates after it.
+    """The fused whole-layer decode attention for tensors like these (the CPU kernel's, or
+    on CUDA the Triton split-K kernel, :func:`act_plugin.kernels.triton_act.
+    decode_attention_triton`), or None where there is none (``ACT_KERNEL=reference``, mixed
+    or other dtypes): the caller then keeps the native kernel and calibrates after it.
 
     It computes every query head of the given decode rows in one pass over the paged cache
     (keys and values read once per KV head for all its query heads) and applies ACT to
@@ -212,8 +219,13 @@ def bind_decode_attention(
     native kernel and then read the cache a second time. Heads not in ``heads`` get plain
     attention, equal to the native kernel's within float rounding (not bit for bit).
     """
-    if kernel_name(query.device) != "cpu" or not _fused_dtypes(query, output, key_cache, value_cache):
+    name = kernel_name(query.device)
+    if name not in ("cpu", "triton") or not _fused_dtypes(query, output, key_cache, value_cache):
         return None
+    if name == "triton":
+        from act_plugin.kernels.triton_act import decode_attention_triton  # triton: optional, CUDA only
+
+        return decode_attention_triton
     op = cpu.decode_attention_op()
     if op is None:
         return None
@@ -245,6 +257,8 @@ def calibrate_paged(
     max_query_len: int,
     max_seq_len: int,
     recompute_below: float | None = None,
+    lse: torch.Tensor | None = None,
+    lse_base2: bool = False,
 ) -> None:
     """Overwrite ``output[rows, heads]`` with calibrated attention for one group of sequences.
 
@@ -262,9 +276,15 @@ def calibrate_paged(
     from all V columns instead of corrected on the native output (default per output dtype,
     :data:`act_plugin.kernels.cpu.RECOMPUTE_BELOW`).
 
+    ``lse`` (Triton only; others compute their own): the native backend's row log-sum-exp,
+    a float32 ``[T, H]`` view (FLASH_ATTN's ``softmax_lse`` ``[H, T]`` passed transposed),
+    natural log unless ``lse_base2`` (FLASHINFER's default); it saves the prefill kernels a
+    pass over the keys.
+
     Chooses the implementation on every call; per-step callers bind it once
     (:func:`bind_paged`).
     """
     kernel = bind_paged(query, output, key_cache, value_cache, recompute_below=recompute_below)
     kernel(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, kv_heads,
-           float(scale), float(beta), float(threshold), window, int(max_query_len), int(max_seq_len))
+           float(scale), float(beta), float(threshold), window, int(max_query_len), int(max_seq_len),
+           lse=lse, lse_base2=lse_base2)
