@@ -1,7 +1,7 @@
 """ACT configuration, by job:
 
 * :mod:`~act_plugin.config.heads`: the head grammar (``"2-27:0,4"``, ranges, ``all``);
-* :mod:`~act_plugin.config.model_shape`: a model's layers and heads, to check configs against;
+* :mod:`~act_plugin.config.shape`: a model's layers and heads, to check configs against;
 * :mod:`~act_plugin.config.act_config`: :class:`ACTConfig`, one calibration (beta, threshold, heads);
 * :mod:`~act_plugin.config.profiles`: :class:`ACTEngineConfig`, an engine's named profiles,
   and how an engine setting becomes one;
@@ -17,7 +17,7 @@ from act_plugin.config.act_config import ACTConfig
 from act_plugin.config.errors import ACTConfigError, explain_validation
 from act_plugin.config.files import engine_args, load_config_file, parse_act_file, read_config_mapping
 from act_plugin.config.heads import ALL_HEADS, MAX_INDEX, parse_heads, parse_index_spec
-from act_plugin.config.model_shape import ModelShape, model_shape
+from act_plugin.config.shape import ModelShape, model_shape
 from act_plugin.config.profiles import SINGLE_PROFILE, ACTEngineConfig, engine_config_from_setting
 from act_plugin.config.vocabulary import (
     DEFAULT_WORDS,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from act_plugin.config.errors import ACTConfigError, explain_validation
 from act_plugin.config.files import load_text, looks_like_path, parse_act_file
 from act_plugin.config.heads import ALL_HEADS, parse_heads
-from act_plugin.config.model_shape import model_shape
+from act_plugin.config.shape import model_shape
 
 __all__ = ["ACTConfig"]
 
