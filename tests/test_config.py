@@ -270,10 +270,10 @@ def test_hash_values_are_pinned():
 def test_package_keeps_its_import_paths():
     """act_plugin.config is a package split by job; every name other modules import stays here."""
     import act_plugin.config as config
-    from act_plugin.config import act_config, files, heads, model_shape, profiles, vocabulary
+    from act_plugin.config import act_config, files, heads, profiles, shape, vocabulary
 
     assert config.ACTConfig is act_config.ACTConfig and config.ACTEngineConfig is profiles.ACTEngineConfig
-    assert config.parse_index_spec is heads.parse_index_spec and config.ModelShape is model_shape.ModelShape
+    assert config.parse_index_spec is heads.parse_index_spec and config.ModelShape is shape.ModelShape
     assert config.read_config_mapping is files.read_config_mapping
     assert config.RESERVED_PROFILE_NAMES is vocabulary.RESERVED_PROFILE_NAMES
     for name in config.__all__:
