@@ -76,6 +76,34 @@ def _engine(value: Any) -> str:
     return "ready" if not settings.engine_cfg.profiles else "config"
 
 
+class _EngineNotStarted(Exception):
+    pass
+
+
+def _lm_eval_model(value: Any, monkeypatch: pytest.MonkeyPatch, as_model_arg: bool = False) -> str:
+    """The eval's lm-eval model (``ActVLLM``) reads its engine setting, stopped before vLLM starts."""
+    pytest.importorskip("lm_eval")
+    from act_plugin.eval import model as eval_model
+
+    seen: dict[str, Any] = {}
+
+    def stop(self, **kwargs):
+        seen.update(kwargs, lm=self)
+        raise _EngineNotStarted
+
+    monkeypatch.setattr(eval_model.VLLM, "__init__", stop)
+    monkeypatch.setattr(eval_model, "resolve_pretrained", lambda p: p)
+    given = {"act": value} if as_model_arg else {"additional_config": {"act": value}}
+    with pytest.raises(_EngineNotStarted):
+        eval_model.ActVLLM(pretrained="m", **given)
+    engine_cfg, setting = seen["lm"].act_config, seen["additional_config"]["act"]
+    if engine_cfg is None:  # what the model read; what the engine is told must say the same
+        assert setting is False or not as_model_arg
+        return "off"
+    assert ACTEngineConfig.from_any(setting) == engine_cfg
+    return "ready" if not engine_cfg.profiles else "config"
+
+
 def _request(value: Any) -> str:
     pytest.importorskip("vllm")
     from act_plugin.vllm.router import validate_request
@@ -127,26 +155,37 @@ def _arm(value: Any) -> str:
     return "config"
 
 
-def _outcome(surface: str, value: Any) -> str:
-    fn = {"engine": _engine, "request": _request, "control": _control, "arm": _arm}[surface]
+def _outcome(surface: str, value: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    fn = {"engine": _engine, "request": _request, "control": _control, "arm": _arm,
+          "lm-eval engine": lambda v: _lm_eval_model(v, monkeypatch)}[surface]
     try:
         return fn(value)
     except (ACTConfigError, ValueError) as e:
         return f"no: {e}"
 
 
-@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize("surface", SURFACES + ("lm-eval engine",))
 @pytest.mark.parametrize("value, expected", TABLE, ids=[repr(v) for v, _ in TABLE])
 def test_every_surface_reads_the_table(monkeypatch, surface, value, expected):
+    """The eval's lm-eval model passes its engine setting on: it reads it as the engine does."""
     import re
 
     monkeypatch.delenv("ACT_CONFIG", raising=False)
-    want = expected[SURFACES.index(surface)]
-    got = _outcome(surface, value)
+    want = expected[SURFACES.index(surface if surface in SURFACES else "engine")]
+    got = _outcome(surface, value, monkeypatch)
     if want.startswith("no: "):
         assert got.startswith("no: ") and re.search(want[4:], got), f"{surface} {value!r}: {got}"
     else:
         assert got == want, f"{surface} {value!r}"
+
+
+@pytest.mark.parametrize("value, expected", [("off", "off"), (False, "off"), (NO_PROFILE, "ready"),
+                                             (CONFIG, "config")])
+def test_lm_eval_model_arg_act_reads_the_vocabulary(monkeypatch, value, expected):
+    """``act=`` of the lm-eval model: an off word starts a vanilla engine (``{"act": False}``)."""
+    assert _lm_eval_model(value, monkeypatch, as_model_arg=True) == expected
+    with pytest.raises(ACTConfigError, match="calibrates nothing"):
+        _lm_eval_model({}, monkeypatch, as_model_arg=True)
 
 
 # ----------------------------------------------------------------------------- documented differences

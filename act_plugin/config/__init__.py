@@ -17,8 +17,8 @@ from act_plugin.config.act_config import ACTConfig
 from act_plugin.config.errors import ACTConfigError, explain_validation
 from act_plugin.config.files import engine_args, load_config_file, parse_act_file, read_config_mapping
 from act_plugin.config.heads import ALL_HEADS, MAX_INDEX, parse_heads, parse_index_spec
-from act_plugin.config.shape import ModelShape, model_shape
 from act_plugin.config.profiles import SINGLE_PROFILE, ACTEngineConfig, engine_config_from_setting
+from act_plugin.config.shape import ModelShape, model_shape
 from act_plugin.config.vocabulary import (
     DEFAULT_WORDS,
     NO_PROFILE_SETTING,
