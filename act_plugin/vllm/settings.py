@@ -13,7 +13,8 @@ vocabulary (:mod:`act_plugin.config.vocabulary`, surface ``ENGINE``):
 * anything else (``null``, ``true``/``"on"``, numbers, lists) is refused, naming the setting.
 
 Only when ``additional_config`` has no ``act`` key at all does ``ACT_CONFIG=file`` apply (for
-tools that cannot pass engine arguments); the engine then logs that it did.
+tools that cannot pass engine arguments); the engine then logs that it did. ``ACT_CONFIG=off``
+(any off word) reads as the word says; a file's content must be a configuration.
 """
 
 from __future__ import annotations
