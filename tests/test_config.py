@@ -259,3 +259,22 @@ def test_import_does_not_pull_vllm():
 
     code = "import sys, act_plugin, act_plugin.core, act_plugin.config; assert 'vllm' not in sys.modules, 'vllm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hash_values_are_pinned():
+    """Shipped results name their calibration by this hash: the value itself must not move."""
+    assert ACTConfig.from_any({"beta": 0.4, "threshold": 0.1, "heads": "2-27:0,4;30:all"}).hash == "9da068f2417ca65a"
+    assert ACTConfig.from_any({}).hash == "6fc3fb51135937bd"
+
+
+def test_package_keeps_its_import_paths():
+    """act_plugin.config is a package split by job; every name other modules import stays here."""
+    import act_plugin.config as config
+    from act_plugin.config import act_config, files, heads, profiles, shape, vocabulary
+
+    assert config.ACTConfig is act_config.ACTConfig and config.ACTEngineConfig is profiles.ACTEngineConfig
+    assert config.parse_index_spec is heads.parse_index_spec and config.ModelShape is shape.ModelShape
+    assert config.read_config_mapping is files.read_config_mapping
+    assert config.RESERVED_PROFILE_NAMES is vocabulary.RESERVED_PROFILE_NAMES
+    for name in config.__all__:
+        assert hasattr(config, name), name

@@ -24,7 +24,7 @@ def engine(smollm2_path):
 
     apply_cpu_defaults()
     llm = vllm.LLM(model=smollm2_path, seed=0, **cpu_engine_kwargs(max_model_len=1024),
-                   additional_config={"act": {}})
+                   additional_config={"act": {"profiles": {}, "default": None}})
     yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm

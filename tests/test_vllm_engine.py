@@ -389,3 +389,33 @@ def test_act_status_lists_exactly_the_configured_layers_and_heads(engine):
             want["b"] = sorted(set(HEADS_B[str(row["layer"])]))
         assert row["local_heads"] == want, row
     assert status["preemptions"] == 0 and status["unroutable"] == 0
+
+
+# ----------------------------------------------------------------------------- one act vocabulary
+def test_request_keywords_and_runtime_off_read_one_vocabulary(engine, token_prompts):
+    """Every off word runs uncalibrated and every default word the default profile, on the real
+    engine; runtime control reads an off word as "no profile" (every request uncalibrated)."""
+    from vllm.exceptions import VLLMValidationError
+
+    from act_plugin.vllm import control
+
+    off = _run(engine, token_prompts, "off", max_tokens=4)
+    try:
+        control.set_act_config(engine, {"profiles": PROFILES, "default": "a"})  # a default that calibrates
+        default = _run(engine, token_prompts, None, max_tokens=4)
+        moved = max(abs(lp - o["first_logprobs"].get(t, lp))
+                    for o, d in zip(off, default) for t, lp in d["first_logprobs"].items())
+        assert moved > 1e-3, "the default profile must differ from off for this test to tell them apart"
+        for word in ("baseline", "FALSE", " None ", 0, False):
+            _assert_same(_run(engine, token_prompts, word, max_tokens=4), off)
+        for word in ("on", "TRUE", " Default ", 1, True):
+            _assert_same(_run(engine, token_prompts, word, max_tokens=4), default)
+        got = control.set_act_config(engine, "off")
+        assert got.profiles == {} and got.default is None and control.get_act_config(engine) == got
+        _assert_same(_run(engine, token_prompts, None, max_tokens=4), off)
+        with pytest.raises((ValueError, VLLMValidationError), match="unknown ACT profile 'a'"):
+            _run(engine, token_prompts[:1], "a", max_tokens=1)
+        with pytest.raises(ACTConfigError, match="calibrates nothing"):
+            control.set_act_config(engine, {"beta": 1.0, "heads": HEADS_A})
+    finally:
+        control.set_act_config(engine, {"profiles": PROFILES, "default": None})

@@ -59,6 +59,7 @@ from act_plugin.config import (
     parse_act_file,
     read_config_mapping,
 )
+from act_plugin.config.vocabulary import Kind, Surface, interpret
 
 __all__ = ["EvalConfig", "PerTaskArm", "load_eval_config", "BASELINE", "ALL"]
 
@@ -183,7 +184,7 @@ class EvalConfig(BaseModel):
                 self._check_per_task(name, act)
             elif act.is_identity and name not in self.controls:
                 raise ACTConfigError(
-                    f"arm '{name}' calibrates nothing ({_why_identity(act)}): it would run as the baseline while "
+                    f"arm '{name}' calibrates nothing ({act.identity_reason()}): it would run as the baseline while "
                     f"the report calls it calibrated. Fix its ACT config, or mark it a deliberate control "
                     f"('control: true' on the arm)"
                 )
@@ -205,7 +206,7 @@ class EvalConfig(BaseModel):
             act = arm.profiles[task]
             if act.is_identity:
                 raise ACTConfigError(
-                    f"arm '{name}': the profile for task '{task}' calibrates nothing ({_why_identity(act)}): "
+                    f"arm '{name}': the profile for task '{task}' calibrates nothing ({act.identity_reason()}): "
                     f"the report would call the task calibrated. Fix the profile, remove it (the task then runs "
                     f"uncalibrated, and says so), or mark the arm a deliberate control ('control: true' on the arm)"
                 )
@@ -238,20 +239,12 @@ class EvalConfig(BaseModel):
             if not _ARM_NAME.match(name):
                 raise ACTConfigError(f"arm name {name!r}: use letters, digits, '_', '-', '.' (it names files)")
             if name == BASELINE:
-                if spec not in (None, False, "off", {}) and not (isinstance(spec, str) and spec.lower() == "off"):
-                    raise ACTConfigError(
-                        "arm 'baseline' is the uncalibrated model: give it no ACT config (baseline: null)"
-                    )
+                _check_baseline(spec)
                 arms[name] = None
                 continue
             if name.lower() in _RESERVED:
                 raise ACTConfigError(f"arm name {name!r} is reserved (it means on/off/default to the engine)")
-            if spec is None:
-                raise ACTConfigError(f"arm '{name}' has no ACT config (only 'baseline' may be null)")
-            try:
-                arms[name] = _load_arm(spec, base_dir)
-            except ACTConfigError as e:
-                raise ACTConfigError(f"arm '{name}': {e}") from None
+            arms[name] = _calibrated_arm(name, spec, base_dir)
         if BASELINE not in arms:
             raise ACTConfigError(f"arms must include 'baseline' (the uncalibrated model); got {sorted(arms)}")
         if len(arms) < 2:
@@ -407,8 +400,32 @@ class EvalConfig(BaseModel):
         return data
 
 
-def _why_identity(act: ACTConfig) -> str:
-    return "beta is 1 (no change)" if act.beta == 1.0 else "it names no heads"
+def _check_baseline(spec: Any) -> None:
+    """The baseline arm takes no ACT config: null, an off keyword (the ``act`` vocabulary,
+    surface ARM) or an empty mapping."""
+    try:
+        uncalibrated = (isinstance(spec, Mapping) and not spec) or interpret(spec, Surface.ARM).kind is Kind.OFF
+    except ACTConfigError:
+        uncalibrated = False
+    if not uncalibrated:
+        raise ACTConfigError(
+            f"arm 'baseline' is the uncalibrated model: give it no ACT config (baseline: null), got {spec!r}"
+        )
+
+
+def _calibrated_arm(name: str, spec: Any, base_dir: Path | None) -> ACTConfig | PerTaskArm:
+    """A calibrated arm's ACT config through the ``act`` vocabulary (surface ARM): off words
+    and null belong to the baseline alone, 'on'/'default' name no config."""
+    where = f"arm '{name}'"
+    if interpret(spec, Surface.ARM, where).kind is Kind.OFF:
+        raise ACTConfigError(
+            f"{where} has no ACT config ({spec!r} means uncalibrated, and only 'baseline' may be): give an ACT "
+            f"config; for a deliberate arm that calibrates nothing, give one with 'control: true'"
+        )
+    try:
+        return _load_arm(spec, base_dir)
+    except ACTConfigError as e:
+        raise ACTConfigError(f"{where}: {e}") from None
 
 
 def _is_path(spec: Any) -> bool:

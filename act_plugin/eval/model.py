@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 from lm_eval.api.registry import register_model
 from vllm import SamplingParams
 
-from act_plugin.config import REQUEST_DEFAULT, REQUEST_OFF, ACTConfigError, ACTEngineConfig
+from act_plugin.config import REQUEST_DEFAULT, REQUEST_OFF, ACTConfigError, ACTEngineConfig, engine_config_from_setting
+from act_plugin.config.vocabulary import Surface
 from act_plugin.eval.scoring import ContextRequest, score_next_tokens, split_single_token
 from act_plugin.models import resolve_pretrained
 from act_plugin.vllm.compat import import_lm_eval_vllm
@@ -78,19 +79,17 @@ class ActVLLM(VLLM):
         if on_cpu:
             kwargs.setdefault("enforce_eager", True)
         self.act_config: ACTEngineConfig | None = None
+        # Both ways of giving the engine setting are read by the act vocabulary (an off word:
+        # a vanilla engine, ACT_CONFIG ignored; a single config that calibrates nothing: refused).
         if act is not None and act != "":
-            self.act_config = ACTEngineConfig.from_any(act)
             extra = dict(kwargs.get("additional_config") or {})
             if "act" in extra:
                 raise ACTConfigError("give the ACT config either as act=... or in additional_config, not both")
-            extra["act"] = self.act_config.to_dict()
+            self.act_config = engine_config_from_setting(act, Surface.ENGINE, "act")
+            extra["act"] = self.act_config.to_dict() if self.act_config is not None else False
             kwargs["additional_config"] = extra
-        elif (
-            isinstance(kwargs.get("additional_config"), dict)
-            and kwargs["additional_config"].get("act", False) is not False
-        ):
-            # ({"act": False} is a vanilla engine: ACT explicitly off, ACT_CONFIG ignored)
-            self.act_config = ACTEngineConfig.from_any(kwargs["additional_config"]["act"])
+        elif isinstance(kwargs.get("additional_config"), dict) and "act" in kwargs["additional_config"]:
+            self.act_config = engine_config_from_setting(kwargs["additional_config"]["act"], Surface.ENGINE)
         self.next_token = _as_bool(next_token, "next_token")
         self._arm: str | None = None
         self.set_arm(act_profile)  # validated before paying for an engine start

@@ -52,7 +52,7 @@ class VLLMSearchBackend:
             longest = max(max_prompt_tokens or 0, max(len(p) for p in calib.prompts)) + 1
             if kwargs.get("max_model_len") and kwargs["max_model_len"] < longest:
                 kwargs["max_model_len"] = longest
-            llm = LLM(model=model_path, additional_config={"act": {}}, **kwargs)
+            llm = LLM(model=model_path, additional_config={"act": {"profiles": {}, "default": None}}, **kwargs)
         self.llm = llm
         from vllm.inputs import TokensPrompt
 

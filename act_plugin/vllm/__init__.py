@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from act_plugin.config.vocabulary import REQUEST_KEY
 from act_plugin.vllm.backend_registry import BACKEND_WRAPPERS
 from act_plugin.vllm.layer_support import check_backend_choice
 
@@ -90,7 +91,6 @@ def _install_beam_search_guard() -> None:
     running their beams on the engine's default arm."""
     import sys
 
-    from act_plugin.vllm.router import REQUEST_KEY  # the router module subclasses vLLM's classes
 
     targets = []
     for mod, cls in (

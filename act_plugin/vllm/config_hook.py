@@ -75,14 +75,28 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = engine_cfg.to_dict()
 
     frontend_state.set(engine_cfg)
+    _log_engine_setup(engine_cfg, runner, changed)
+    return engine_cfg
+
+
+def _log_engine_setup(engine_cfg: ACTEngineConfig, runner: str, changed: list[str]) -> None:
+    """The start-up line. What calibrates nothing is never silent: an engine with no profile
+    says that it is "ACT ready" and why its scheduling changed anyway; each profile that
+    calibrates nothing gets a warning."""
+    ready = not engine_cfg.profiles
+    changes = f"; {', '.join(changed)}" if changed else ""
+    if ready and changed:
+        changes += " (applied now: the profiles runtime control adds need them)"
     logger.info(
-        "act-plugin: ACT on (profiles %s, default %s, model runner %s)%s",
+        "act-plugin: %s (profiles %s, default %s, model runner %s)%s",
+        "ACT ready, no profile" if ready else "ACT on",
         sorted(engine_cfg.profiles),
         engine_cfg.default,
         runner.upper(),
-        f"; {', '.join(changed)}" if changed else "",
+        changes,
     )
-    return engine_cfg
+    for note in engine_cfg.calibrates_nothing_notes():
+        logger.warning("act-plugin: %s", note)
 
 
 def _one_call_prefill(vllm_config: Any) -> list[str]:

@@ -11,6 +11,12 @@ front end then stops accepting profiles that are going away, the workers switch 
 if one fails), and only then does the front end accept the new profile names. So a request
 the front end accepts always names a profile the workers hold; a request already admitted
 keeps the arm it was admitted with.
+
+The new configuration is read by the ``act`` vocabulary (:mod:`act_plugin.config.vocabulary`,
+surface ``CONTROL``): an ACT config, a file, ``{"profiles": ..., "default": ...}``, or an off
+keyword (``"off"``, ``False``, ...) for **no profile** -- the engine keeps its ACT set-up and
+runs every request uncalibrated. A single ACT config that calibrates nothing (no heads,
+``beta: 1``) is refused, as at engine start.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import inspect
 from collections.abc import Callable, Generator
 from typing import Any
 
-from act_plugin.config import ACTConfigError, ACTEngineConfig
+from act_plugin.config import NO_PROFILE_SETTING, ACTConfigError, ACTEngineConfig, engine_config_from_setting
+from act_plugin.config.vocabulary import Surface
 from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY, act_explicitly_off
 from act_plugin.vllm.frontend_state import frontend_state
 
@@ -29,7 +36,7 @@ __all__ = ["set_act_config", "aset_act_config", "get_act_config", "aget_act_conf
 
 _NO_CONTROL = (
     "this engine has no ACT runtime control: start it with an ACT configuration "
-    "(additional_config={'act': {...}}, an empty {} is enough)"
+    f"(additional_config={{'act': {{...}}}}; {NO_PROFILE_SETTING} for ACT ready with no profile)"
 )
 
 
@@ -53,7 +60,9 @@ def _act_on(engine: Any) -> bool:
 def _validated(engine: Any, config: Any) -> ACTEngineConfig:
     if not _act_on(engine):
         raise ACTConfigError(_NO_CONTROL)
-    cfg = ACTEngineConfig.from_any(config)
+    cfg = engine_config_from_setting(config, Surface.CONTROL)
+    if cfg is None:  # only the ENGINE surface reads off as None
+        raise ACTConfigError(_NO_CONTROL)
     vcfg = _vllm_config(engine)
     if vcfg is not None and vcfg.model_config is not None:
         cfg.validate_for(vcfg.model_config.hf_text_config)

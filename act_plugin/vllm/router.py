@@ -25,21 +25,22 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from act_plugin.config import ACTConfigError
+from act_plugin.config.vocabulary import NO_REQUEST_VALUE, REQUEST_KEY
 from act_plugin.vllm.frontend_state import frontend_state
-from act_plugin.vllm.worker_state import NO_REQUEST_VALUE, normalize_request_value, worker_state
-
-REQUEST_KEY = "act"
+from act_plugin.vllm.worker_state import worker_state
 
 
 def request_value(params: Any) -> Any:
+    """A request's ``act`` value as given (:data:`NO_REQUEST_VALUE` when it has none)."""
     extra = getattr(params, "extra_args", None) or {}
     return extra.get(REQUEST_KEY, NO_REQUEST_VALUE)
 
 
 def validate_request(sampling_params: Any) -> None:
-    """Front-end check of a request's ``act`` value (ValueError -> HTTP 400 for that request)."""
+    """Front-end check of a request's ``act`` value (ValueError -> HTTP 400 for that request),
+    read by the vocabulary (:mod:`act_plugin.config.vocabulary`, surface ``REQUEST``)."""
     value = request_value(sampling_params)
-    if value == NO_REQUEST_VALUE:
+    if isinstance(value, str) and value == NO_REQUEST_VALUE:
         return
     cfg = frontend_state.engine_cfg
     if cfg is None:
@@ -47,7 +48,7 @@ def validate_request(sampling_params: Any) -> None:
             "this engine was started without an ACT configuration")
         raise ValueError(f"{why}; the request value act={value!r} is not accepted")
     try:
-        cfg.resolve_request(normalize_request_value(value))
+        cfg.resolve_request(value)
     except ACTConfigError as e:
         raise ValueError(str(e)) from None
 

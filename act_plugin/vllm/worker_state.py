@@ -26,8 +26,6 @@ from act_plugin.vllm.layer_support import check_profiles_against_layers
 
 logger = logging.getLogger("act_plugin")
 
-# Marks "the request did not say": it follows the engine's default profile.
-NO_REQUEST_VALUE = "__act_default__"
 # Log the first preemption of a calibrated request, then every this many.
 PREEMPTION_LOG_EVERY = 100
 
@@ -96,24 +94,22 @@ class WorkerState:
 
     # ------------------------------------------------------------------ requests
     def resolve_arm(self, value: Any) -> Arm | None:
-        """The arm of a request being admitted (None = uncalibrated)."""
+        """The arm of a request being admitted (None = uncalibrated); ``value`` is read by the
+        vocabulary (:mod:`act_plugin.config.vocabulary`), as the front end read it."""
         cfg = self.engine_cfg
-        if value == NO_REQUEST_VALUE:
-            name = cfg.default
-        else:
-            try:
-                name = cfg.resolve_request(normalize_request_value(value))
-            except ACTConfigError:
-                retired = self.retired.get(str(value).strip()) if isinstance(value, str) else None
-                if retired is not None:
-                    return Arm(str(value).strip(), retired)
-                # The front end validates every value against profiles the workers hold
-                # (control.py updates workers first), so this is a bug, not user input:
-                # count and log it rather than take the engine down.
-                self.unroutable += 1
-                logger.error("act-plugin: request names ACT profile %r that this worker never held; "
-                             "running it uncalibrated (unroutable=%d)", value, self.unroutable)
-                return None
+        try:
+            name = cfg.resolve_request(value)
+        except ACTConfigError:
+            retired = self.retired.get(value.strip()) if isinstance(value, str) else None
+            if retired is not None:
+                return Arm(value.strip(), retired)
+            # The front end validates every value against profiles the workers hold
+            # (control.py updates workers first), so this is a bug, not user input:
+            # count and log it rather than take the engine down.
+            self.unroutable += 1
+            logger.error("act-plugin: request names ACT profile %r that this worker never held; "
+                         "running it uncalibrated (unroutable=%d)", value, self.unroutable)
+            return None
         if name is None:
             return None
         prof = cfg.profiles[name]
@@ -166,15 +162,6 @@ class WorkerState:
             "unroutable": self.unroutable,
             "retired_profiles": sorted(self.retired),
         }
-
-
-def normalize_request_value(value: Any) -> Any:
-    """JSON booleans sent over HTTP arrive as 1/0 in ``vllm_xargs``: read them as true/false."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return value
-    if value in (0, 1):
-        return bool(value)
-    return value
 
 
 worker_state = WorkerState()
