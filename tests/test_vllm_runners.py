@@ -24,7 +24,8 @@ from act_plugin.vllm.router import (  # noqa: E402
     ACTRequestRouter,
     ACTRequestRouterV2,
 )
-from act_plugin.vllm.worker_state import WorkerState, normalize_request_value, worker_state  # noqa: E402
+from act_plugin.config.vocabulary import normalize_request_value  # noqa: E402
+from act_plugin.vllm.worker_state import WorkerState, worker_state  # noqa: E402
 
 PROFILES = {"a": {"beta": 0.4, "heads": "2-27:0,4"}, "b": {"beta": 0.2, "heads": {"3": [1]}}}
 
