@@ -181,9 +181,13 @@ def _check_supported(vllm_config: Any) -> None:
         )
     if vllm_config.speculative_config is not None:
         raise ACTEngineError("ACT does not support speculative decoding; remove the speculative config")
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+    if vllm_config.parallel_config.pipeline_parallel_size > 1 and vllm_config.use_v2_model_runner:
+        # Model Runner V2 tells custom logits processors (the routers) about a request only on
+        # the last pipeline stage; the earlier stages would not know its arm. The V1 runner
+        # updates its persistent batch, and so the routers, on every stage.
         raise ACTEngineError(
-            "ACT supports tensor parallelism but not pipeline parallelism (pipeline_parallel_size > 1)"
+            "ACT with pipeline parallelism (pipeline_parallel_size > 1) needs the V1 model runner: Model Runner "
+            "V2 gives per-request settings to the last pipeline stage only. Start with VLLM_USE_V2_MODEL_RUNNER=0."
         )
     if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
         raise ACTEngineError("ACT does not support decode context parallelism (decode_context_parallel_size > 1)")
