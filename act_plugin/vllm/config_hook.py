@@ -67,6 +67,7 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     changed += _limit_cuda_graphs(vllm_config)
     runner = _install_router(vllm_config)
     _install_worker_extension(vllm_config.parallel_config)
+    _note_ray(vllm_config.parallel_config)
 
     # Workers read the config from here: resolved once (ACT_CONFIG files included), so every
     # process calibrates with exactly the same settings.
@@ -146,6 +147,17 @@ def _install_worker_extension(parallel: Any) -> None:
         raise ACTEngineError(
             f"worker_extension_cls is already {parallel.worker_extension_cls!r}; act-plugin needs "
             f"{WORKER_EXTENSION_FQCN!r} for runtime control and status. Remove the other worker extension."
+        )
+
+
+def _note_ray(parallel: Any) -> None:
+    """On Ray, vLLM loads the plugin from each node's own environment; say so before a node
+    without it stops the engine with a bare ``No module named 'act_plugin'``."""
+    backend = getattr(parallel, "distributed_executor_backend", None)
+    if backend == "ray" or "Ray" in getattr(backend, "__name__", ""):
+        logger.info(
+            "act-plugin: Ray executor: every Ray node needs act-plugin installed (the same version); a node "
+            "without it stops the engine with \"No module named 'act_plugin'\". Check with: act-plugin ray-check"
         )
 
 
