@@ -102,6 +102,9 @@ class WorkerState:
     # before the removal still runs the arm it was admitted with
     retired: dict[str, ACTConfig] = field(default_factory=dict)
     preemptions: int = 0  # calibrated requests recomputed after a preemption
+    # V1 runner: slot -> prompt length of a calibrated request re-added with output tokens,
+    # until its next step shows whether it was preempted (see judge_readmitted)
+    readmitted: dict[int, int] = field(default_factory=dict)
     unroutable: int = 0  # requests naming a profile this worker never held (a bug if > 0)
     layers: list[dict] = field(default_factory=list)  # start-up report (startup_check)
     _heads_cache: dict = field(default_factory=dict)
@@ -181,6 +184,22 @@ class WorkerState:
                 "calibrated with different statistics (enlarge the KV cache to avoid preemption)",
                 self.preemptions,
             )
+
+    def judge_readmitted(self, slots: Any, q_lens: list[int], seq_lens: Any) -> None:
+        """Count the re-added requests of this step that vLLM recomputes after a preemption.
+
+        The V1 runner re-adds a request to its persistent batch both when it comes back from a
+        preemption and when it merely sat out a step (pipeline parallelism interleaves
+        micro-batches, so that happens every other step there); only a preempted one is
+        recomputed from its first token, in one prefill (prefix caching and chunked prefill are
+        off under ACT) over prompt and output."""
+        for pos, slot in enumerate(slots):
+            prompt_len = self.readmitted.pop(slot, None)
+            if prompt_len is not None:
+                seq_len = int(seq_lens[pos])
+                self.note_admitted(self.arms.get(slot), resumed=q_lens[pos] == seq_len > prompt_len)
+            if not self.readmitted:
+                return
 
     def is_first_worker(self) -> bool:
         return self.pp.rank == 0 and (self.tp is None or self.tp.rank == 0)
