@@ -8,11 +8,13 @@ they never touch logits.
 
 * V1 model runner (CPU today; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``):
   :class:`ACTRequestRouter`, a V1 ``LogitsProcessor``; the slot is the persistent-batch row,
-  which is also the request's position in the step's batch.
+  which is also the request's position in the step's batch. The runner updates its persistent
+  batch, and so the router, on every pipeline stage: each stage knows each request's arm.
 * Model Runner V2 (vLLM's default on CUDA): :class:`ACTRequestRouterV2`, a V2
   ``LogitsProcessor``; ``add_request(req_idx, params)`` keys the request's state slot, and the
   step's batch position -> slot mapping reaches the attention metadata builder as
-  ``CommonAttentionMetadata.req_idx`` (see :mod:`act_plugin.vllm.plan`).
+  ``CommonAttentionMetadata.req_idx`` (see :mod:`act_plugin.vllm.plan`). It hears of requests
+  on the last pipeline stage only, hence no pipeline parallelism under V2 (refused at start).
 """
 
 from __future__ import annotations
