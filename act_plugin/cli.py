@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("act_plugin.eval.cli", "A/B evaluation (baseline vs calibrated) with lm-eval"),
     "search": ("act_plugin.search.cli", "find which heads to calibrate from a calibration set"),
     "inspect": ("act_plugin.attention_maps", "show attention maps and detected sinks"),
+    "ray-check": ("act_plugin.vllm.ray_nodes", "check that every Ray node can run act-plugin (vLLM on Ray)"),
 }
 
 

@@ -338,7 +338,7 @@ def test_fp8_kv_cache_is_refused_at_engine_start(smollm2_path):
         ({"use_mla": True}, "does not support MLA"),
         ({"cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3'"),
         ({"speculative_config": object()}, "speculative decoding"),
-        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+        ({"pipeline_parallel_size": 2, "use_v2_model_runner": True}, "pipeline parallelism.*V1 model runner"),
     ],
 )
 def test_unsupported_engine_settings_are_named(change, message):
@@ -351,6 +351,7 @@ def test_unsupported_engine_settings_are_named(change, message):
         cache_config=SimpleNamespace(cache_dtype=change.get("cache_dtype", "auto")),
         speculative_config=change.get("speculative_config"),
         parallel_config=SimpleNamespace(pipeline_parallel_size=change.get("pipeline_parallel_size", 1)),
+        use_v2_model_runner=change.get("use_v2_model_runner", False),
     )
     with pytest.raises(ACTEngineError, match=message):
         _check_supported(cfg)

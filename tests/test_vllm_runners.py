@@ -155,6 +155,7 @@ def state():
     saved = (worker_state.engine_cfg, dict(worker_state.arms), worker_state.preemptions, dict(worker_state.retired))
     worker_state.engine_cfg = ACTEngineConfig.from_any({"profiles": PROFILES, "default": "a"})
     worker_state.retired.clear()
+    worker_state.readmitted.clear()
     yield worker_state
     worker_state.engine_cfg, arms, worker_state.preemptions, retired = saved
     worker_state.arms.clear()
@@ -227,9 +228,18 @@ def test_v1_router_follows_batch_updates(state):
     assert {i: a.profile for i, a in state.arms.items()} == {0: "b", 1: "a"}
     router.update_state(BatchUpdate(batch_size=3, removed=[0], added=[(0, sp("a"), [1], [7, 8])],
                                     moved=[(0, 2, MoveDirectionality.SWAP)]))
-    # row 0 got a resumed 'a' request, then rows 0 and 2 swapped
+    # row 0 got a re-added 'a' request (prompt [1], outputs [7, 8]), then rows 0 and 2 swapped
     assert {i: a.profile for i, a in state.arms.items()} == {1: "a", 2: "a"}
-    assert state.preemptions == before + 1
+    assert state.preemptions == before and state.readmitted == {2: 1}
+    # its next step recomputes all 3 tokens in one prefill: it was preempted
+    build_step_plan(state, _common(q_lens=[1, 1, 3], seq_lens=[4, 9, 3]), torch.device("cpu"), head_size=64,
+                    max_heads=9)
+    assert state.preemptions == before + 1 and not state.readmitted
+    # a request that only sat out a step (pipeline micro-batches) comes back decoding: not counted
+    router.update_state(BatchUpdate(batch_size=3, removed=[1], added=[(1, sp("a"), [1, 2], [5])], moved=[]))
+    build_step_plan(state, _common(q_lens=[1, 1, 1], seq_lens=[4, 4, 9]), torch.device("cpu"), head_size=64,
+                    max_heads=9)
+    assert state.preemptions == before + 1 and not state.readmitted
     router.update_state(BatchUpdate(batch_size=2, removed=[], added=[],
                                     moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
     assert sorted(state.arms) == [0, 1]

@@ -67,6 +67,7 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     changed += _limit_cuda_graphs(vllm_config)
     runner = _install_router(vllm_config)
     _install_worker_extension(vllm_config.parallel_config)
+    _note_ray(vllm_config.parallel_config)
 
     # Workers read the config from here: resolved once (ACT_CONFIG files included), so every
     # process calibrates with exactly the same settings.
@@ -149,6 +150,17 @@ def _install_worker_extension(parallel: Any) -> None:
         )
 
 
+def _note_ray(parallel: Any) -> None:
+    """On Ray, vLLM loads the plugin from each node's own environment; say so before a node
+    without it stops the engine with a bare ``No module named 'act_plugin'``."""
+    backend = getattr(parallel, "distributed_executor_backend", None)
+    if backend == "ray" or "Ray" in getattr(backend, "__name__", ""):
+        logger.info(
+            "act-plugin: Ray executor: every Ray node needs act-plugin installed (the same version); a node "
+            "without it stops the engine with \"No module named 'act_plugin'\". Check with: act-plugin ray-check"
+        )
+
+
 def _limit_cuda_graphs(vllm_config: Any) -> list[str]:
     """Keep CUDA graphs, but only piecewise ones: attention (where ACT runs, with its per-step
     plan) stays outside the captured pieces, so a replay never reuses a stale plan. Full
@@ -181,9 +193,13 @@ def _check_supported(vllm_config: Any) -> None:
         )
     if vllm_config.speculative_config is not None:
         raise ACTEngineError("ACT does not support speculative decoding; remove the speculative config")
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+    if vllm_config.parallel_config.pipeline_parallel_size > 1 and vllm_config.use_v2_model_runner:
+        # Model Runner V2 tells custom logits processors (the routers) about a request only on
+        # the last pipeline stage; the earlier stages would not know its arm. The V1 runner
+        # updates its persistent batch, and so the routers, on every stage.
         raise ACTEngineError(
-            "ACT supports tensor parallelism but not pipeline parallelism (pipeline_parallel_size > 1)"
+            "ACT with pipeline parallelism (pipeline_parallel_size > 1) needs the V1 model runner: Model Runner "
+            "V2 gives per-request settings to the last pipeline stage only. Start with VLLM_USE_V2_MODEL_RUNNER=0."
         )
     if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
         raise ACTEngineError("ACT does not support decode context parallelism (decode_context_parallel_size > 1)")

@@ -5,11 +5,12 @@
     await control.aset_act_config(engine, {...})                              # AsyncLLM (vllm serve)
     control.get_act_config(llm); control.get_act_status(llm)
 
-A change is atomic from the user's point of view: every worker (each tensor-parallel rank)
-first checks the new configuration against its model (nothing changes if any refuses); the
-front end then stops accepting profiles that are going away, the workers switch (rolled back
-if one fails), and only then does the front end accept the new profile names. So a request
-the front end accepts always names a profile the workers hold; a request already admitted
+A change is atomic from the user's point of view: every worker (each tensor- and
+pipeline-parallel rank: ``collective_rpc`` reaches all TP x PP workers) first checks the new
+configuration against its model (nothing changes if any refuses); the front end then stops
+accepting profiles that are going away, the workers switch (rolled back if one fails), and
+only then does the front end accept the new profile names. So a request the front end
+accepts always names a profile the workers hold; a request already admitted
 keeps the arm it was admitted with.
 
 The new configuration is read by the ``act`` vocabulary (:mod:`act_plugin.config.vocabulary`,
@@ -159,14 +160,26 @@ def _status_steps(engine: Any) -> Steps:
     if not _act_on(engine):
         return copy.deepcopy(_OFF_STATUS)  # callers may change the lists they get
     results = yield ("act_status", ())
+    return aggregate_status(results)
+
+
+def aggregate_status(results: list[dict]) -> dict:
+    """One engine status from the workers' rows (every TP x PP rank answers ``act_status``).
+
+    ``layers``: TP rank 0's report of each pipeline stage, in layer order (each stage reports
+    the layers it holds; every rank's own report is under ``workers``). Every worker sees every
+    request, so the counters are one worker's (the highest, should they ever differ), not a
+    sum that would count each preemption once per rank."""
     cfg = _one_config([r["config"] for r in results])
+    workers = sorted(results, key=lambda r: (r.get("pp_rank", 0), r.get("tp_rank", 0)))
+    layers = [row for r in workers if r.get("tp_rank", 0) == 0 for row in r["layers"]]
     return {
         "config": cfg.to_dict(),
-        "runner": results[0]["runner"],
-        "layers": results[0]["layers"],  # rank 0's report; every rank's is under "workers"
-        "preemptions": sum(r["preemptions"] for r in results),
-        "unroutable": sum(r["unroutable"] for r in results),
-        "workers": results,
+        "runner": workers[0]["runner"],
+        "layers": sorted(layers, key=lambda row: (row["layer"] is None, row["layer"] or 0)),
+        "preemptions": max(r["preemptions"] for r in workers),
+        "unroutable": max(r["unroutable"] for r in workers),
+        "workers": workers,
     }
 
 
@@ -198,8 +211,10 @@ async def aget_act_config(engine: Any) -> ACTEngineConfig:
 
 def get_act_status(llm: Any) -> dict:
     """What the workers run, read back from them: ``config`` (None when ACT is off), the model
-    ``runner``, ``layers`` (per configured layer: attention type, backend, impl, calibrated,
-    local heads per profile), ``preemptions`` of calibrated requests, per-``workers`` detail."""
+    ``runner``, ``layers`` (per configured layer, from the pipeline stage holding it: attention
+    type, backend, impl, calibrated, local heads per profile), ``preemptions`` of calibrated
+    requests (each counted once), per-``workers`` detail (one row per TP x PP rank, with
+    ``tp_rank``, ``pp_rank`` and the ``stage_layers`` it holds)."""
     return _run(llm, _status_steps(llm), "get_act_status")
 
 

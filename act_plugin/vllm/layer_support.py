@@ -16,6 +16,7 @@ Nothing here holds state; it judges rows and settings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from act_plugin.capabilities import LayerFeatures, describe_refusal, unsupported_reasons
@@ -115,10 +116,17 @@ def layer_problem(row: dict) -> str | None:
     return None
 
 
-def check_profiles_against_layers(engine_cfg: ACTEngineConfig, rows: list[dict]) -> None:
-    """Raise ACTEngineError if a profile configures a layer this worker cannot calibrate."""
+def check_profiles_against_layers(
+    engine_cfg: ACTEngineConfig, rows: list[dict], holds: Callable[[int], bool] | None = None, where: str = ""
+) -> None:
+    """Raise ACTEngineError if a profile configures a layer this worker cannot calibrate.
+
+    ``holds``: whether this worker's pipeline stage holds a layer (None: every layer); the
+    layers it does not hold are judged on the stage that does. ``where`` names the worker in
+    the message ("PP stage 1 / TP rank 0")."""
     if not rows:
         return  # not checked yet (before the model is loaded)
+    prefix = f"{where}: " if where else ""
     by_index: dict[int, list[dict]] = {}
     for row in rows:
         if row["layer"] is not None:
@@ -127,17 +135,19 @@ def check_profiles_against_layers(engine_cfg: ACTEngineConfig, rows: list[dict])
         if prof.is_identity:
             continue
         for layer in prof.heads:
+            if holds is not None and not holds(layer):
+                continue
             found = by_index.get(layer)
             if not found:
                 raise ACTEngineError(
-                    f"profile '{name}': ACT cannot calibrate layer {layer}: the model registers no attention "
+                    f"{prefix}profile '{name}': ACT cannot calibrate layer {layer}: the model registers no attention "
                     "layer with that index for the forward pass (e.g. a Mamba/linear-attention layer). "
                     "Remove it from the ACT configuration."
                 )
             for row in found:
                 problem = layer_problem(row)
                 if problem:
-                    raise ACTEngineError(f"profile '{name}': {problem}")
+                    raise ACTEngineError(f"{prefix}profile '{name}': {problem}")
 
 
 def check_backend_choice(class_path: str, attn_selector_config: Any) -> None:

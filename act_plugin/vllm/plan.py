@@ -102,10 +102,16 @@ def build_step_plan(
     num_reqs = common.num_reqs
     qsl = _host_array(common.query_start_loc_cpu)[: num_reqs + 1].astype(np.int64)
     q_lens = (qsl[1:] - qsl[:-1]).tolist()
-    by_key = _positions_by_arm(arms, _slots(common, num_reqs), q_lens)
+    slots = _slots(common, num_reqs)
+    seq_lens = None
+    if state.readmitted:
+        seq_lens = _host_seq_lens(common)
+        state.judge_readmitted(slots, q_lens, seq_lens)
+    by_key = _positions_by_arm(arms, slots, q_lens)
     if not by_key:
         return EMPTY_PLAN
-    seq_lens = _host_seq_lens(common)
+    if seq_lens is None:
+        seq_lens = _host_seq_lens(common)
     q_lens_np = np.asarray(q_lens, dtype=np.int64)
     budget = max_transient_bytes()
     bytes_per_key = 2 * max(1, max_heads) * head_size * 4  # gathered K and V, float32

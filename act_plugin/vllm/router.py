@@ -8,11 +8,13 @@ they never touch logits.
 
 * V1 model runner (CPU today; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``):
   :class:`ACTRequestRouter`, a V1 ``LogitsProcessor``; the slot is the persistent-batch row,
-  which is also the request's position in the step's batch.
+  which is also the request's position in the step's batch. The runner updates its persistent
+  batch, and so the router, on every pipeline stage: each stage knows each request's arm.
 * Model Runner V2 (vLLM's default on CUDA): :class:`ACTRequestRouterV2`, a V2
   ``LogitsProcessor``; ``add_request(req_idx, params)`` keys the request's state slot, and the
   step's batch position -> slot mapping reaches the attention metadata builder as
-  ``CommonAttentionMetadata.req_idx`` (see :mod:`act_plugin.vllm.plan`).
+  ``CommonAttentionMetadata.req_idx`` (see :mod:`act_plugin.vllm.plan`). It hears of requests
+  on the last pipeline stage only, hence no pipeline parallelism under V2 (refused at start).
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ class ACTRequestRouter(V1LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         # A new persistent batch starts empty; the newest router is the live one.
         worker_state.arms = {}
+        worker_state.readmitted = {}
         worker_state.runner = "v1"
         self.arms = worker_state.arms
+        self.readmitted = worker_state.readmitted
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -75,24 +79,34 @@ class ACTRequestRouter(V1LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if not batch_update:
             return
-        arms = self.arms
+        arms, readmitted = self.arms, self.readmitted
         # vLLM's documented order: removed, added, moved.
         for index in batch_update.removed:
             arms.pop(index, None)
-        for index, params, _prompt, output_tok_ids in batch_update.added:
+            readmitted.pop(index, None)
+        for index, params, prompt_tok_ids, output_tok_ids in batch_update.added:
             arm = worker_state.resolve_arm(request_value(params))
-            # A request re-added with output tokens is one that was preempted.
-            worker_state.note_admitted(arm, resumed=bool(output_tok_ids))
+            readmitted.pop(index, None)
             if arm is None:
                 arms.pop(index, None)
-            else:
-                arms[index] = arm
-        for a, b, _direction in batch_update.moved:
-            a_arm, b_arm = arms.pop(a, None), arms.pop(b, None)
-            if a_arm is not None:
-                arms[b] = a_arm
-            if b_arm is not None and _direction.name == "SWAP":
-                arms[a] = b_arm
+                continue
+            arms[index] = arm
+            if output_tok_ids:
+                # Back after a preemption, or only after sitting out a step: the step plan
+                # tells them apart (WorkerState.judge_readmitted).
+                readmitted[index] = len(prompt_tok_ids or ())
+        for a, b, direction in batch_update.moved:
+            _move(arms, a, b, direction)
+            _move(readmitted, a, b, direction)
+
+
+def _move(by_slot: dict, a: int, b: int, direction: Any) -> None:
+    """Apply one persistent-batch move (SWAP or UNIDIRECTIONAL a -> b) to a slot-keyed dict."""
+    a_val, b_val = by_slot.pop(a, None), by_slot.pop(b, None)
+    if a_val is not None:
+        by_slot[b] = a_val
+    if b_val is not None and direction.name == "SWAP":
+        by_slot[a] = b_val
 
 
 class ACTRequestRouterV2(V2LogitsProcessor):

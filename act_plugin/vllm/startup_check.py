@@ -1,13 +1,16 @@
 """Start-up check: every configured layer is calibrated, or the engine does not start.
 
-Runs once per worker process, after the model is loaded (from the first ACT metadata
-builder; see :mod:`act_plugin.vllm.backends`). It walks the layers vLLM registered for the
-forward pass, judges each with :mod:`act_plugin.vllm.layer_support`, refuses the engine
-(:class:`~act_plugin.vllm.layer_support.ACTEngineError`, naming the layer, what vLLM chose
-and the setting to change) if a configured layer cannot be calibrated, so that a request can
-never find it later, and tells each calibratable layer's calibrator its layer index. The
-report it keeps (per configured layer: attention type, backend, impl, calibrated or not,
-local heads per profile) is what ``control.get_act_status`` returns.
+Runs once per worker process (every tensor- and pipeline-parallel rank), after the model is
+loaded (from the first ACT metadata builder; see :mod:`act_plugin.vllm.backends`). It walks
+the layers vLLM registered for the forward pass, judges each with
+:mod:`act_plugin.vllm.layer_support`, refuses the engine
+(:class:`~act_plugin.vllm.layer_support.ACTEngineError`, naming the worker -- PP stage and TP
+rank --, the layer, what vLLM chose and the setting to change) if a configured layer cannot be
+calibrated, so that a request can never find it later, and tells each calibratable layer's
+calibrator its layer index. Under pipeline parallelism a stage judges the configured layers it
+holds (vLLM's ``get_pp_indices`` partition); the others are judged on the stage that holds
+them. The report it keeps (per configured layer: attention type, backend, impl, calibrated or
+not, local heads per profile) is what ``control.get_act_status`` returns.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def run_startup_check(vllm_config: Any) -> None:
         state = init_worker_state(vllm_config)
         ctx = vllm_config.compilation_config.static_forward_context
         rows = [describe_layer(name, module) for name, module in ctx.items()]
-        check_profiles_against_layers(state.engine_cfg, rows)
+        check_profiles_against_layers(state.engine_cfg, rows, holds=state.pp.holds, where=state.where())
         _bind_calibrators(rows)
         state.layers = [{k: v for k, v in row.items() if k != "_calibrator"} for row in rows]
         _done = True
@@ -57,12 +60,12 @@ def _bind_calibrators(rows: list[dict]) -> None:
 
 
 def _log_summary(state: WorkerState, rows: list[dict]) -> None:
-    configured = sorted(state.calibrated_layers())
+    configured = sorted(layer for layer in state.calibrated_layers() if state.pp.holds(layer))
     backends = sorted({str(r["backend"]) for r in rows if r["layer"] in configured})
     logger.info(
-        "act-plugin: start-up check passed on TP rank %d: %d configured layer(s) %s calibrated on %s; "
+        "act-plugin: start-up check passed on %s: %d configured layer(s) %s calibrated on %s; "
         "runner %s; profiles %s (default %s)",
-        state.tp.rank if state.tp else 0, len(configured), _ranges(configured), ", ".join(backends) or "-",
+        state.where(), len(configured), _ranges(configured), ", ".join(backends) or "-",
         state.runner, sorted(state.engine_cfg.profiles), state.engine_cfg.default,
     )
 

@@ -1,7 +1,7 @@
 """Worker extension: runtime control and status of ACT through ``collective_rpc``.
 
-Installed as vLLM's ``worker_extension_cls`` when ACT is on; every worker (each
-tensor-parallel rank) gets the same calls. Use :mod:`act_plugin.vllm.control` rather than
+Installed as vLLM's ``worker_extension_cls`` when ACT is on; every worker (each tensor- and
+pipeline-parallel rank) gets the same calls. Use :mod:`act_plugin.vllm.control` rather than
 calling these directly: it checks every worker before any switches and updates the front end
 only after all have.
 """

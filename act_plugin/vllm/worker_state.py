@@ -2,8 +2,9 @@
 
 The profiles in force, the arm of each request slot (resolved once, when the request is
 admitted, so a reconfiguration never changes the arm of a running request), the per-layer
-local heads of each profile under this worker's tensor-parallel slice, the start-up layer
-report and counters. (The front end's state is :mod:`act_plugin.vllm.frontend_state`.)
+local heads of each profile under this worker's tensor-parallel slice, the layers its
+pipeline-parallel stage holds, the start-up layer report and counters. (The front end's
+state is :mod:`act_plugin.vllm.frontend_state`.)
 
 A request *slot* is where the model runner keeps a request: the persistent-batch row under
 the V1 model runner, the request-state index under Model Runner V2. The routers
@@ -22,7 +23,7 @@ import torch
 
 from act_plugin.config import ACTConfig, ACTConfigError, ACTEngineConfig
 from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY
-from act_plugin.vllm.layer_support import check_profiles_against_layers
+from act_plugin.vllm.layer_support import ACTEngineError, check_profiles_against_layers
 
 logger = logging.getLogger("act_plugin")
 
@@ -57,11 +58,43 @@ class TPSlice:
         return [h - start for h in global_heads if start <= h < start + num_local_heads]
 
 
+@dataclass(frozen=True)
+class PPStage:
+    """This worker's pipeline-parallel stage, and which layers every stage holds.
+
+    ``ranges`` are vLLM's own partition (``get_pp_indices``, which also honours
+    ``VLLM_PP_LAYER_PARTITION``), ``[start, end)`` per stage, so a worker knows where a layer it
+    does not hold lives. No ranges: no pipeline parallelism (this worker holds every layer)."""
+
+    rank: int = 0
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def size(self) -> int:
+        return max(1, len(self.ranges))
+
+    @property
+    def layers(self) -> tuple[int, int] | None:
+        """``[start, end)`` of this stage's layers (None: every layer)."""
+        return self.ranges[self.rank] if self.ranges else None
+
+    def holds(self, layer: int) -> bool:
+        own = self.layers
+        return own is None or own[0] <= layer < own[1]
+
+    def stage_of(self, layer: int) -> int | None:
+        """The stage holding ``layer`` (None: no stage holds it)."""
+        if not self.ranges:
+            return 0
+        return next((i for i, (start, end) in enumerate(self.ranges) if start <= layer < end), None)
+
+
 @dataclass
 class WorkerState:
     engine_cfg: ACTEngineConfig = field(default_factory=ACTEngineConfig)
     version: int = 0
     tp: TPSlice | None = None
+    pp: PPStage = field(default_factory=PPStage)
     runner: str = "unknown"  # "v1" or "v2": which model runner feeds the routers
     # request slot -> its arm (slots of uncalibrated requests hold no entry)
     arms: dict[int, Arm] = field(default_factory=dict)
@@ -69,6 +102,9 @@ class WorkerState:
     # before the removal still runs the arm it was admitted with
     retired: dict[str, ACTConfig] = field(default_factory=dict)
     preemptions: int = 0  # calibrated requests recomputed after a preemption
+    # V1 runner: slot -> prompt length of a calibrated request re-added with output tokens,
+    # until its next step shows whether it was preempted (see judge_readmitted)
+    readmitted: dict[int, int] = field(default_factory=dict)
     unroutable: int = 0  # requests naming a profile this worker never held (a bug if > 0)
     layers: list[dict] = field(default_factory=list)  # start-up report (startup_check)
     _heads_cache: dict = field(default_factory=dict)
@@ -79,7 +115,24 @@ class WorkerState:
         """Raise ACTConfigError if this worker cannot run ``engine_cfg`` (nothing changes)."""
         if self.tp is not None:
             engine_cfg.validate_for({"num_hidden_layers": self.tp.num_layers, "num_attention_heads": self.tp.num_heads})
-        check_profiles_against_layers(engine_cfg, self.layers)
+        self._check_stages_hold(engine_cfg)
+        # Each stage judges the configured layers it holds; the others are judged where they live.
+        check_profiles_against_layers(engine_cfg, self.layers, holds=self.pp.holds, where=self.where())
+
+    def where(self) -> str:
+        """This worker's place, as messages name it: "PP stage 1 / TP rank 0"."""
+        return f"PP stage {self.pp.rank} / TP rank {self.tp.rank if self.tp else 0}"
+
+    def _check_stages_hold(self, engine_cfg: ACTEngineConfig) -> None:
+        """Refuse a configured layer that no pipeline stage holds (so no stage would judge it)."""
+        for name, prof in engine_cfg.profiles.items():
+            for layer in prof.heads:
+                if not prof.is_identity and self.pp.stage_of(layer) is None:
+                    raise ACTEngineError(
+                        f"{self.where()}: profile '{name}': ACT cannot calibrate layer {layer}: no pipeline stage "
+                        f"holds it (stages hold layers {[list(r) for r in self.pp.ranges]}). Remove it from the "
+                        "ACT configuration."
+                    )
 
     def configure(self, engine_cfg: ACTEngineConfig) -> None:
         self.check(engine_cfg)
@@ -117,16 +170,39 @@ class WorkerState:
 
     def note_admitted(self, arm: Arm | None, resumed: bool) -> None:
         """Count calibrated requests that come back after a preemption: vLLM recomputes them
-        in one prefill over prompt + output, so their later tokens see other statistics."""
+        in one prefill over prompt + output, so their later tokens see other statistics.
+        Every worker sees every admission and counts it; only the first one (PP stage 0, TP
+        rank 0) logs, and the status reports one worker's count, so each is counted once."""
         if arm is None or not resumed:
             return
         self.preemptions += 1
+        if not self.is_first_worker():
+            return
         if self.preemptions == 1 or self.preemptions % PREEMPTION_LOG_EVERY == 0:
             logger.warning(
                 "act-plugin: %d calibrated request(s) preempted and recomputed so far; their later tokens are "
                 "calibrated with different statistics (enlarge the KV cache to avoid preemption)",
                 self.preemptions,
             )
+
+    def judge_readmitted(self, slots: Any, q_lens: list[int], seq_lens: Any) -> None:
+        """Count the re-added requests of this step that vLLM recomputes after a preemption.
+
+        The V1 runner re-adds a request to its persistent batch both when it comes back from a
+        preemption and when it merely sat out a step (pipeline parallelism interleaves
+        micro-batches, so that happens every other step there); only a preempted one is
+        recomputed from its first token, in one prefill (prefix caching and chunked prefill are
+        off under ACT) over prompt and output."""
+        for pos, slot in enumerate(slots):
+            prompt_len = self.readmitted.pop(slot, None)
+            if prompt_len is not None:
+                seq_len = int(seq_lens[pos])
+                self.note_admitted(self.arms.get(slot), resumed=q_lens[pos] == seq_len > prompt_len)
+            if not self.readmitted:
+                return
+
+    def is_first_worker(self) -> bool:
+        return self.pp.rank == 0 and (self.tp is None or self.tp.rank == 0)
 
     # ------------------------------------------------------------------ heads
     def calibrated_layers(self) -> frozenset[int]:
@@ -157,6 +233,9 @@ class WorkerState:
             "config": self.engine_cfg.to_dict(),
             "runner": self.runner,
             "tp_rank": self.tp.rank if self.tp else 0,
+            "pp_rank": self.pp.rank,
+            "pp_size": self.pp.size,
+            "stage_layers": list(self.pp.layers) if self.pp.layers is not None else None,
             "layers": self.layers,
             "preemptions": self.preemptions,
             "unroutable": self.unroutable,
@@ -182,8 +261,24 @@ def init_worker_state(vllm_config: Any) -> WorkerState:
             worker_state.tp = TPSlice(
                 rank=rank, num_heads=int(hf.num_attention_heads), num_layers=int(hf.num_hidden_layers)
             )
+            worker_state.pp = pp_stage_of(vllm_config, int(hf.num_hidden_layers))
             worker_state.runner = "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1"
             raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
             worker_state.engine_cfg = ACTEngineConfig.from_any(raw)
             worker_state.version += 1
     return worker_state
+
+
+def pp_stage_of(vllm_config: Any, num_layers: int) -> PPStage:
+    """This worker's pipeline stage and vLLM's layer partition (no PP: the default stage)."""
+    pp_size = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+    if pp_size == 1:
+        return PPStage()
+    from vllm.distributed import get_pp_group  # vLLM itself, in its worker
+    from vllm.distributed.utils import get_pp_indices
+
+    try:
+        rank = get_pp_group().rank_in_group
+    except (AssertionError, RuntimeError):  # parallel state not initialised (tests)
+        rank = 0
+    return PPStage(rank=rank, ranges=tuple(get_pp_indices(num_layers, r, pp_size) for r in range(pp_size)))
