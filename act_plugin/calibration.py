@@ -28,7 +28,8 @@ from act_plugin.capabilities import LayerFeatures, describe_refusal, unsupported
 from act_plugin.core import ACTResult, act_attention_blocked, act_attention_dense
 from act_plugin.rules import FirstTokenRule, KeyReweightRule, RuleResult, SpanRule, rule_attention_dense
 
-__all__ = ["calibrate_heads", "calibrate_heads_rule", "profile_rule", "kv_heads_of", "replace_heads", "gate_heads", "hf_layer_features", "refuse_hf_layer",
+__all__ = ["calibrate_heads", "calibrate_heads_rule", "profile_rule",
+           "kv_heads_of", "replace_heads", "gate_heads", "hf_layer_features", "refuse_hf_layer",
            "attention_window", "attention_scale"]
 
 

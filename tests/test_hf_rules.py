@@ -110,7 +110,7 @@ def test_decode_steps_match_the_rule_formula(cfg):
     for layer in (1, 2):
         calls = reference_calls(m, spy, layer, heads_of(cfg, layer), cfg, emph)
         assert len(calls) == steps + 1 and calls[1][0].shape[2] == 1
-        for actual, ref, plain in calls:
+        for actual, ref, _ in calls:
             torch.testing.assert_close(actual, ref, rtol=0, atol=1e-5)
         assert (calls[-1][0] - calls[-1][2]).abs().max() > 1e-4  # decode rows are reweighted too
 

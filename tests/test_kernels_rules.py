@@ -55,3 +55,74 @@ def test_first_token_paged_matches_the_rule_formula(layout, scenario, dtype):
     untouched[p.heads[gammas != 1.0]] = False
     assert torch.equal(out[:, untouched], p.output[:, untouched])  # other heads and gamma-1 heads: bit for bit
     assert torch.equal(out[:2], p.output[:2])  # rows of other requests
+
+
+# ============================================================================ the layer calibrator
+def _calibrator_and_arms():
+    from act_plugin.config import ACTEngineConfig
+    from act_plugin.kernels.cache_layout import cpu_attn_split
+    from act_plugin.vllm.layer_calibrator import LayerCalibrator
+    from act_plugin.vllm.worker_state import Arm, TPSlice, WorkerState
+
+    cfg = ACTEngineConfig.from_any({"profiles": {
+        "act": {"heads": {1: [0, 3]}, "beta": 0.3, "threshold": 0.1},
+        "zt": {"rule": "first_token", "scale": {"1:0": 0.3, "1:2,3": 5.0}},
+    }})
+    state = WorkerState(engine_cfg=cfg, tp=TPSlice(rank=0, num_heads=4, num_layers=4))
+    cal = LayerCalibrator(heads=state, num_heads=4, num_kv_heads=2, scale=32**-0.5, sliding_window=None,
+                          kv_split=cpu_attn_split)
+    cal.bind_layer(1)
+    return state, cal, Arm("act", cfg.profiles["act"]), Arm("zt", cfg.profiles["zt"])
+
+
+def _group(p, arm, idx: list[int]):
+    from act_plugin.vllm.plan import SeqGroup
+
+    sel = torch.tensor(idx)
+    return SeqGroup(arm=arm, block_table=p.block_table[sel], seq_lens=p.seq_lens[sel],
+                    query_start=p.query_start[sel], query_lens=p.query_lens[sel],
+                    max_query_len=int(p.query_lens[sel].max()), max_seq_len=int(p.seq_lens[sel].max()))
+
+
+@pytest.mark.parametrize("query_lens", [(1, 1, 1), (1, 6, 1)], ids=["decode", "mixed"])
+def test_calibrator_runs_act_and_first_token_groups_side_by_side(query_lens):
+    """One step: sequences 0 and 2 run ACT, sequence 1 first_token: each gets its own rule,
+    the ACT rows exactly what an ACT-only step gives them, and the whole-layer decode declines."""
+    import types
+
+    from act_plugin.vllm.plan import StepPlan
+
+    state, cal, act_arm, zt_arm = _calibrator_and_arms()
+    p = make_problem([40, 23, 17], list(query_lens), num_heads=4, num_kv_heads=2, head_size=32, heads=[0, 3],
+                     sink_strength=1.5, seed=3)
+    act_only = p.output.clone()
+    cal.apply(p.query, p.raw_cache, types.SimpleNamespace(act_plan=StepPlan(groups=[_group(p, act_arm, [0, 2])])),
+              act_only)
+    step = types.SimpleNamespace(act_plan=StepPlan(groups=[_group(p, act_arm, [0, 2])], covers_step=True,
+                                                   rule_groups=[_group(p, zt_arm, [1])]))
+    out = p.output.clone()
+    assert not cal.decode_whole_layer(p.query, p.raw_cache, step, out)  # declined: first_token rows in the step
+    assert torch.equal(out, p.output)
+    cal.apply(p.query, p.raw_cache, step, out)
+    r1 = slice(int(p.query_start[1]), int(p.query_start[1] + p.query_lens[1]))
+    rest = torch.ones(out.shape[0], dtype=torch.bool)
+    rest[r1] = False
+    assert torch.equal(out[rest], act_only[rest])  # ACT rows: bit for bit what they get alone
+    p.heads, p.kv_heads = torch.tensor([0, 2, 3]), torch.tensor([0, 1, 1])
+    exp = expected(p, torch.tensor([0.3, 5.0, 5.0]))
+    assert (out[r1] - exp[r1]).abs().max() <= 2e-5 * exp.abs().max()
+    assert torch.equal(out[r1][:, 1], p.output[r1][:, 1])  # head 1 is in neither profile's heads
+    assert not torch.equal(out[r1], p.output[r1])
+
+
+def test_engine_refuses_spans_profiles():
+    from act_plugin.config import ACTConfigError, ACTEngineConfig
+    from act_plugin.vllm.config_source import read_engine_settings
+    from act_plugin.vllm.worker_state import WorkerState
+
+    spans = {"profiles": {"emph": {"rule": "spans", "heads": "1:*"}}, "default": None}
+    with pytest.raises(ACTConfigError, match="profile 'emph' uses rule 'spans'.*HF path only"):
+        read_engine_settings({"act": spans})
+    with pytest.raises(ACTConfigError, match="runtime control: profile 'emph' uses rule 'spans'"):
+        WorkerState().check(ACTEngineConfig.from_any(spans))
+    read_engine_settings({"act": {"rule": "first_token", "scale": 2, "heads": "1:*"}})  # served
