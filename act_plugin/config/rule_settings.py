@@ -81,24 +81,35 @@ def _per_head_scale(spec: Mapping) -> tuple[dict[str, float], dict[int, HeadSet]
     overlapping specs are refused (which gamma would win is not obvious)."""
     if not spec:
         raise ACTConfigError("scale: the per-head mapping is empty")
-    canonical: dict[str, float] = {}
-    taken: dict[int, HeadSet] = {}
+    by_layer: dict[int, dict[int | str, float]] = {}  # layer -> head (or 'all') -> gamma
     for key, value in spec.items():
         gamma = _gamma(value, f"scale[{key!r}]")
         if not isinstance(key, str) or ":" not in key:
             raise ACTConfigError(f"scale: key {key!r} must be a head spec 'LAYERS:HEADS' like '2-9:*' or '10:0,3'")
         for layer, heads in parse_heads(key).items():
-            prev = taken.get(layer)
-            if prev is not None and (prev == ALL_HEADS or heads == ALL_HEADS or set(prev) & set(heads)):
+            prev = by_layer.setdefault(layer, {})
+            named = [ALL_HEADS] if heads == ALL_HEADS else list(heads)
+            if prev and (ALL_HEADS in prev or heads == ALL_HEADS or set(prev) & set(named)):
                 raise ACTConfigError(f"scale: key {key!r} names heads of layer {layer} another key already names")
-            taken[layer] = ALL_HEADS if heads == ALL_HEADS else sorted(set(prev or []) | set(heads))
-            canonical[f"{layer}:{'all' if heads == ALL_HEADS else ','.join(map(str, heads))}"] = gamma
-    return dict(sorted(canonical.items(), key=lambda kv: _key_order(kv[0]))), dict(sorted(taken.items()))
+            prev.update({h: gamma for h in named})
+    return _canonical(by_layer)
 
 
-def _key_order(key: str) -> tuple[int, str]:
-    layer, heads = key.split(":", 1)
-    return int(layer), heads
+def _canonical(by_layer: dict[int, dict[int | str, float]]) -> tuple[dict[str, float], dict[int, HeadSet]]:
+    """One key per layer and gamma (heads sorted), and the heads named, both sorted by layer."""
+    canonical: dict[str, float] = {}
+    heads: dict[int, HeadSet] = {}
+    for layer in sorted(by_layer):
+        gammas = by_layer[layer]
+        if ALL_HEADS in gammas:
+            canonical[f"{layer}:{ALL_HEADS}"] = gammas[ALL_HEADS]
+            heads[layer] = ALL_HEADS
+            continue
+        named = sorted(h for h in gammas if isinstance(h, int))
+        heads[layer] = named
+        for gamma in sorted(set(gammas.values()), key=lambda g: min(h for h in named if gammas[h] == g)):
+            canonical[f"{layer}:{','.join(str(h) for h in named if gammas[h] == gamma)}"] = gamma
+    return canonical, heads
 
 
 def _check_heads_match(heads: Any, derived: dict[int, HeadSet]) -> None:
