@@ -126,3 +126,40 @@ def test_engine_refuses_spans_profiles():
     with pytest.raises(ACTConfigError, match="runtime control: profile 'emph' uses rule 'spans'"):
         WorkerState().check(ACTEngineConfig.from_any(spans))
     read_engine_settings({"act": {"rule": "first_token", "scale": 2, "heads": "1:*"}})  # served
+
+
+def test_step_plan_sorts_rule_arms_apart():
+    """first_token rows go to rule_groups; act rows stay in groups (as in an act-only step)."""
+    import numpy as np
+
+    pytest.importorskip("vllm")
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from act_plugin.vllm.plan import build_step_plan
+
+    state, _, act_arm, zt_arm = _calibrator_and_arms()
+    q_lens, seq_lens = [1, 1, 1, 4], [9, 5, 7, 4]
+    qsl = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=sl, num_reqs=4,
+        num_actual_tokens=int(qsl[-1]), max_query_len=4, max_seq_len=9,
+        block_table_tensor=torch.arange(16, dtype=torch.int32).view(4, 4),
+        slot_mapping=torch.zeros(7, dtype=torch.long),
+        seq_lens_cpu_upper_bound=sl.clone(),
+    )
+    state.arms.update({0: act_arm, 1: zt_arm, 2: act_arm, 3: zt_arm})
+    plan = build_step_plan(state, common, torch.device("cpu"), head_size=32, max_heads=4)
+    assert [(g.arm.profile, g.query_start.tolist()) for g in plan.groups] == [("act", [0, 2])]
+    assert sorted((g.arm.profile, g.query_start.tolist()) for g in plan.rule_groups) == [("zt", [1]), ("zt", [3])]
+    assert plan.covers_step
+    # a profile removed at runtime stays in force for its running requests (retired)
+    state.configure(type(state.engine_cfg).from_any({"profiles": {"act": act_arm.config.to_dict()}}))
+    assert state.other_rules_in_force()
+    from act_plugin.vllm.worker_state import WorkerState
+
+    state = WorkerState(engine_cfg=state.engine_cfg, tp=state.tp)  # act profiles only
+    state.arms.update({0: act_arm, 2: act_arm})
+    plan = build_step_plan(state, common, torch.device("cpu"), head_size=32, max_heads=4)
+    assert not state.other_rules_in_force() and plan.rule_groups == []
+    assert [g.query_start.tolist() for g in plan.groups] == [[0, 2]]
