@@ -10,7 +10,10 @@ needed, and calls:
 * :func:`act_plugin.kernels.calibrate_paged` on vLLM's paged cache (same maths, same
   arguments, fused kernels behind it);
 
-then writes the result back with :func:`replace_heads` (calibrated output instead of the
+Profiles of other rules (``first_token``, ``spans``: :mod:`act_plugin.rules`) go through
+:func:`profile_rule` and :func:`calibrate_heads_rule` (dense, the reference formula).
+
+Either way it then writes the result back with :func:`replace_heads` (calibrated output instead of the
 native one) or :func:`gate_heads` (native + alpha * (calibrated - native), the head search's
 first-order ranking). The maths itself is :mod:`act_plugin.core`.
 """
@@ -23,8 +26,10 @@ import torch
 
 from act_plugin.capabilities import LayerFeatures, describe_refusal, unsupported_reasons
 from act_plugin.core import ACTResult, act_attention_blocked, act_attention_dense
+from act_plugin.rules import FirstTokenRule, KeyReweightRule, RuleResult, SpanRule, rule_attention_dense
 
-__all__ = ["calibrate_heads", "kv_heads_of", "replace_heads", "gate_heads", "hf_layer_features", "refuse_hf_layer",
+__all__ = ["calibrate_heads", "calibrate_heads_rule", "profile_rule",
+           "kv_heads_of", "replace_heads", "gate_heads", "hf_layer_features", "refuse_hf_layer",
            "attention_window", "attention_scale"]
 
 
@@ -62,6 +67,45 @@ def calibrate_heads(
     return fn(
         query.index_select(1, heads), key.index_select(1, kv), value.index_select(1, kv), q_pos, k_pos,
         scale=scale, beta=beta, threshold=threshold, window=window, attn_mask=attn_mask,
+    )
+
+
+def profile_rule(cfg: Any, layer: int, heads: list[int] | tuple[int, ...],
+                 emphasised: torch.Tensor | None = None, device: torch.device | str = "cpu") -> KeyReweightRule:
+    """The rule object of a non-``act`` profile (:class:`~act_plugin.config.ACTConfig`) for
+    ``heads`` (global query heads) of ``layer``; ``spans`` needs ``emphasised`` ``[B, Lk]``
+    (the emphasised keys of this call, :func:`act_plugin.span_marks.emphasised_keys`)."""
+    if cfg.rule == "first_token":
+        gammas = cfg.head_scales(layer, heads)
+        scale = gammas[0] if len(set(gammas)) == 1 else torch.tensor(gammas, dtype=torch.float32, device=device)
+        return FirstTokenRule(scale=scale)
+    if cfg.rule == "spans":
+        if emphasised is None:
+            raise ValueError("a 'spans' profile needs the emphasised tokens of each sequence "
+                             "(HF path: ACTHandle.set_emphasis)")
+        return SpanRule(emphasised=emphasised, alpha=float(cfg.alpha))
+    raise ValueError(f"profile_rule: rule {cfg.rule!r} is calibrated by calibrate_heads")
+
+
+def calibrate_heads_rule(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    heads: torch.Tensor,
+    rule: KeyReweightRule,
+    *,
+    scale: float,
+    window: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> RuleResult:
+    """:func:`calibrate_heads` for any rule of :mod:`act_plugin.rules`, on the dense reference
+    (memory: the ``[B, Hs, Lq, Lk]`` probabilities of the selected heads)."""
+    kv = kv_heads_of(heads, query.shape[1], key.shape[1])
+    return rule_attention_dense(
+        query.index_select(1, heads), key.index_select(1, kv), value.index_select(1, kv), q_pos, k_pos, rule,
+        scale=scale, window=window, attn_mask=attn_mask,
     )
 
 

@@ -207,16 +207,22 @@ def rule_attention_dense(
     *,
     scale: float,
     window: int | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> RuleResult:
     """Obviously-correct reference of any rule on the full probability matrix (shapes as in
-    :mod:`act_plugin.core`: ``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, D]``)."""
+    :mod:`act_plugin.core`: ``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, D]``).
+    ``attn_mask`` (bool ``[B, Lq, Lk]``, True = may attend) is ANDed with the positional
+    visibility, for callers that hold a model's own mask."""
     H = q.shape[1]
     if H % k.shape[1]:
         raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({k.shape[1]})")
     rep = H // k.shape[1]
     kf = k.repeat_interleave(rep, dim=1).to(torch.float32)
     vf = v.repeat_interleave(rep, dim=1).to(torch.float32)
-    vis = visibility_mask(q_pos, k_pos, window).unsqueeze(1)  # [B, 1, Lq, Lk]
+    vis = visibility_mask(q_pos, k_pos, window)
+    if attn_mask is not None:
+        vis = vis & attn_mask
+    vis = vis.unsqueeze(1)  # [B, 1, Lq, Lk]
     scores = torch.matmul(q.to(torch.float32), kf.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~vis, float("-inf"))
     row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)

@@ -2,7 +2,9 @@
 
 * :mod:`~act_plugin.config.heads`: the head grammar (``"2-27:0,4"``, ranges, ``all``);
 * :mod:`~act_plugin.config.shape`: a model's layers and heads, to check configs against;
-* :mod:`~act_plugin.config.act_config`: :class:`ACTConfig`, one calibration (beta, threshold, heads);
+* :mod:`~act_plugin.config.act_config`: :class:`ACTConfig`, one calibration (rule, its settings, heads);
+* :mod:`~act_plugin.config.rule_settings`: the ``rule`` key and each rule's settings (act: beta,
+  threshold; first_token: scale; spans: alpha), other rules' keys refused by name;
 * :mod:`~act_plugin.config.profiles`: :class:`ACTEngineConfig`, an engine's named profiles,
   and how an engine setting becomes one;
 * :mod:`~act_plugin.config.vocabulary`: what an ``act`` value means on each surface (engine

@@ -1,10 +1,12 @@
-"""Validated ACT configuration shared by every part of the project.
+"""Validated calibration configuration shared by every part of the project.
 
-An :class:`ACTConfig` says *how* to calibrate (``beta``, ``threshold``) and *where*
-(``heads``: decoder layer index -> global query-head indices, 0-based; grammar in
+An :class:`ACTConfig` says *which rule* calibrates (``rule``, default ``act``; the rules are
+:mod:`act_plugin.rules`), *how* (the rule's own settings: ``beta``/``threshold`` for ``act``,
+``scale`` for ``first_token``, ``alpha`` for ``spans``; :mod:`act_plugin.config.rule_settings`)
+and *where* (``heads``: decoder layer index -> global query-head indices, 0-based; grammar in
 :mod:`act_plugin.config.heads`). It loads from YAML/JSON/dicts, dumps back, hashes stably,
 and is checked against a concrete model with :meth:`ACTConfig.validate_for` before anything
-runs.
+runs. An ``act`` profile dumps and hashes exactly as before rules existed.
 """
 
 from __future__ import annotations
@@ -15,11 +17,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from act_plugin.config.errors import ACTConfigError, explain_validation
 from act_plugin.config.files import load_text, looks_like_path, parse_act_file
 from act_plugin.config.heads import ALL_HEADS, parse_heads
+from act_plugin.config.rule_settings import (
+    DEFAULT_RULE,
+    RuleName,
+    check_rule_keys,
+    parse_alpha,
+    parse_scale,
+    scale_of,
+    settings_of,
+)
 from act_plugin.config.shape import model_shape
 
 __all__ = ["ACTConfig"]
@@ -30,14 +41,37 @@ class ACTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    rule: RuleName = Field(DEFAULT_RULE, description="the calibration rule: act, first_token or spans")
     beta: float = Field(0.4, description="scale of the attention on hidden sinks, in [0, 1]")
     threshold: float = Field(0.1, description="sink threshold tau on mean received attention, in (0, 1)")
     heads: dict[int, list[int] | Literal["all"]] = Field(
         default_factory=dict, description="layer -> global query-head indices ('all' for every head)"
     )
+    scale: float | dict[str, float] | None = Field(
+        None, description="first_token: gamma > 0, a number or {'LAYERS:HEADS': gamma, ...}")
+    alpha: float | None = Field(None, description="spans: scale of the attention outside the spans, in (0, 1]")
     name: str | None = Field(None, description="a short label for reports")
     source: str | None = Field(None, description="where this head set comes from (attribution)")
     model: str | None = Field(None, description="the model the head set was found for (informational)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_settings(cls, data: Any) -> Any:
+        """Refuse another rule's settings (naming the key), fill in the rule's defaults, and
+        derive ``heads`` from a per-head ``scale``."""
+        if not isinstance(data, Mapping):
+            return data
+        return check_rule_keys(dict(data))
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, v: Any) -> Any:
+        return parse_scale(v)
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, v: Any) -> Any:
+        return parse_alpha(v)
 
     @field_validator("beta", mode="before")
     @classmethod
@@ -82,7 +116,14 @@ class ACTConfig(BaseModel):
         return parse_act_file(path, cls.from_any)
 
     def to_dict(self) -> dict[str, Any]:
+        """Only what the rule reads: an ``act`` profile dumps without ``rule`` (as before
+        rules existed), another rule without ``beta``/``threshold``."""
         d = self.model_dump(exclude_none=True)
+        if self.rule == DEFAULT_RULE:
+            d.pop("rule")
+        else:
+            d.pop("beta")
+            d.pop("threshold")
         d["heads"] = {str(k): v for k, v in self.heads.items()}
         return d
 
@@ -105,23 +146,44 @@ class ACTConfig(BaseModel):
     # ----------------------------------------------------------------- properties
     @property
     def hash(self) -> str:
-        """Stable content hash of what changes results (beta, threshold, heads)."""
-        payload = json.dumps(
-            {"beta": self.beta, "threshold": self.threshold, "heads": {str(k): v for k, v in self.heads.items()}},
-            sort_keys=True,
-        )
+        """Stable content hash of what changes results: the rule's settings and the heads.
+        An ``act`` profile hashes (beta, threshold, heads) exactly as before rules existed;
+        any other rule also hashes its name."""
+        heads = {str(k): v for k, v in self.heads.items()}
+        if self.rule == DEFAULT_RULE:
+            body: dict[str, Any] = {"beta": self.beta, "threshold": self.threshold, "heads": heads}
+        else:
+            body = {"rule": self.rule, **self.settings, "heads": heads}
+        payload = json.dumps(body, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The rule's own settings (``{"beta", "threshold"}``, ``{"scale"}`` or ``{"alpha"}``)."""
+        return settings_of(self.rule, self)
 
     @property
     def is_identity(self) -> bool:
         """True when this config cannot change any output."""
-        return self.beta == 1.0 or not self.heads
+        return self.identity_reason() is not None
 
     def identity_reason(self) -> str | None:
         """Why this config cannot change any output (None: it can), for messages."""
-        if self.beta == 1.0:
+        if self.rule == "act" and self.beta == 1.0:
             return "beta is 1 (no change)"
+        if self.rule == "first_token" and all(g == 1.0 for g in self._scale_values()):
+            return "scale is 1 (no change)"
+        if self.rule == "spans" and self.alpha == 1.0:
+            return "alpha is 1 (no change)"
         return None if self.heads else "it names no heads"
+
+    def _scale_values(self) -> list[float]:
+        s = self.scale
+        return list(s.values()) if isinstance(s, dict) else [1.0 if s is None else float(s)]
+
+    def head_scales(self, layer: int, heads: tuple[int, ...] | list[int]) -> list[float]:
+        """``first_token``: gamma of each of ``heads`` (global query heads) in ``layer``."""
+        return [scale_of(self.scale, layer, h) for h in heads]
 
     def resolve(self, num_layers: int, num_heads: int) -> dict[int, tuple[int, ...]]:
         """Concrete layer -> heads mapping ('all' expanded); call after :meth:`validate_for`."""
@@ -152,7 +214,7 @@ class ACTConfig(BaseModel):
 
     def with_(self, **changes: Any) -> ACTConfig:
         """A validated copy with some fields changed."""
-        return ACTConfig.from_any({**self.model_dump(), **changes})
+        return ACTConfig.from_any({**self.to_dict(), **changes})
 
     def _label(self) -> str:
         return f" '{self.name}'" if self.name else ""

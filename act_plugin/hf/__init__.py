@@ -61,6 +61,11 @@ whole model.
   section 1): a prefill reproduces the paper, each decode step is the one-row case.
 * Computation is float32 inside; the result is cast back to the query dtype.
 
+Other calibration rules (``{"rule": "first_token", "scale": 1.5, ...}``, ``{"rule": "spans",
+...}``, README "Calibration rules") run the same way, with the dense formula of
+:mod:`act_plugin.rules` in their heads; a ``spans`` profile needs the emphasised tokens of each
+batch row first (:meth:`ACTHandle.set_emphasis`, :func:`act_plugin.span_marks.emphasis_from_spans`).
+
 Modules by job: :mod:`~act_plugin.hf.registration` (the ``act_<base>`` implementations and
 their dispatch), :mod:`~act_plugin.hf.enable` (:func:`enable_act`, :func:`act_enabled`),
 :mod:`~act_plugin.hf.handle` (:class:`ACTHandle`: hooks, per-layer ACT attention, capture

@@ -3,9 +3,15 @@ each calibrated layer, the captured records, and its removal (:func:`disable_act
 
 The attention of a calibrated layer always runs the base implementation (``sdpa``, or the
 model's own ``eager_attention_forward``) on all heads, unchanged, then overwrites the
-configured heads with :func:`act_plugin.calibration.calibrate_heads`. Uncalibrated layers and
-heads are therefore bitwise identical to the untouched model, and with no heads (or
-``beta == 1``) so is the whole model.
+configured heads with :func:`act_plugin.calibration.calibrate_heads` (an ``act`` profile) or
+:func:`act_plugin.calibration.calibrate_heads_rule` (the other rules, dense). Uncalibrated
+layers and heads are therefore bitwise identical to the untouched model, and with no heads
+(or a rule setting that changes nothing: ``beta``/``scale``/``alpha`` of 1) so is the whole
+model.
+
+A ``spans`` profile needs the emphasised tokens of each batch row before the forward call:
+:meth:`ACTHandle.set_emphasis` (a ``[B, P]`` bool mask by token position, or per-row lists),
+e.g. from character spans with :func:`act_plugin.span_marks.emphasis_from_spans`.
 """
 
 from __future__ import annotations
@@ -18,11 +24,20 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
-from act_plugin.calibration import attention_scale, attention_window, calibrate_heads, refuse_hf_layer, replace_heads
+from act_plugin.calibration import (
+    attention_scale,
+    attention_window,
+    calibrate_heads,
+    calibrate_heads_rule,
+    profile_rule,
+    refuse_hf_layer,
+    replace_heads,
+)
 from act_plugin.config import ACTConfig
 from act_plugin.core import ACTResult
 from act_plugin.hf.positions import CallPositions, mask_visibility
 from act_plugin.hf.registration import CALIBRATED_MODULES
+from act_plugin.span_marks import emphasis_by_position, emphasised_keys
 
 
 class HFModel(Protocol):
@@ -60,7 +75,8 @@ class ACTHandle:
         capture_probs: also record the calibrated probabilities ``[B, Hsel, Lq, Lk]``
             (forces the dense computation).
         records: captured dicts, each with ``call`` (forward-call counter), ``layer``,
-            ``heads`` (list of global heads), ``sinks`` ``[B, Hsel, Lk]`` bool, ``q_pos``
+            ``heads`` (list of global heads), ``sinks`` ``[B, Hsel, Lk]`` bool (the rule's key
+            set: ACT's sinks, the first token, the emphasised tokens; also as ``key_set``), ``q_pos``
             ``[B, Lq]``, ``k_pos`` ``[B, Lk]``, ``window``, ``out`` ``[B, Hsel, Lq, D]`` the
             calibrated per-head output before ``o_proj`` (float32), ``base_out`` the same
             heads as the base implementation computed them, and ``probs`` when requested.
@@ -82,6 +98,7 @@ class ACTHandle:
         self._modules: list[weakref.ref] = []  # weak: CALIBRATED_MODULES' values must not keep its keys alive
         self._head_tensors: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._call = CallPositions()
+        self._emphasis: torch.Tensor | None = None  # spans rule: [B, P] bool by token position
 
     # ------------------------------------------------------------------ public
     @property
@@ -104,6 +121,20 @@ class ACTHandle:
     def clear(self) -> None:
         self.records.clear()
 
+    def set_emphasis(self, emphasised: Any) -> None:
+        """The emphasised tokens of each batch row, for a ``spans`` profile: a bool ``[B, P]``
+        tensor by token position (position 0 = the row's first real token, whatever the
+        padding), or one list of bools per row over its real tokens. It holds for every
+        following forward call (prefill and decode) until changed; tokens past ``P`` (the
+        generated ones) are never emphasised. None clears it."""
+        if emphasised is None or isinstance(emphasised, torch.Tensor):
+            if emphasised is not None and emphasised.dim() != 2:
+                raise ValueError(f"set_emphasis: expected a [batch, positions] mask, got shape "
+                                 f"{tuple(emphasised.shape)}")
+            self._emphasis = None if emphasised is None else emphasised.to(torch.bool)
+        else:
+            self._emphasis = emphasis_by_position(emphasised)
+
     def __enter__(self) -> "ACTHandle":
         return self
 
@@ -112,7 +143,8 @@ class ACTHandle:
 
     def __repr__(self) -> str:
         n = sum(len(h) for h in self.heads.values())
-        return (f"ACTHandle(base={self.base!r}, beta={self.config.beta}, threshold={self.config.threshold}, "
+        settings = ", ".join(f"{k}={v}" for k, v in self.config.settings.items())
+        return (f"ACTHandle(base={self.base!r}, rule={self.config.rule}, {settings}, "
                 f"{n} heads in {len(self.heads)} layers, active={self.active})")
 
     # ------------------------------------------------------------------ hooks
@@ -170,9 +202,9 @@ class ACTHandle:
         out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
         if layer not in self.heads:
             return out, weights
-        beta = self.config.beta
+        identity = self.config.is_identity
         want_probs = self.capture and self.capture_probs
-        if beta == 1.0 and not self.capture:
+        if identity and not self.capture:
             return out, weights  # identity: keep the base output bitwise
         refuse_hf_layer(layer, module, kwargs, "HF path")
         B, H, Lq, D = query.shape
@@ -184,12 +216,16 @@ class ACTHandle:
         q_pos, k_pos = self._call.positions(B, Lq, Lk, device)
         window = attention_window(module, kwargs)
         base_sel = out[:, :, heads].transpose(1, 2).float() if self.capture else None
-        res = calibrate_heads(
-            query, key, value, q_pos, k_pos, heads, scale=attention_scale(module, kwargs, D), beta=beta,
-            threshold=self.config.threshold, window=window, attn_mask=mask_visibility(attention_mask, B, Lq, Lk),
-            dense=want_probs or weights is not None,
-        )
-        if beta != 1.0:
+        scale, attn_mask = attention_scale(module, kwargs, D), mask_visibility(attention_mask, B, Lq, Lk)
+        if self.config.rule == "act":
+            res = calibrate_heads(
+                query, key, value, q_pos, k_pos, heads, scale=scale, beta=self.config.beta,
+                threshold=self.config.threshold, window=window, attn_mask=attn_mask,
+                dense=want_probs or weights is not None,
+            )
+        else:
+            res = self._rule_attention(layer, query, key, value, q_pos, k_pos, heads, scale, window, attn_mask)
+        if not identity:
             out = replace_heads(out, heads, res.out)  # out is [B, Lq, H, D]
             if weights is not None and res.probs is not None and weights.dim() == 4 and weights.shape[1] == H:
                 weights = weights.clone()
@@ -197,6 +233,24 @@ class ACTHandle:
         if self.capture:
             self.records.append(self._record(layer, res, q_pos, k_pos, window, base_sel, want_probs))
         return out, weights
+
+    def _rule_attention(self, layer: int, query: Any, key: Any, value: Any, q_pos: torch.Tensor,
+                        k_pos: torch.Tensor, heads: torch.Tensor, scale: float, window: int | None,
+                        attn_mask: torch.Tensor | None) -> ACTResult:
+        """A non-``act`` profile's heads through :mod:`act_plugin.rules` (dense reference)."""
+        emph = None
+        if self.config.rule == "spans":
+            if self._emphasis is None:
+                raise RuntimeError("ACT: a 'spans' profile needs the emphasised tokens: call "
+                                   "handle.set_emphasis(...) before the forward call")
+            if self._emphasis.shape[0] != q_pos.shape[0]:
+                raise RuntimeError(f"ACT: set_emphasis was given {self._emphasis.shape[0]} rows, this forward "
+                                   f"call has {q_pos.shape[0]}")
+            emph = emphasised_keys(self._emphasis, k_pos)
+        rule = profile_rule(self.config, layer, self.heads[layer], emph, query.device)
+        r = calibrate_heads_rule(query, key, value, q_pos, k_pos, heads, rule, scale=scale, window=window,
+                                 attn_mask=attn_mask)
+        return ACTResult(out=r.out, sinks=r.key_set, probs=r.probs)
 
     def _record(self, layer: int, res: ACTResult, q_pos: torch.Tensor, k_pos: torch.Tensor, window: Any,
                 base_sel: torch.Tensor | None, want_probs: bool) -> dict[str, Any]:
@@ -206,10 +260,11 @@ class ACTHandle:
             "layer": layer,
             "heads": list(self.heads[layer]),
             "sinks": res.sinks.detach(),
+            "key_set": res.sinks.detach(),
             "q_pos": q_pos.detach().clone(),
             "k_pos": k_pos.detach().clone(),
             "window": window,
-            "out": res.out.detach() if self.config.beta != 1.0 else base_sel,
+            "out": res.out.detach() if not self.config.is_identity else base_sel,
             "base_out": base_sel,
         }
         if want_probs:

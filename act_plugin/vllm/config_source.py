@@ -25,6 +25,7 @@ from typing import Any
 
 from act_plugin.config import ACTEngineConfig, engine_config_from_setting
 from act_plugin.config.vocabulary import REQUEST_KEY, Kind, Surface, keyword
+from act_plugin.vllm.rule_support import refuse_unserved_rules
 
 __all__ = ["ADDITIONAL_CONFIG_KEY", "ENV_CONFIG", "EngineSettings", "read_engine_settings", "act_explicitly_off"]
 
@@ -67,6 +68,7 @@ def read_engine_settings(additional_config: Any) -> EngineSettings | None:
     engine_cfg = engine_config_from_setting(value, Surface.ENGINE, where)
     if engine_cfg is None:  # off keywords never get here (raw_setting), but the type allows it
         return None
+    refuse_unserved_rules(engine_cfg, where)
     return EngineSettings(engine_cfg=engine_cfg, source=source)
 
 

@@ -14,6 +14,10 @@ computes every head of the layer in one pass over the cache with ACT on the conf
 (:func:`act_plugin.kernels.bind_decode_attention`), so calibrating does not read the cache
 a second time. The uncalibrated heads of such a layer then equal the native result within
 float rounding, not bit for bit; rows of ACT-off requests never take this path.
+
+Arms of the ``first_token`` rule (the plan's ``rule_groups``) run after the ACT groups, on
+the native output (:func:`act_plugin.kernels.first_token.first_token_paged`); a decode step
+with any such row declines the whole-layer path (native kernel, then :meth:`apply`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from act_plugin.calibration import kv_heads_of
 from act_plugin.config import ACTConfig
 from act_plugin.kernels import DecodeAttention, PagedKernel, bind_decode_attention, bind_paged
 from act_plugin.kernels.cache_layout import KVSplit
+from act_plugin.kernels.first_token import first_token_paged
 from act_plugin.vllm.plan import PLAN_ATTR, StepPlan
 from act_plugin.vllm.profiling import timer
 from act_plugin.vllm.worker_state import Arm
@@ -42,6 +47,10 @@ class HeadSource(Protocol):
     def calibrated_layers(self) -> frozenset[int]: ...
 
     def local_heads(
+        self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device
+    ) -> torch.Tensor | None: ...
+
+    def local_head_scales(
         self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device
     ) -> torch.Tensor | None: ...
 
@@ -84,6 +93,7 @@ class LayerCalibrator:
         self.layer_index: int | None = None
         # profile hash -> (local heads, their KV heads) in this layer; None = none here
         self._heads: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._gammas: dict[str, torch.Tensor | None] = {}  # first_token: profile hash -> gamma per local head
         self._bound: BoundKernels | None = None
         self._no_heads: torch.Tensor | None = None  # an empty head list, for rows of arms without heads here
 
@@ -92,6 +102,7 @@ class LayerCalibrator:
         has judged the layer calibratable; before that the calibrator does nothing)."""
         self.layer_index = index
         self._heads.clear()
+        self._gammas.clear()
 
     def apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> None:
         """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT."""
@@ -137,7 +148,7 @@ class LayerCalibrator:
         if metadata is None or layer is None:
             return False
         plan = getattr(metadata, PLAN_ATTR, None)
-        if plan is None or not plan.covers_step or not plan.groups or not plan.is_decode_only:
+        if plan is None or not plan.covers_step or not plan.groups or not plan.is_decode_only or plan.rule_groups:
             return False
         if kv_cache.numel() == 0 or layer not in self.head_source.calibrated_layers():
             return False
@@ -175,7 +186,7 @@ class LayerCalibrator:
                 f"ACT: layer {layer} received attention metadata without an ACT step plan "
                 f"({type(metadata).__name__}); its metadata builder is not the ACT wrapper"
             )
-        if not plan.groups:
+        if not plan.groups and not plan.rule_groups:
             return None
         # vLLM hands the output as [T, H, D] already; a view costs ~3 us per layer and step
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
@@ -190,4 +201,26 @@ class LayerCalibrator:
             kernel(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
                    group.query_lens, heads[0], heads[1], self.scale, prof.beta, prof.threshold, self.window,
                    group.max_query_len, group.max_seq_len)
+        if plan.rule_groups:
+            self._apply_rules(plan, layer, query, out, key_cache, value_cache)
         return plan
+
+    def _apply_rules(self, plan: StepPlan, layer: int, query: torch.Tensor, out: torch.Tensor,
+                     key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+        """The groups of non-``act`` rules, each on the native output of its own rows and heads."""
+        for group in plan.rule_groups:
+            arm = group.arm
+            heads = self._heads_of(arm, layer, query.device)
+            if heads is None:
+                continue
+            if arm.rule != "first_token":  # refused at start and by runtime control (rule_support)
+                raise RuntimeError(f"ACT: rule '{arm.rule}' of profile '{arm.profile}' is not served by the engine")
+            gammas = self._gammas.get(arm.hash)
+            if gammas is None:
+                gammas = self.head_source.local_head_scales(arm.config, layer, self.num_heads, query.device)
+                assert gammas is not None  # same heads as _heads_of found
+                self._gammas[arm.hash] = gammas
+            first_token_paged(query, out, key_cache, value_cache, group.block_table, group.seq_lens,
+                              group.query_start, group.query_lens, heads[0], heads[1], gammas, scale=self.scale,
+                              window=self.window, max_query_len=group.max_query_len,
+                              max_seq_len=group.max_seq_len)

@@ -7,6 +7,11 @@ one call into :func:`act_plugin.kernels.calibrate_paged` per calibrated layer. E
 reads on the host (query offsets, sequence lengths, the batch position -> request slot map)
 vLLM already keeps on the host, so building the plan copies nothing back from the device.
 
+Groups of ``act`` arms go to :attr:`StepPlan.groups` (the ACT kernels); groups of other rules
+(``first_token``) to :attr:`StepPlan.rule_groups`, run by the calibrator after the ACT groups
+and never by the whole-layer decode path. The sorting costs one test per step while only
+``act`` profiles are in force.
+
 Under Model Runner V2 ``CommonAttentionMetadata.req_idx`` maps batch positions to request
 slots; under the V1 runner batch position ``i`` is persistent-batch row ``i``.
 
@@ -62,6 +67,9 @@ class StepPlan:
     # Every request of the step is in some group (no row runs without ACT): a calibrated layer
     # may then compute the whole step's attention itself (decode: one pass, see layer_calibrator.py).
     covers_step: bool = False
+    # Groups of arms whose rule is not ``act`` (first_token): the calibrator runs them on the
+    # native output after the ACT groups; a step with any takes no whole-layer decode.
+    rule_groups: list[SeqGroup] = field(default_factory=list)
 
     @property
     def is_decode_only(self) -> bool:
@@ -122,6 +130,9 @@ def build_step_plan(
         for chunk in _chunks(positions, seq_lens, bytes_per_key, budget)
     ]
     covered = sum(len(positions) for _, positions in by_key.values())
+    if state.other_rules_in_force():
+        return StepPlan(groups=[g for g in groups if g.arm.rule == "act"], covers_step=covered == num_reqs,
+                        rule_groups=[g for g in groups if g.arm.rule != "act"])
     return StepPlan(groups=groups, covers_step=covered == num_reqs)
 
 

@@ -24,6 +24,7 @@ import torch
 from act_plugin.config import ACTConfig, ACTConfigError, ACTEngineConfig
 from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY
 from act_plugin.vllm.layer_support import ACTEngineError, check_profiles_against_layers
+from act_plugin.vllm.rule_support import refuse_unserved_rules
 
 logger = logging.getLogger("act_plugin")
 
@@ -40,9 +41,11 @@ class Arm:
     # The settings' content hash, computed once at admission: the per-step plan and every
     # calibrated layer key on it, and hashing the settings costs tens of microseconds.
     hash: str = field(init=False, compare=False)
+    rule: str = field(init=False, compare=False)  # the profile's rule, read once at admission
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hash", self.config.hash)
+        object.__setattr__(self, "rule", self.config.rule)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class WorkerState:
     # ------------------------------------------------------------------ configuration
     def check(self, engine_cfg: ACTEngineConfig) -> None:
         """Raise ACTConfigError if this worker cannot run ``engine_cfg`` (nothing changes)."""
+        refuse_unserved_rules(engine_cfg, "ACT runtime control")
         if self.tp is not None:
             engine_cfg.validate_for({"num_hidden_layers": self.tp.num_layers, "num_attention_heads": self.tp.num_heads})
         self._check_stages_hold(engine_cfg)
@@ -214,6 +218,30 @@ class WorkerState:
             got = frozenset(layer for prof in profs if not prof.is_identity for layer in prof.heads)
             self._heads_cache[key] = got
         return got
+
+    def other_rules_in_force(self) -> bool:
+        """Whether some profile (or a retired one still in use) has a rule other than ``act``:
+        the step plan then sorts those arms' rows apart (one test per step, not per group)."""
+        key = ("rules", self.version, len(self.retired))
+        got = self._heads_cache.get(key)
+        if got is None:
+            profs = list(self.engine_cfg.profiles.values()) + list(self.retired.values())
+            got = any(prof.rule != "act" for prof in profs)
+            self._heads_cache[key] = got
+        return got
+
+    def local_head_scales(
+        self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """``first_token``: gamma of each of :meth:`local_heads`' heads, float32 (None = none)."""
+        if prof.is_identity or layer not in prof.heads:
+            return None
+        tp = self.tp or TPSlice(0, num_local_heads, layer + 1)
+        global_heads = prof.resolve(max(tp.num_layers, layer + 1), tp.num_heads)[layer]
+        # pair each local head with its global one through the slice's own mapping
+        pairs = [(g, tp.local_heads((g,), num_local_heads)) for g in global_heads]
+        gammas = prof.head_scales(layer, [g for g, local in pairs if local])
+        return torch.tensor(gammas, dtype=torch.float32, device=device) if gammas else None
 
     def local_heads(
         self, prof: ACTConfig, layer: int, num_local_heads: int, device: torch.device
