@@ -105,3 +105,91 @@ def test_inspect_cli_errors(smollm2_path, capsys):
     assert "--prompt" in capsys.readouterr().err
     assert main(["inspect", "--model", smollm2_path, "--prompt", "x", "--layers", "31"]) == 2
     assert "30 layers" in capsys.readouterr().err
+
+
+def test_inspect_rules_follow_their_formulas(model_and_tok):
+    """``--rule first_token`` / ``spans``: the right-hand map is the rule's formula applied to
+    the captured attention, and the key set is position 0 / the tokens overlapping the span."""
+    from act_plugin.attention_maps import attention_maps
+
+    model, tok = model_and_tok
+    gamma = 2.0
+    maps = attention_maps(model, tok, [PROMPT], [2, 15], [0, 4], rule="first_token", scale=gamma)
+    assert len(maps) == 4
+    for m in maps:
+        A, C = m.probs.astype(np.float64), m.calibrated.astype(np.float64)
+        p0 = A[:, 0]
+        denom = 1.0 + (gamma - 1.0) * p0
+        assert m.key_set == [0] and m.rule == "first_token"
+        np.testing.assert_allclose(C[:, 0], gamma * p0 / denom, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(C[:, 1:], A[:, 1:] / denom[:, None], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(C.sum(-1), 1.0, atol=1e-5)
+        assert m.set_mass[0] == pytest.approx(p0.sum(), rel=1e-5)
+        assert m.set_mass[1] > m.set_mass[0] + 1e-3  # gamma > 1 moves mass onto the first token
+        assert m.sinks == next(x for x in attention_maps(model, tok, [PROMPT], [m.layer], [m.head])).sinks
+
+    phrase = "a charming , funny and moving film"
+    start = PROMPT.index(phrase)
+    span = [start, start + len(phrase)]
+    alpha = 0.05
+    maps = attention_maps(model, tok, [PROMPT], [15], [1], rule="spans", alpha=alpha, spans=[span])
+    (m,) = maps
+    offsets = tok(PROMPT, return_offsets_mapping=True)["offset_mapping"]
+    expect = [i for i, (a, b) in enumerate(offsets) if a < b and a < span[1] and span[0] < b]
+    assert m.key_set == expect and len(expect) >= 6
+    assert "".join(m.tokens[i] for i in expect).strip() == phrase
+    A, C = m.probs.astype(np.float64), m.calibrated.astype(np.float64)
+    inside = np.zeros(A.shape[1], dtype=bool)
+    inside[expect] = True
+    S = A[:, inside].sum(-1)
+    N = A[:, ~inside].sum(-1)
+    seen = S > 0  # rows before the span see no emphasised key and stay unchanged
+    assert seen.sum() > 5 and (~seen).sum() > 5
+    np.testing.assert_array_equal(C[~seen], A[~seen])
+    d = (S + alpha * N)[seen, None]
+    np.testing.assert_allclose(C[seen][:, inside], A[seen][:, inside] / d, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(C[seen][:, ~inside], alpha * A[seen][:, ~inside] / d, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(C.sum(-1), 1.0, atol=1e-5)
+    assert m.set_mass[1] > m.set_mass[0]
+
+
+def test_inspect_cli_rules(smollm2_path, tmp_path, capsys):
+    from act_plugin.cli import main
+
+    out = tmp_path / "ft"
+    rc = main(["inspect", "--model", smollm2_path, "--prompt", PROMPT, "--layers", "3", "--heads", "0-1",
+               "--rule", "first_token", "--scale", "0.5", "-o", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| prompt | layer | head | rule | key set" in printed and "first_token (gamma=0.5)" in printed
+    data = json.loads((out / "sinks.json").read_text())
+    assert data["rule"] == "first_token" and data["scale"] == 0.5
+    rules = [h["rule"] for h in data["heads"]]
+    assert len(rules) == 2 and all(r["key_set"] == [0] and r["moved_onto_set"] < 0 for r in rules)
+    assert "## What the rule moves" in (out / "sinks.md").read_text()
+    assert sorted(p.name for p in out.glob("*.png")) == ["p0_L3_H0.png", "p0_L3_H1.png"]
+
+    out = tmp_path / "sp"
+    rc = main(["inspect", "--model", smollm2_path, "--prompt", PROMPT, "--layers", "3", "--heads", "0",
+               "--rule", "spans", "--span", "0:8", "--alpha", "0.1", "--no-plots", "-o", str(out)])
+    assert rc == 0
+    row = json.loads((out / "sinks.json").read_text())["heads"][0]["rule"]
+    assert row["rule"] == "spans" and row["key_set"] and row["moved_onto_set"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rule", "spans"], "needs at least one --span"),
+    (["--rule", "spans", "--span", "5-9"], "expected START:END"),
+    (["--rule", "spans", "--span", "0:100000"], "past the end of the prompt"),
+    (["--rule", "spans", "--span", "0:10", "--alpha", "0"], "--alpha must be in (0, 1]"),
+    (["--rule", "first_token"], "needs --scale"),
+    (["--rule", "first_token", "--scale", "-1"], "--scale must be > 0"),
+    (["--scale", "2"], "--scale is a setting of rule 'first_token'"),
+    (["--span", "0:4"], "--span is a setting of rule 'spans'"),
+])
+def test_inspect_cli_rule_errors(smollm2_path, capsys, argv, message):
+    from act_plugin.cli import main
+
+    assert main(["inspect", "--model", smollm2_path, "--prompt", "Review: dull .\nSentiment:", "--layers", "3",
+                 "--heads", "0", "--no-plots", "-o", "/tmp/act-inspect-errors", *argv]) == 2
+    assert message in capsys.readouterr().err
