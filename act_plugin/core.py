@@ -33,6 +33,7 @@ __all__ = [
     "find_sinks",
     "calibrate_probs",
     "calibrate_output",
+    "dense_probabilities",
     "act_attention_dense",
     "act_attention_blocked",
 ]
@@ -153,6 +154,37 @@ def _check_shapes(q, k, v, q_pos, k_pos):
         raise ValueError("q_pos must be [B, Lq] and k_pos [B, Lk]")
 
 
+def dense_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's own attention, in full: ``(probs [B, H, Lq, Lk], vis [B, 1, Lq, Lk], v
+    expanded to the query heads [B, H, Lk, D])``, all float32. The dense references of ACT and
+    of every other rule (:mod:`act_plugin.rules`) start from it."""
+    _check_shapes(q, k, v, q_pos, k_pos)
+    H = q.shape[1]
+    kf = _expand_kv(k, H).to(torch.float32)
+    vf = _expand_kv(v, H).to(torch.float32)
+    vis = visibility_mask(q_pos, k_pos, window)
+    if attn_mask is not None:
+        vis = vis & attn_mask
+    vis = vis.unsqueeze(1)  # [B, 1, Lq, Lk]
+    scores = torch.matmul(q.to(torch.float32), kf.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~vis, float("-inf"))
+    # Rows that see nothing (padding rows) get all-zero probabilities instead of NaN.
+    row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    e = torch.exp(scores - row_max)
+    probs = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return probs, vis, vf
+
+
 def act_attention_dense(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -171,20 +203,7 @@ def act_attention_dense(
     ``attn_mask`` (bool ``[B, Lq, Lk]``, True = may attend) is ANDed with the positional
     visibility, for callers that hold a model's own mask.
     """
-    _check_shapes(q, k, v, q_pos, k_pos)
-    H = q.shape[1]
-    kf = _expand_kv(k, H).to(torch.float32)
-    vf = _expand_kv(v, H).to(torch.float32)
-    vis = visibility_mask(q_pos, k_pos, window)
-    if attn_mask is not None:
-        vis = vis & attn_mask
-    vis = vis.unsqueeze(1)  # [B, 1, Lq, Lk]
-    scores = torch.matmul(q.to(torch.float32), kf.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~vis, float("-inf"))
-    # Rows that see nothing (padding rows) get all-zero probabilities instead of NaN.
-    row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-    e = torch.exp(scores - row_max)
-    probs = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    probs, vis, vf = dense_probabilities(q, k, v, q_pos, k_pos, scale=scale, window=window, attn_mask=attn_mask)
     col_mass = probs.sum(-2)  # [B, H, Lk]
     row_count = vis.sum(-2)  # [B, 1, Lk]
     sinks = find_sinks(col_mass, row_count, (k_pos == 0).unsqueeze(1), threshold)

@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import torch
 
-from act_plugin.core import NONSINK_EPS, find_sinks, visibility_mask
+from act_plugin.core import NONSINK_EPS, dense_probabilities, find_sinks
 
 __all__ = [
     "RULES",
@@ -213,21 +213,7 @@ def rule_attention_dense(
     :mod:`act_plugin.core`: ``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, D]``).
     ``attn_mask`` (bool ``[B, Lq, Lk]``, True = may attend) is ANDed with the positional
     visibility, for callers that hold a model's own mask."""
-    H = q.shape[1]
-    if H % k.shape[1]:
-        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({k.shape[1]})")
-    rep = H // k.shape[1]
-    kf = k.repeat_interleave(rep, dim=1).to(torch.float32)
-    vf = v.repeat_interleave(rep, dim=1).to(torch.float32)
-    vis = visibility_mask(q_pos, k_pos, window)
-    if attn_mask is not None:
-        vis = vis & attn_mask
-    vis = vis.unsqueeze(1)  # [B, 1, Lq, Lk]
-    scores = torch.matmul(q.to(torch.float32), kf.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~vis, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-    e = torch.exp(scores - row_max)
-    probs = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    probs, vis, vf = dense_probabilities(q, k, v, q_pos, k_pos, scale=scale, window=window, attn_mask=attn_mask)
     key_set = rule.key_set(probs, vis, k_pos)
     s = key_set if key_set.dim() == probs.dim() else key_set.unsqueeze(-2)
     in_set = probs * s
