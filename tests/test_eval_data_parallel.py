@@ -7,16 +7,24 @@ whose replica died resumes that replica's unfinished shards only."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from test_eval_runner import TASKS, _numbers, fake_engine, make_cfg  # noqa: F401 - fake_engine is a fixture
 
 from act_plugin.config import ACTConfigError
 from act_plugin.eval import data_parallel, runner
 from act_plugin.eval.config import load_eval_config
 from act_plugin.eval.replica import run_replica
+from act_plugin.eval.report import read_samples
 from act_plugin.eval.results import EvalResults
 from act_plugin.eval.shards import SHARDS_DIR, shard_documents
 
@@ -199,3 +207,69 @@ def test_finished_pieces_do_not_depend_on_n(replicas_here, shared_data, tmp_path
     assert not replicas_here.launched and len(again.reused) == len(first.results.arms) * len(TASKS)
     one = runner.run_eval(make_cfg(shared_data, data_parallel=1), output_dir=out, progress=False)
     assert len(one.reused) == len(again.reused)
+
+
+# ------------------------------------------------------------------------ real engines
+def _cli(args: list[str]) -> subprocess.Popen:
+    code = "import sys; from act_plugin.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=dict(os.environ), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_after_first_shard(proc: subprocess.Popen, out: Path) -> dict[str, bytes]:
+    """Kill the run (front end and replicas) once a replica has saved its first shard; the
+    shard files saved by then."""
+    deadline = time.monotonic() + 900
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if [p for p in (out / SHARDS_DIR).glob("*-of-2.json") if not p.name.startswith("replica-")]:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return {p.name: p.read_bytes() for p in (out / SHARDS_DIR).glob("*-of-2.json") if not p.name.startswith("replica-")}
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_two_engine_replicas_equal_one_including_a_killed_run(smollm2_path, shared_data, tmp_path):
+    """N = 1 in this process; N = 2 from the command line (a core and 1 GiB of KV cache per
+    replica on this 2-core machine), killed once a replica saved its first shard, then run
+    again: the same documents, predictions and statistics as N = 1, log-probabilities within
+    1e-5 (the replicas batch other documents together), and the shards saved before the kill
+    reused, not scored again."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("two replicas need two cores")
+    tasks = ["sst2", "trec"]
+    data = {"name": "dp", "model": smollm2_path, "engine": {"dtype": "float32", "max_model_len": 1024, "seed": 0},
+            "arms": {"baseline": None, "act": {"beta": 0.4, "heads": "2-27:0,4"}}, "tasks": tasks, "limit": 16,
+            "data_dir": str(shared_data), "bootstrap_resamples": 1000}
+    one = runner.run_eval(load_eval_config(data), output_dir=tmp_path / "one", progress=False).output_dir
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "two"
+    saved = _kill_after_first_shard(_cli(["eval", str(path), "-o", str(out), "--data-parallel", "2"]), out)
+    assert saved, "no replica saved a shard within 900 s"
+    assert not json.loads((out / runner.STATE_FILE).read_text())["complete"], "the kill must land mid-run"
+
+    again = _cli(["eval", str(path), "-o", str(out), "--data-parallel", "2"])
+    log, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, log[-3000:]
+    pieces = json.loads((out / runner.STATE_FILE).read_text())["pieces"]
+    for name in saved:  # <arm>__<task>.<k>-of-2.json
+        (arm, task), k = name.split(".")[0].split("__"), int(name.split(".")[1].split("-")[0])
+        assert k in pieces[f"{arm}/{task}"]["shards_reused"]
+    binds = {p["VLLM_CPU_OMP_THREADS_BIND"] for piece in pieces.values() for p in piece["placement"]}
+    assert len(binds) == 2 and all("," not in b and "-" not in b for b in binds)  # one core each
+    a, b = json.loads((out / "results.json").read_text()), json.loads((one / "results.json").read_text())
+    assert a["tasks"] == b["tasks"] and a["summary"] == b["summary"]
+    for arm in data["arms"]:
+        for task in tasks:
+            x, y = (read_samples(d / f"samples_{arm}_{task}.jsonl") for d in (out, one))
+            assert [(r["doc_id"], r["pred"], r["correct"], r["prompt"]) for r in x] == [
+                (r["doc_id"], r["pred"], r["correct"], r["prompt"]) for r in y]
+            diff = max(abs(p - q) for r, s in zip(x, y) for p, q in zip(r["loglikelihoods"], s["loglikelihoods"]))
+            print(f"{arm}/{task}: largest log-probability difference N=2 vs N=1: {diff:.3g}")
+            assert diff <= 1e-5

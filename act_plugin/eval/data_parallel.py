@@ -146,7 +146,8 @@ def _merge(cfg: EvalConfig, state: RunState, todo: dict[str, list[str]], data_di
             if len({json.dumps(s["engine"]["calibration"], sort_keys=True) for s in found}) != 1:
                 raise RuntimeError(f"data_parallel: the replicas of {arm}/{task} read back different calibrations")
             scored = merge_shards(found, lm_tasks[task], tasks[task], seeds, cfg.lm_eval_limit, BOOTSTRAP_ITERS)
-            record_piece(state, scored, data_parallel=n, shards_reused=reused.get((arm, task), []))
+            record_piece(state, scored, data_parallel=n, shards_reused=reused.get((arm, task), []),
+                         placement=[s.get("placement") for s in found])
             for k in range(n):
                 shard_path(state.out, arm, task, k, n).unlink(missing_ok=True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ logger = logging.getLogger("act_plugin.eval")
 
 SHARDS_DIR = "shards"
 SHARD_SCHEMA = "act-plugin/eval-shard"
+# where a replica ran, as its shard file records it
+PLACEMENT_VARIABLES = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "CUDA_VISIBLE_DEVICES")
 
 
 def shard_documents(task: Any, limit: int | float | None, shard: int, shards: int) -> list[int]:
@@ -51,7 +54,8 @@ def write_shard(out: Path, key: str, shard: int, shards: int, scored: ScoredPiec
     payload = {"schema": SHARD_SCHEMA, "key": key, "shard": shard, "shards": shards,
                "arm": scored.arm, "task": scored.task, "records": scored.records,
                "lm_eval_raw": scored.lm_eval_raw, "metric_items": scored.metric_items,
-               "engine": scored.engine, "preemptions": scored.preemptions, "wall_time_s": scored.wall_time_s}
+               "engine": scored.engine, "preemptions": scored.preemptions, "wall_time_s": scored.wall_time_s,
+               "placement": {k: os.environ[k] for k in PLACEMENT_VARIABLES if k in os.environ}}
     return atomic_write_json(shard_path(out, scored.arm, scored.task, shard, shards), payload)
 
 
