@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
             replica_environments(cfg.data_parallel, cfg.engine)  # more replicas than cores or GPUs: refused
         print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, limit {cfg.limit}, "
-              f"data {data_dir} ({how})")
+              f"data {data_dir} ({how})" + (f", {cfg.data_parallel} replicas" if cfg.data_parallel > 1 else ""))
         return 0
     from act_plugin.eval.runner import run_eval
 
