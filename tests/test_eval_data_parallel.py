@@ -44,10 +44,12 @@ def test_data_parallel_setting(shared_data):
 def test_the_replica_reads_back_the_same_config(shared_data):
     cfg = make_cfg(shared_data, data_parallel=2)
     again = load_eval_config(cfg.to_dict())
-    inputs = runner.run_inputs(cfg, "m", shared_data, {"act_plugin": "x", "lm_eval": "x", "vllm": "x", "torch": "x"})
-    assert runner.run_inputs(again, "m", shared_data, {k: "x" for k in ("act_plugin", "lm_eval", "vllm", "torch")}
-                             ) == inputs
+    versions = {k: "x" for k in ("act_plugin", "lm_eval", "vllm", "torch")}
+    assert runner.run_inputs(again, "m", shared_data, versions) == runner.run_inputs(cfg, "m", shared_data, versions)
     assert again.data_parallel == 2
+    demo = load_eval_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", data_parallel=2)
+    assert runner.run_inputs(load_eval_config(demo.to_dict()), "m", shared_data, versions) == runner.run_inputs(
+        demo, "m", shared_data, versions)  # a per-task arm too
 
 
 # ------------------------------------------------------------------------ placement

@@ -107,9 +107,11 @@ def _launch(state: RunState, spec: dict[str, Any], env: dict[str, str], k: int, 
     """Start replica k with its spec file; replica 0 shows its progress here, the others log."""
     folder = state.out / SHARDS_DIR
     spec_file = atomic_write_json(folder / f"replica-{k}-of-{n}.spec.json", {**spec, "shard": k})
-    log = None if k == 0 else open(folder / f"replica-{k}-of-{n}.log", "w")  # noqa: SIM115 - closed with the process
     cmd = [sys.executable, "-m", REPLICA_MODULE, str(spec_file)]
-    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log)
+    if k == 0:
+        return subprocess.Popen(cmd, env={**os.environ, **env})
+    with open(folder / f"replica-{k}-of-{n}.log", "w") as log:  # the replica keeps its own copy of the handle
+        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log)
 
 
 def _wait(procs: dict[int, subprocess.Popen], folder: Path, n: int) -> None:

@@ -155,7 +155,7 @@ class _Harness:
         docs = self._documents(lm_task)
         for seed in self.seeds:
             bar.set_description(f"arm {arm}, {task}, seed {seed}")
-            if docs.get("samples", {lm_task: True})[lm_task]:  # an empty shard scores nothing
+            if "samples" not in docs or docs["samples"][lm_task]:  # an empty shard scores nothing
                 res = simple_evaluate(
                     model=lm, tasks=[lm_task], num_fewshot=cfg.num_fewshot, log_samples=True,
                     task_manager=self.task_manager, fewshot_random_seed=seed, bootstrap_iters=BOOTSTRAP_ITERS, **docs,
