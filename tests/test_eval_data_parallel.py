@@ -52,6 +52,19 @@ def test_the_replica_reads_back_the_same_config(shared_data):
         demo, "m", shared_data, versions)  # a per-task arm too
 
 
+def test_a_new_run_marks_its_folder_at_once(shared_data, tmp_path):
+    """A killed data-parallel run has recorded no piece yet, only shards: its folder must still
+    be known as this run's, or the rerun would refuse it as foreign."""
+    versions = {k: "x" for k in ("act_plugin", "lm_eval", "vllm", "torch")}
+    inputs = runner.run_inputs(make_cfg(shared_data, data_parallel=2), "m", shared_data, versions)
+    out = tmp_path / "new"
+    runner.RunState.open(out, inputs)
+    assert (out / runner.STATE_FILE).is_file()
+    (out / SHARDS_DIR).mkdir()
+    (out / SHARDS_DIR / "act__sst2.0-of-2.json").write_text("{}")
+    assert runner.RunState.open(out, inputs).pieces == {}  # resumes, not refused
+
+
 # ------------------------------------------------------------------------ placement
 def test_cpu_replicas_split_the_cores_and_the_kv_cache():
     assert data_parallel.cpu_replicas(2, [0, 1], 2) == [
