@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fewshot", type=int, default=None, help="k in-context examples (overrides)")
     parser.add_argument("--data-dir", default=None, help="offline data folder (overrides; default $ACT_DATA_DIR "
                         "or ../shared/data)")
+    parser.add_argument("--data-parallel", default=None, metavar="N", help="N engine replicas, each scoring "
+                        "every N-th document (one per GPU; a block of cores each on CPU); overrides the config")
     parser.add_argument("--no-share-engine", action="store_true", help="one engine per arm")
     parser.add_argument("--verbose", "-v", action="store_true", help="keep lm-eval's and vLLM's info logs")
     parser.add_argument("--check", action="store_true", help="validate the config and the data files, run nothing")
@@ -33,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         "num_fewshot": args.num_fewshot,
         "data_dir": args.data_dir,
         "share_engine": False if args.no_share_engine else None,
+        "data_parallel": args.data_parallel,  # '2': the eval config reads it
     }
     cfg = load_eval_config(args.config, **overrides)
     data_dir, how = resolve_data_dir(cfg.data_dir)
@@ -40,8 +43,12 @@ def run(args: argparse.Namespace) -> int:
     for line in cfg.arm_notes():  # what each per-task arm calibrates, before anything runs
         print(line)
     if args.check:
+        if cfg.data_parallel > 1:
+            from act_plugin.eval.data_parallel import replica_environments
+
+            replica_environments(cfg.data_parallel, cfg.engine)  # more replicas than cores or GPUs: refused
         print(f"{args.config}: OK -- arms {list(cfg.arms)}, tasks {cfg.tasks}, limit {cfg.limit}, "
-              f"data {data_dir} ({how})")
+              f"data {data_dir} ({how})" + (f", {cfg.data_parallel} replicas" if cfg.data_parallel > 1 else ""))
         return 0
     from act_plugin.eval.runner import run_eval
 

@@ -98,6 +98,8 @@ class EvalConfig(BaseModel):
         None, description="where results go (default runs/<name>; the same command resumes an interrupted run)")
     share_engine: bool = Field(True, description="one engine for all arms (per-request switch) or one per arm")
     next_token: bool = Field(True, description="score single-token answers from one prefill of the prompt")
+    data_parallel: int = Field(1, description="engine replicas scoring the documents side by side (one per GPU on "
+                                              "CUDA, a block of cores each on CPU); results equal one replica's")
     batch_size: int | str = Field("auto", description="requests per engine call ('auto' = all at once)")
     bootstrap_resamples: int = Field(10000, ge=100, description="paired bootstrap resamples for CIs")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="CI level")
@@ -259,6 +261,26 @@ class EvalConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ACTConfigError(f"seeds must be distinct, got {v}")
         return v
+
+    @field_validator("data_parallel", mode="before")
+    @classmethod
+    def _data_parallel(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ACTConfigError(f"data_parallel must be a positive whole number of engine replicas, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _data_parallel_zero_shot(self) -> EvalConfig:
+        # lm-eval draws every document's few-shot examples from one random stream, in document
+        # order: a replica scoring every N-th document would draw other examples than one process.
+        if self.data_parallel > 1 and self.num_fewshot > 0:
+            raise ACTConfigError(
+                f"data_parallel {self.data_parallel} needs num_fewshot: 0 (got {self.num_fewshot}): lm-eval draws "
+                f"each document's few-shot examples from one random stream in document order, so a replica's "
+                f"documents would get other examples than in one process; use data_parallel: 1")
+        return self
 
     @field_validator("batch_size", mode="before")
     @classmethod

@@ -14,10 +14,10 @@ import functools
 import gc
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,11 @@ from act_plugin.eval import report as _report
 from act_plugin.eval.config import EvalConfig
 from act_plugin.eval.records import primary_metric, records_from_samples
 from act_plugin.eval.run_state import RunState
+from act_plugin.eval.scored import ScoredPiece, numeric_metrics
 from act_plugin.tasks import REPO_ROOT, write_lm_eval_tasks
 
-__all__ = ["run_pieces", "tasks_folder"]
+__all__ = ["run_pieces", "score_pieces", "tasks_folder", "load_lm_eval_task", "task_manager_for",
+           "BOOTSTRAP_ITERS", "record_piece"]
 
 logger = logging.getLogger("act_plugin.eval")
 
@@ -85,14 +87,6 @@ def _env_info_once():
         collect_env.get_pretty_env_info = original
 
 
-def _numeric(metrics: dict) -> dict[str, float | None]:
-    out = {}
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else float(v)
-    return out
-
-
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(_report.clean(obj), default=str))
 
@@ -109,16 +103,18 @@ def _shutdown(lm: Any) -> None:
     gc.collect()
 
 
-class _Harness:
-    """What every piece of one session shares: the config, the run state, lm-eval's task
-    index and the engine arguments."""
+BOOTSTRAP_ITERS = 1000  # lm-eval's stderr bootstrap (the data-parallel merge recomputes with the same)
 
-    def __init__(self, cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path,
-                 lm_tasks: dict[str, str], seeds: list[int]):
-        self.cfg, self.state, self.lm_tasks, self.seeds = cfg, state, lm_tasks, seeds
-        # lm-eval's own task index (thousands of YAMLs) is only scanned when a config names one of them
-        own = any(t.startswith("lm_eval:") for t in cfg.tasks)
-        self.task_manager = _task_manager(str(tasks_folder()), own, str(data_dir))
+
+class _Harness:
+    """What every piece of one session shares: the config, lm-eval's task index, the engine
+    arguments, and which documents this process scores (``shard``: replica k of N)."""
+
+    def __init__(self, cfg: EvalConfig, model_path: str, data_dir: Path, lm_tasks: dict[str, str],
+                 seeds: list[int], on_engine_start: Callable[[float], None], shard: tuple[int, int] | None = None):
+        self.cfg, self.lm_tasks, self.seeds, self.shard = cfg, lm_tasks, seeds, shard
+        self.on_engine_start = on_engine_start
+        self.task_manager = task_manager_for(cfg, data_dir)
         self.engine_kwargs = {**cfg.engine, "pretrained": model_path, "batch_size": cfg.batch_size,
                               "next_token": cfg.next_token}
 
@@ -132,12 +128,21 @@ class _Harness:
             lm = ActVLLM(additional_config={"act": False}, **self.engine_kwargs)
         else:
             lm = ActVLLM(act=setting, **self.engine_kwargs)
-        self.state.engine_started(time.perf_counter() - t0)
+        self.on_engine_start(time.perf_counter() - t0)
         return lm
 
-    def run_piece(self, lm: Any, arm: str, task: str, bar: Any) -> None:
-        """Score (arm, task) for every seed after checking the engine's calibration; write its
-        samples file and record it in the run state."""
+    def _documents(self, lm_task: str) -> dict[str, Any]:
+        """simple_evaluate's document selection: the config's limit, or this shard's documents
+        (lm-eval's ``samples``, which takes no limit)."""
+        if self.shard is None:
+            return {"limit": self.cfg.lm_eval_limit}
+        from act_plugin.eval.shards import shard_documents
+
+        task = load_lm_eval_task(lm_task, self.task_manager)
+        return {"limit": None, "samples": {lm_task: shard_documents(task, self.cfg.lm_eval_limit, *self.shard)}}
+
+    def score_piece(self, lm: Any, arm: str, task: str, bar: Any) -> ScoredPiece:
+        """Score (arm, task) for every seed after checking the engine's calibration."""
         from lm_eval import simple_evaluate
 
         cfg, lm_task = self.cfg, self.lm_tasks[task]
@@ -146,41 +151,81 @@ class _Harness:
         lm.set_arm(engine_arms.request_value(cfg, arm, task))
         status = engine_arms.engine_status(lm)
         engine = engine_arms.read_back(cfg, arm, task, status)
-        records: list[dict] = []
-        lm_eval_out: dict[str, dict] = {}
-        raw: dict[str, dict] = {}
+        scored = ScoredPiece(arm, task, [], {}, {}, engine, None, 0.0)
+        docs = self._documents(lm_task)
         for seed in self.seeds:
             bar.set_description(f"arm {arm}, {task}, seed {seed}")
-            res = simple_evaluate(
-                model=lm, tasks=[lm_task], num_fewshot=cfg.num_fewshot, limit=cfg.lm_eval_limit,
-                log_samples=True, task_manager=self.task_manager, fewshot_random_seed=seed, bootstrap_iters=1000,
-            )
-            if res is None:  # pragma: no cover - non-zero rank
-                raise RuntimeError("lm-eval returned no results")
-            lm_eval_out[str(seed)] = _numeric(res["results"].get(lm_task, {}))
-            raw[str(seed)] = {"results": res["results"], "n-samples": res.get("n-samples"),
-                              "config": res.get("config"), "versions": res.get("versions")}
-            records += records_from_samples(task, lm_task, arm, seed, res["samples"][lm_task], primary_metric(task))
+            if "samples" not in docs or docs["samples"][lm_task]:  # an empty shard scores nothing
+                res = simple_evaluate(
+                    model=lm, tasks=[lm_task], num_fewshot=cfg.num_fewshot, log_samples=True,
+                    task_manager=self.task_manager, fewshot_random_seed=seed, bootstrap_iters=BOOTSTRAP_ITERS, **docs,
+                )
+                if res is None:  # pragma: no cover - non-zero rank
+                    raise RuntimeError("lm-eval returned no results")
+                _add_seed(scored, res, lm_task, seed)
             bar.update(1)
         before, after = status.get("preemptions"), engine_arms.engine_status(lm).get("preemptions")
-        name = _report.samples_filename(arm, task.replace(":", "-"))
-        _report.write_samples(self.state.out / name, records)
-        self.state.record({
-            "arm": arm, "task": task, "samples": name, "records": len(records),
-            "wall_time_s": time.perf_counter() - t0, "lm_eval": lm_eval_out, "lm_eval_raw": _jsonable(raw),
-            "engine": engine,
-            "preemptions": (after - before) if isinstance(after, int) and isinstance(before, int) else None,
-        })
+        scored.preemptions = (after - before) if isinstance(after, int) and isinstance(before, int) else None
+        scored.wall_time_s = time.perf_counter() - t0
+        return scored
+
+
+def _add_seed(scored: ScoredPiece, res: dict, lm_task: str, seed: int) -> None:
+    """One seed's lm-eval output into the scored piece."""
+    samples = res["samples"][lm_task]
+    scored.lm_eval[str(seed)] = numeric_metrics(res["results"].get(lm_task, {}))
+    scored.lm_eval_raw[str(seed)] = _jsonable({"results": res["results"], "n-samples": res.get("n-samples"),
+                                               "config": res.get("config"), "versions": res.get("versions")})
+    scored.records += records_from_samples(scored.task, lm_task, scored.arm, seed, samples,
+                                           primary_metric(scored.task))
+    items = [{"doc_id": int(s["doc_id"]), "filter": s["filter"], "values": {m: s[m] for m in s["metrics"]}}
+             for s in samples]
+    scored.metric_items[str(seed)] = _jsonable(sorted(items, key=lambda x: x["doc_id"]))
+
+
+def load_lm_eval_task(lm_task: str, task_manager: Any) -> Any:
+    """lm-eval's task object (its documents and aggregation functions)."""
+    from lm_eval.tasks import get_task_dict
+
+    return get_task_dict([lm_task], task_manager)[lm_task]
+
+
+def task_manager_for(cfg: EvalConfig, data_dir: Path) -> Any:
+    """lm-eval's task index for this config's tasks (lm-eval's own index, thousands of YAMLs,
+    is only scanned when a config names one of its tasks)."""
+    return _task_manager(str(tasks_folder()), any(t.startswith("lm_eval:") for t in cfg.tasks), str(data_dir))
+
+
+def record_piece(state: RunState, scored: ScoredPiece, **extra: Any) -> None:
+    """Write a fully scored piece's samples file, then its entry in the run state (``extra``:
+    more fields of the entry)."""
+    name = _report.samples_filename(scored.arm, scored.task.replace(":", "-"))
+    _report.write_samples(state.out / name, scored.records)
+    state.record({
+        "arm": scored.arm, "task": scored.task, "samples": name, "records": len(scored.records),
+        "wall_time_s": scored.wall_time_s, "lm_eval": scored.lm_eval, "lm_eval_raw": scored.lm_eval_raw,
+        "engine": scored.engine, "preemptions": scored.preemptions, **extra,
+    })
 
 
 def run_pieces(cfg: EvalConfig, state: RunState, todo: dict[str, list[str]], model_path: str, data_dir: Path,
                lm_tasks: dict[str, str], seeds: list[int], verbose: bool, progress: bool) -> None:
-    """Run the pieces in ``todo`` (arm -> its tasks to run), one engine for all arms or one
-    engine per arm, shut down after use."""
+    """Run the pieces in ``todo`` (arm -> its tasks to run) on every document, recording each
+    in the run state as it finishes."""
+    score_pieces(cfg, todo, model_path, data_dir, lm_tasks, seeds, verbose, progress,
+                 on_engine_start=state.engine_started, on_piece=functools.partial(record_piece, state))
+
+
+def score_pieces(cfg: EvalConfig, todo: dict[str, list[str]], model_path: str, data_dir: Path,
+                 lm_tasks: dict[str, str], seeds: list[int], verbose: bool, progress: bool, *,
+                 on_engine_start: Callable[[float], None], on_piece: Callable[[ScoredPiece], None],
+                 shard: tuple[int, int] | None = None) -> None:
+    """Score the pieces in ``todo`` (on ``shard``'s documents only, if given), one engine for
+    all arms or one engine per arm, shut down after use; ``on_piece`` gets each as it finishes."""
     from tqdm import tqdm
 
     _quiet_logs(verbose)
-    harness = _Harness(cfg, state, model_path, data_dir, lm_tasks, seeds)
+    harness = _Harness(cfg, model_path, data_dir, lm_tasks, seeds, on_engine_start, shard)
     total = sum(len(t) for t in todo.values()) * len(seeds)
     # one engine for every arm, or one engine per arm
     sessions = [list(todo)] if cfg.share_engine else [[arm] for arm in todo]
@@ -191,6 +236,6 @@ def run_pieces(cfg: EvalConfig, state: RunState, todo: dict[str, list[str]], mod
             try:
                 for arm in arms:
                     for task in todo[arm]:
-                        harness.run_piece(lm, arm, task, bar)
+                        on_piece(harness.score_piece(lm, arm, task, bar))
             finally:
                 _shutdown(lm)

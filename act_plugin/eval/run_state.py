@@ -104,13 +104,17 @@ class RunState:
     @classmethod
     def open(cls, out: Path, inputs: dict[str, Any]) -> RunState:
         state = cls(out, inputs)
+        # a new run marks its folder at once: a data-parallel run records no piece until its
+        # replicas finish, and a rerun must find its saved shards in a folder of this run
         if not out.exists():
             out.mkdir(parents=True)
+            state._save()
             return state
         if not out.is_dir():
             raise ACTConfigError(f"output dir {out} is a file; choose another --output-dir")
         entries = sorted(p.name for p in out.iterdir())
         if not entries:
+            state._save()
             return state
         if STATE_FILE not in entries:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")

@@ -28,6 +28,9 @@ then its entry in ``run_state.json``); ``results.json`` (:class:`act_plugin.eval
 done, then the state is marked complete. Every file is written atomically. Rerunning the same
 command in the same folder resumes; a folder holding another run is refused.
 
+With ``data_parallel: N`` the pieces are scored by N engine replicas, each on every N-th
+document, and merged into the same files (:mod:`~act_plugin.eval.data_parallel`).
+
 Per-document correctness comes from lm-eval's logged samples (``log_samples=True``),
 matched across arms by ``doc_id``; few-shot runs (k > 0) repeat for every seed
 (``fewshot_random_seed``) and report the mean over seeds.
@@ -43,6 +46,7 @@ from pathlib import Path
 
 from act_plugin.eval.assemble import assemble
 from act_plugin.eval.config import EvalConfig
+from act_plugin.eval.data_parallel import run_pieces_parallel
 from act_plugin.eval.engine_arms import engine_setting, engine_status, read_back, request_value
 from act_plugin.eval.harness import run_pieces, tasks_folder
 from act_plugin.eval.outputs import write_outputs
@@ -125,7 +129,9 @@ def run_eval(
     if reused:
         logger.warning("eval: resuming in %s: %d of %d pieces reused", out, len(reused), len(cfg.pieces))
 
-    if todo:
+    if todo and cfg.data_parallel > 1:
+        run_pieces_parallel(cfg, state, todo, model_path, data_dir, lm_tasks, seeds, verbose, progress)
+    elif todo:
         run_pieces(cfg, state, todo, model_path, data_dir, lm_tasks, seeds, verbose, progress)
 
     results = assemble(cfg, state, model_path, data_dir, data_how, lm_tasks, seeds, versions)
