@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 
 from act_plugin.config import ACTConfig
@@ -44,6 +45,105 @@ def test_global_to_local_head_mapping(tp_size, num_heads, num_kv_heads):
             else:  # KV heads replicated: each rank holds the one its query heads need
                 assert kv_local == 1 and h // per_kv == 0
     assert sorted(seen) == sorted(set(global_heads))
+
+
+# first_token under TP: gamma per (layer, global head), each value distinct so that a head
+# getting another head's gamma shows; layer 1's heads sit on both ranks of TP=2 (0-3 | 4-7)
+# and on all four of TP=4.
+ZT_GAMMAS = {(1, 1): 3.0, (1, 2): 0.25, (1, 5): 6.0, (1, 6): 0.5, **{(2, h): 1.5 for h in range(8)}}
+RULE_PROFILES = {
+    "act": {"beta": 0.3, "threshold": 0.05, "heads": "1:0,3"},
+    "zt": {"rule": "first_token", "scale": 4.0, "heads": "1-2:2,7"},
+    "zth": {"rule": "first_token", "scale": {"1:1": 3.0, "1:2": 0.25, "1:5": 6.0, "1:6": 0.5, "2:*": 1.5}},
+}
+
+
+def _rule_state(rank: int):
+    from act_plugin.config import ACTEngineConfig
+    from act_plugin.vllm.worker_state import WorkerState
+
+    cfg = ACTEngineConfig.from_any({"profiles": RULE_PROFILES, "default": None})
+    return cfg, WorkerState(engine_cfg=cfg, tp=TPSlice(rank, 8, 4))
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 4, 8])
+def test_first_token_gammas_reach_the_rank_of_their_heads(tp_size):
+    """Rank r gets, for each layer, its local heads (global h -> h - r * H/tp) and exactly
+    their gammas, in the same order; every configured head lands on one rank only."""
+    local_count = 8 // tp_size
+    seen: dict[tuple[int, int], float] = {}
+    for rank in range(tp_size):
+        cfg, state = _rule_state(rank)
+        prof = cfg.profiles["zth"]
+        for layer in range(4):
+            heads = state.local_heads(prof, layer, local_count, torch.device("cpu"))
+            gammas = state.local_head_scales(prof, layer, local_count, torch.device("cpu"))
+            want = [(g - rank * local_count, gamma) for (lyr, g), gamma in sorted(ZT_GAMMAS.items())
+                    if lyr == layer and g // local_count == rank]
+            if not want:
+                assert heads is None and gammas is None, (rank, layer)
+                continue
+            assert heads is not None and gammas is not None
+            assert list(zip(heads.tolist(), gammas.tolist())) == want, (rank, layer)
+            for h, gamma in want:
+                assert (layer, rank * local_count + h) not in seen
+                seen[(layer, rank * local_count + h)] = gamma
+    assert seen == ZT_GAMMAS
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_tp_sliced_rule_step_equals_unsliced(tp_size):
+    """One step mixing act, first_token (scalar and per-head gamma) and off rows, run by one
+    layer calibrator over all 8 heads (TP=1) and by one per rank over its slice of the query
+    heads, KV heads (replicated when fewer than ranks) and output, as vLLM shards them: the
+    ranks' outputs side by side equal the TP=1 output, and every first_token arm changes its
+    rows on some rank."""
+    import types
+
+    from act_plugin.kernels.cache_layout import cpu_attn_split
+    from act_plugin.kernels.testing import make_problem
+    from act_plugin.vllm.layer_calibrator import LayerCalibrator
+    from act_plugin.vllm.plan import SeqGroup, StepPlan
+    from act_plugin.vllm.worker_state import Arm
+
+    p = make_problem([40, 23, 31, 17], [1, 6, 1, 1], num_heads=8, num_kv_heads=2, head_size=32, heads=[0],
+                     sink_strength=1.5, seed=5)
+
+    def group(arm, i):
+        return SeqGroup(arm=arm, block_table=p.block_table[i : i + 1], seq_lens=p.seq_lens[i : i + 1],
+                        query_start=p.query_start[i : i + 1], query_lens=p.query_lens[i : i + 1],
+                        max_query_len=int(p.query_lens[i]), max_seq_len=int(p.seq_lens[i]))
+
+    def run(rank, num_heads, num_kv_heads, query, cache, output):
+        cfg, state = _rule_state(rank)
+        arms = {name: Arm(name, prof) for name, prof in cfg.profiles.items()}
+        step = types.SimpleNamespace(act_plan=StepPlan(  # sequence 3 runs without ACT (off)
+            groups=[group(arms["act"], 0)], rule_groups=[group(arms["zt"], 1), group(arms["zth"], 2)]))
+        cal = LayerCalibrator(heads=state, num_heads=num_heads, num_kv_heads=num_kv_heads, scale=p.scale,
+                              sliding_window=None, kv_split=cpu_attn_split)
+        cal.bind_layer(1)
+        out = output.clone()
+        cal.apply(query, cache, step, out)
+        return out
+
+    whole = run(0, 8, 2, p.query, p.raw_cache, p.output)
+    lh, kvl = 8 // tp_size, max(1, 2 // tp_size)
+    parts = []
+    for rank in range(tp_size):
+        heads = slice(rank * lh, (rank + 1) * lh)
+        kv0 = rank * kvl if tp_size <= 2 else (rank * lh) // 4  # replicated: the KV head of its queries
+        cache = p.raw_cache[:, kv0 : kv0 + kvl].contiguous()
+        parts.append(run(rank, lh, kvl, p.query[:, heads].contiguous(), cache, p.output[:, heads].contiguous()))
+    sharded = torch.cat(parts, dim=1)
+    assert (sharded - whole).abs().max() <= 1e-6 * whole.abs().max()
+    rows = [slice(int(p.query_start[i]), int(p.query_start[i] + p.query_lens[i])) for i in range(4)]
+    assert torch.equal(whole[rows[3]], p.output[rows[3]])  # the off row: native
+    assert torch.equal(whole[: int(p.query_start[0])], p.output[: int(p.query_start[0])])  # other requests
+    for seq, changed in ((1, [2, 7]), (2, [1, 2, 5, 6])):  # zt: heads 2 and 7; zth: layer 1's heads
+        others = [h for h in range(8) if h not in changed]
+        assert torch.equal(whole[rows[seq]][:, others], p.output[rows[seq]][:, others])
+        for h in changed:
+            assert not torch.equal(whole[rows[seq]][:, h], p.output[rows[seq]][:, h]), (seq, h)
 
 
 ACT = {"profiles": {"a": {"beta": 0.3, "threshold": 0.05, "heads": "1-3:0,3,4,7"}}, "default": None}
