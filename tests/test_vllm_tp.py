@@ -1,5 +1,8 @@
-"""Tensor parallelism: global head index -> (rank, local head), and a real TP=2 CPU engine
-giving the same calibrated outputs as TP=1.
+"""Tensor parallelism: global head index -> (rank, local head); the first_token rule's
+per-head gammas reaching the rank of their heads, and a rank-sharded step of act,
+first_token and off rows equal to the unsharded one (no engine); and a real TP=2 CPU engine
+giving the same outputs as TP=1 for act, first_token (scalar and per-head gamma) and off
+arms, alone and mixed in one batch.
 
 SmolLM2 has 9 query heads, which no TP size > 1 divides (vLLM refuses it), so the engine
 test builds a small random-weight Llama with 8 query heads / 2 KV heads (head_dim 64) that
@@ -146,33 +149,60 @@ def test_tp_sliced_rule_step_equals_unsliced(tp_size):
             assert not torch.equal(whole[rows[seq]][:, h], p.output[rows[seq]][:, h]), (seq, h)
 
 
-ACT = {"profiles": {"a": {"beta": 0.3, "threshold": 0.05, "heads": "1-3:0,3,4,7"}}, "default": None}
+ACT = {
+    "profiles": {
+        "a": {"beta": 0.3, "threshold": 0.05, "heads": "1-3:0,3,4,7"},
+        "zt": {"rule": "first_token", "scale": 4.0, "heads": "1-3:*"},
+        # per-head gammas, in each layer one head on each rank of TP=2 (heads 0-3 | 4-7)
+        "zth": {"rule": "first_token", "scale": {"1:1": 4.0, "1:6": 0.25, "2:2,5": 5.0, "3:0,7": 0.2}},
+    },
+    "default": None,
+}
+MIXED_ARMS = ("a", "zt", "zth", "off")
+LOGPROB_TOL = 1e-3
 
 _RUN = textwrap.dedent(
     """
     import json, os, sys
     from act_plugin.vllm.env import cpu_engine_kwargs
     if __name__ == "__main__":
-        model, tp, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+        model, tp, out, act = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+        arms = sys.argv[5].split(",")
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if tp == 2 else "0-1"
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
-        act = {"profiles": {"a": {"beta": 0.3, "threshold": 0.05, "heads": "1-3:0,3,4,7"}}, "default": None}
         # TP=1 reads its ACT config from the ACT_CONFIG file, TP=2 from additional_config:
         # equal results also show that both ways configure the same calibration.
         extra = {} if os.environ.get("ACT_CONFIG") else {"additional_config": {"act": act}}
         llm = LLM(model=model, seed=0, tensor_parallel_size=tp, **extra, **cpu_engine_kwargs(max_model_len=256))
         prompts = [[1, 17, 230, 18, 9, 2048, 77, 13], [5, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43]]
-        res = {}
-        for arm in ("a", "off"):
-            sp = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, extra_args={"act": arm})
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
-            res[arm] = [{"tokens": list(o.outputs[0].token_ids),
-                         "lp": {str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()}} for o in outs]
+        def sp(arm):
+            return SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, extra_args={"act": arm})
+        def run(batch):  # batch: [(prompt, arm)], one generate call
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in batch], [sp(a) for _, a in batch],
+                                use_tqdm=False)
+            return [{"tokens": list(o.outputs[0].token_ids),
+                     "lp": {str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()}} for o in outs]
+        res = {arm: run([(p, arm) for p in prompts]) for arm in ("a", "off")}
+        # one batch mixing every arm: act, first_token (scalar and per-head gamma) and off rows
+        mixed = run([(p, arm) for arm in arms for p in prompts])
+        for i, arm in enumerate(arms):
+            res["mixed_" + arm] = mixed[i * len(prompts) : (i + 1) * len(prompts)]
         json.dump(res, open(out, "w"))
     """
 )
+
+
+def _max_logprob_change(xs: list[dict], ys: list[dict]) -> float:
+    """The largest change of a first-token log-prob (top-5 ids both hold) over the prompts;
+    inf where the greedy tokens differ."""
+    worst = 0.0
+    for x, y in zip(xs, ys):
+        if x["tokens"] != y["tokens"]:
+            return float("inf")
+        worst = max([worst] + [abs(lp - y["lp"][t]) for t, lp in x["lp"].items() if t in y["lp"]])
+    return worst
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +228,8 @@ def tiny_gqa_model(tmp_path_factory, smollm2_path):
 @pytest.mark.engine
 @pytest.mark.slow
 def test_tp2_equals_tp1(tiny_gqa_model, tmp_path):
+    """act and off alone, then one batch of act, first_token (scalar gamma; per-head gamma
+    on both ranks) and off rows: TP=2 gives TP=1's greedy tokens and log-probs."""
     pytest.importorskip("vllm")
     script = tmp_path / "run.py"
     script.write_text(_RUN)
@@ -210,18 +242,22 @@ def test_tp2_equals_tp1(tiny_gqa_model, tmp_path):
             cfg.write_text(yaml.safe_dump({"act": ACT}))
             env["ACT_CONFIG"] = str(cfg)
         proc = subprocess.run(
-            [sys.executable, str(script), tiny_gqa_model, str(tp), str(out)],
+            [sys.executable, str(script), tiny_gqa_model, str(tp), str(out), json.dumps(ACT), ",".join(MIXED_ARMS)],
             env=env, capture_output=True, text=True, timeout=900,
         )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         results[tp] = json.loads(out.read_text())
     one, two = results[1], results[2]
-    # Calibration must do something here, or the comparison proves nothing.
+    # Every calibrated arm must change its rows clearly beyond the TP tolerance, or the
+    # comparison proves nothing (e.g. a rank dropping its half of the heads).
     assert one["a"] != one["off"]
-    for arm in ("a", "off"):
-        for r1, r2 in zip(one[arm], two[arm]):
-            assert r1["tokens"] == r2["tokens"], arm
+    for arm in ("a", "zt", "zth"):
+        assert _max_logprob_change(one["mixed_" + arm], one["mixed_off"]) > 10 * LOGPROB_TOL, arm
+    assert set(one) == set(two) == {"a", "off"} | {"mixed_" + arm for arm in MIXED_ARMS}
+    for key in one:
+        for r1, r2 in zip(one[key], two[key]):
+            assert r1["tokens"] == r2["tokens"], key
             for tid, lp in r1["lp"].items():
                 if tid in r2["lp"]:
-                    assert abs(r2["lp"][tid] - lp) < 1e-3, (arm, tid)
+                    assert abs(r2["lp"][tid] - lp) < LOGPROB_TOL, (key, tid)
     shutil.rmtree(tiny_gqa_model, ignore_errors=True)
