@@ -208,6 +208,66 @@ def test_v2_router_and_plan_map_batch_positions_to_slots(state):
     assert 3 not in state.arms
 
 
+RULE_PROFILES = {
+    "a": {"beta": 0.4, "heads": "2-27:0,4"},
+    "zt": {"rule": "first_token", "scale": 1.5, "heads": "2-27:*"},
+    "zth": {"rule": "first_token", "scale": {"2-14:*": 1.8, "15-27:0,4,8": 0.4}},
+}
+
+
+def _rule_groups(plan):
+    """(profile, decode) -> (query starts, seq lens, first block, gamma of layer 15 head 4)."""
+    return {(g.arm.profile, g.max_query_len == 1): (g.query_start.tolist(), g.seq_lens.tolist(),
+                                                     g.block_table[:, 0].tolist(), g.arm.config.head_scales(15, [4]))
+            for g in plan.rule_groups}
+
+
+def test_v2_router_and_plan_sort_rule_arms_by_slot(state):
+    """MRV2 with act, first_token (scalar and per-head gamma) and off requests at scattered
+    slots: each batch row lands in the group of its slot's arm (act rows in ``groups``,
+    first_token rows in ``rule_groups`` with their profile's gammas), and rows follow their
+    slot when the step's req_idx order changes."""
+    state.engine_cfg = ACTEngineConfig.from_any({"profiles": RULE_PROFILES, "default": None})
+    state.version += 1  # as configure() does: the per-version caches (rules in force) start anew
+    try:
+        req_states = SimpleNamespace(prompt_len=SimpleNamespace(np=np.full(12, 4)),
+                                     prefill_len=SimpleNamespace(np=np.full(12, 4)))
+        router = ACTRequestRouterV2(None, req_states)
+        for slot, value in ((7, "a"), (2, "zt"), (5, "zth"), (0, "off"), (9, "zt"), (11, None)):
+            sp = vllm.SamplingParams(extra_args={} if value is None else {"act": value})
+            assert router.add_request(slot, sp) is False
+        assert {s: a.profile for s, a in state.arms.items()} == {7: "a", 2: "zt", 5: "zth", 9: "zt"}
+        assert state.other_rules_in_force()
+        # positions 0..5 hold slots 5, 9, 0, 2, 7, 11; zt's rows (positions 1 and 3) are not adjacent
+        common = _common(q_lens=[1, 1, 4, 1, 6, 1], seq_lens=[30, 12, 4, 8, 6, 9], req_idx=[5, 9, 0, 2, 7, 11])
+        plan = build_step_plan(state, common, torch.device("cpu"), head_size=64, max_heads=9)
+        assert _groups(plan) == {("a", False): ([7], [6], [116])}
+        assert _rule_groups(plan) == {
+            ("zth", True): ([0], [30], [100], [0.4]),
+            ("zt", True): ([1, 6], [12, 8], [104, 112], [1.5]),
+        }
+        assert all(g.arm.rule == "first_token" for g in plan.rule_groups)
+        assert not plan.covers_step  # slots 0 (off) and 11 (no value, no default) run without ACT
+        # Next step: the runner orders the batch differently; the off and uncalibrated requests left.
+        common = _common(q_lens=[1, 1, 1, 1], seq_lens=[9, 31, 13, 7], req_idx=[2, 5, 7, 9])
+        plan = build_step_plan(state, common, torch.device("cpu"), head_size=64, max_heads=9)
+        assert _groups(plan) == {("a", True): ([2], [13], [108])}
+        assert _rule_groups(plan) == {
+            ("zt", True): ([0, 3], [9, 7], [100, 112], [1.5]),
+            ("zth", True): ([1], [31], [104], [0.4]),
+        }
+        assert plan.covers_step and plan.rule_groups  # every row calibrated, but not all by ACT
+        # A recycled slot takes its new occupant's arm: slot 9 now runs act.
+        router.add_request(9, vllm.SamplingParams(extra_args={"act": "a"}))
+        plan = build_step_plan(state, common, torch.device("cpu"), head_size=64, max_heads=9)
+        assert _groups(plan) == {("a", True): ([2, 3], [13, 7], [108, 112])}
+        assert _rule_groups(plan) == {("zt", True): ([0], [9], [100], [1.5]),
+                                      ("zth", True): ([1], [31], [104], [0.4])}
+    finally:
+        state.arms.clear()
+        state.version += 1  # the fixture restores the act-only profiles: drop the caches of these
+
+
 def test_v2_router_counts_resumed_requests(state):
     req_states = SimpleNamespace(prompt_len=SimpleNamespace(np=np.array([5, 5])),
                                  prefill_len=SimpleNamespace(np=np.array([5, 9])))
