@@ -133,7 +133,7 @@ def attention_maps(model, tokenizer, prompts: Sequence[str], layers: Sequence[in
     from act_plugin.config import ACTConfig
     from act_plugin.core import calibrate_probs, find_sinks, visibility_mask
     from act_plugin.hf import act_enabled
-    from act_plugin.rules import apply_factors_to_probs
+    from act_plugin.rules import SpanRule, apply_rule_to_probs
     from act_plugin.span_marks import emphasised_keys
 
     ACTConfig(beta=beta, threshold=threshold)  # validates both with the usual messages
@@ -163,15 +163,11 @@ def attention_maps(model, tokenizer, prompts: Sequence[str], layers: Sequence[in
                 cal = calibrate_probs(probs, sinks, beta)
                 key_set = sinks
             else:
-                if rule == "spans":  # the emphasis by position -> by key of this call
-                    rule_obj = type(rule_obj)(emphasised=emphasised_keys(rule_obj.emphasised, k_pos),
-                                              alpha=rule_obj.alpha)
-                p4, vis4 = probs.unsqueeze(0), vis.view(1, 1, *vis.shape)
-                key_set = rule_obj.key_set(p4, vis4, k_pos)  # [1, Hsel, Lk]
-                in_set = p4 * key_set.unsqueeze(-2)
-                fac = rule_obj.factors(in_set.sum(-1), (p4 - in_set).sum(-1))
-                cal = apply_factors_to_probs(p4, key_set, fac)[0]
-                key_set = key_set[0]
+                layer_rule = rule_obj
+                if isinstance(rule_obj, SpanRule):  # the emphasis by position -> by key of this call
+                    layer_rule = SpanRule(emphasised=emphasised_keys(rule_obj.emphasised, k_pos), alpha=rule_obj.alpha)
+                cal, key_set = apply_rule_to_probs(layer_rule, probs.unsqueeze(0), vis.view(1, 1, *vis.shape), k_pos)
+                cal, key_set = cal[0], key_set[0]
             for j, head in enumerate(rec["heads"]):
                 s_pos = [int(x) for x in torch.nonzero(sinks[j]).flatten().tolist()]
                 k_set = [int(x) for x in torch.nonzero(key_set[j]).flatten().tolist()]

@@ -51,6 +51,7 @@ __all__ = [
     "SpanRule",
     "apply_factors_to_output",
     "apply_factors_to_probs",
+    "apply_rule_to_probs",
     "rule_attention_dense",
 ]
 
@@ -190,6 +191,17 @@ def apply_factors_to_output(
     return torch.where(fac.active.unsqueeze(-1), cal, o)
 
 
+def apply_rule_to_probs(rule: KeyReweightRule, probs: torch.Tensor, vis: torch.Tensor, k_pos: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rule on a full probability matrix (``probs [B, H, Lq, Lk]``, ``vis [B, 1, Lq, Lk]``,
+    ``k_pos [B, Lk]``): ``(p' [B, H, Lq, Lk] float32, key set)``."""
+    key_set = rule.key_set(probs, vis, k_pos)
+    s = key_set if key_set.dim() == probs.dim() else key_set.unsqueeze(-2)
+    in_set = probs * s
+    fac = rule.factors(in_set.sum(-1), (probs - in_set).sum(-1))
+    return apply_factors_to_probs(probs, key_set, fac), key_set
+
+
 @dataclass
 class RuleResult:
     out: torch.Tensor  # [B, H, Lq, D] float32
@@ -214,9 +226,5 @@ def rule_attention_dense(
     ``attn_mask`` (bool ``[B, Lq, Lk]``, True = may attend) is ANDed with the positional
     visibility, for callers that hold a model's own mask."""
     probs, vis, vf = dense_probabilities(q, k, v, q_pos, k_pos, scale=scale, window=window, attn_mask=attn_mask)
-    key_set = rule.key_set(probs, vis, k_pos)
-    s = key_set if key_set.dim() == probs.dim() else key_set.unsqueeze(-2)
-    in_set = probs * s
-    fac = rule.factors(in_set.sum(-1), (probs - in_set).sum(-1))
-    cal = apply_factors_to_probs(probs, key_set, fac)
+    cal, key_set = apply_rule_to_probs(rule, probs, vis, k_pos)
     return RuleResult(out=torch.matmul(cal, vf), key_set=key_set, probs=cal)
