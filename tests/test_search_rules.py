@@ -288,3 +288,12 @@ def test_written_profiles_follow_the_choice(tmp_path):
     assert eng.profiles["trec"].heads == {19: [3]}
     for prof in eng.profiles.values():
         prof.validate_for(prep.shape)
+
+
+@pytest.mark.parametrize("name", ["search_rules_tiny.yaml", "search_rules_smollm2.yaml"])
+def test_shipped_rules_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_search_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.rules == ["act", "first_token"] and cfg.per_task and cfg.fast.verify == "hf"
+    assert cfg.first_token.gammas == [0.5, 0.75, 1.5, 2.0]
