@@ -297,3 +297,21 @@ def test_shipped_rules_configs_load(name):
     cfg = load_search_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert cfg.rules == ["act", "first_token"] and cfg.per_task and cfg.fast.verify == "hf"
     assert cfg.first_token.gammas == [0.5, 0.75, 1.5, 2.0]
+
+
+def test_store_keeps_first_token_sets_apart_and_reads_them_back(tmp_path):
+    from act_plugin.search.store import SearchStore
+
+    st = SearchStore(tmp_path, "k", {"x": 1})
+    st.add_set("hf", "search", [(1, 2)], [0.5], 1.0, 1.0)
+    st.add_set("hf", "search", [(1, 2)], [0.7], 1.0, 1.0, first_token={(3, 4): 2.0})
+    st.add_set("hf", "search", [], [0.9], 1.0, 1.0, first_token={(3, 4): 0.5})
+    st.add_ft_grad(0, {"grad": [[3, 4, 2.0, 0.1]]})
+    again = SearchStore(tmp_path, "k", {"x": 1})
+    assert again.get_set("hf", "search", [(1, 2)])["margins"] == [0.5]
+    assert again.get_set("hf", "search", [(1, 2)], {(3, 4): 2.0})["margins"] == [0.7]
+    assert again.get_set("hf", "search", [], {(3, 4): 0.5})["margins"] == [0.9]
+    assert again.get_set("hf", "search", [], {(3, 4): 2.0}) is None
+    assert again.ft_grads[0]["grad"] == [[3, 4, 2.0, 0.1]] and again.resumed == 4
+    plain = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()][1]
+    assert "first_token" not in plain  # an ACT record is written exactly as before
