@@ -315,3 +315,32 @@ def test_store_keeps_first_token_sets_apart_and_reads_them_back(tmp_path):
     assert again.ft_grads[0]["grad"] == [[3, 4, 2.0, 0.1]] and again.resumed == 4
     plain = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()][1]
     assert "first_token" not in plain  # an ACT record is written exactly as before
+
+
+def test_both_check_runs_the_two_sets_in_one_forward_unless_they_share_a_head():
+    from types import SimpleNamespace
+
+    from act_plugin.search.rules_compare import _row
+
+    base = np.array([1.0] * 50 + [-1.0] * 50)  # validation margins: half right
+    calls = []
+
+    def validation_correct(heads, phase, tasks, first_token):
+        calls.append((list(heads), dict(first_token), tasks))
+        return {"t": np.arange(100) < 70}  # together: 20 more right, none wrong
+
+    ev = SimpleNamespace(validation_correct=validation_correct)
+    ver = SimpleNamespace(validation_baseline={"t": base})
+    act = _selection(0.05)
+    ft = Selection([((3, 4, 2.0),)], _selection(0.08).decision)
+    row = _row(ev, ver, act, ft, ["t"], 0.05, False)
+    assert calls == [([(1, 2)], {(3, 4): 2.0}, ["t"])]
+    assert row["chosen"] == "first_token" and row["none"]["accuracy"] == {"t": 0.5}
+    both = row["both"]
+    assert both["evaluated"] and both["accepted"] and both["gain"] == pytest.approx(0.2)
+    assert both["beats_chosen"] and both["per_task_p"]["t"] < 0.001
+    assert row["first_token"]["scale"] == {"3:4": 2.0} and row["act"]["heads"] == {"1": [2]}
+    clash = _row(ev, ver, act, Selection([((1, 2, 0.5),)], _selection(0.08).decision), ["t"], 0.05, False)
+    assert not clash["both"]["evaluated"] and "L1H2" in clash["both"]["why"] and len(calls) == 1
+    alone = _row(ev, ver, act, _selection(None), ["t"], 0.05, False)
+    assert alone["chosen"] == "act" and not alone["both"]["evaluated"] and alone["first_token"] is None
