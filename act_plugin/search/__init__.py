@@ -11,6 +11,10 @@ results. The pieces:
 * :mod:`~act_plugin.search.overlap` -- texts the training documents share with any task's evaluated split
   (dropped from the parts);
 * :mod:`~act_plugin.search.select` -- per-task paired acceptance of head sets on validation;
+* :mod:`~act_plugin.search.rules_config`, :mod:`~act_plugin.search.first_token`,
+  :mod:`~act_plugin.search.hf_first_token`, :mod:`~act_plugin.search.rules_compare` -- a search
+  over rules (``rules: [act, first_token]``): the grid, first_token candidates and their
+  selection, the rule on the transformers path, and ACT vs first_token per task;
 * :mod:`~act_plugin.search.store` -- resumable partial results;
 * :mod:`~act_plugin.search.steps` -- prepare, rank, verify, combine;
 * :mod:`~act_plugin.search.evaluator` -- exact evaluations through the store, and the backends' lifetimes;

@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
 def _print_result(res) -> None:
     r = res.report
     sel = r["selected"]
-    if res.config is not None:
+    if res.config is not None and res.config.rule != "act":  # a search over rules chose another rule's set
+        print(f"shared set, rule {res.config.rule} (chosen over ACT's on validation): {res.config.to_dict()}")
+    elif res.config is not None:
         print(f"shared set, {sel['count']} heads: {res.config.to_dict()['heads']}")
     else:
         print(f"NO shared head set passed validation ({sel['note']}); {res.output} not written")
@@ -103,7 +105,9 @@ def _print_result(res) -> None:
         print("validation accuracy (paired, per task): " + ", ".join(
             f"{t} {e['delta'] * 100:+.1f} pt (n={e['n']}, p={e['mcnemar_p']:.2g})" for t, e in d["per_task"].items()))
     if res.profiles_path is not None:
-        print(f"per-task profiles: {sorted(res.profiles) or 'none'}; no profile for "
-              f"{(v or {}).get('tasks_without_profile') or 'none'} -> {res.profiles_path}")
+        rules = r.get("rules")
+        without = rules["comparison"]["tasks_without_profile"] if rules else (v or {}).get("tasks_without_profile")
+        named = [f"{t} ({p.rule})" for t, p in sorted(res.profiles.items())] if rules else sorted(res.profiles)
+        print(f"per-task profiles: {named or 'none'}; no profile for {without or 'none'} -> {res.profiles_path}")
     print(f"wall time {r['timing']['total_s']:.1f}s")
     print(f"report: {res.report_path}\nheatmap: {res.heatmap_path}")

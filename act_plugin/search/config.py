@@ -19,6 +19,8 @@ Example (``configs/search_smollm2.yaml``)::
     method: fast                       # or exact (the paper's brute force, in one vLLM engine)
     fast: {top_k: 16, verify: vllm, check_layers: null}
     output: configs/smollm2_searched.yaml
+    rules: [act]                       # or [act, first_token] with a first_token grid
+                                       # (act_plugin.search.rules_config)
 
 Where a search writes (:meth:`SearchConfig.destinations`): by default everything goes into
 the run folder ``run_dir`` (default ``runs/<name>/``), under the file names of ``output``,
@@ -46,6 +48,7 @@ from act_plugin.config import (
     parse_index_spec,
     read_config_mapping,
 )
+from act_plugin.search.rules_config import FirstTokenOptions, parse_rules
 
 __all__ = ["SearchConfig", "FastOptions", "HFOptions", "OutputPaths", "load_search_config", "SearchConfigError"]
 
@@ -171,6 +174,10 @@ class SearchConfig(BaseModel):
                                 "runs/<name>); --update-shipped writes to output/profiles_output/report/heatmap "
                                 "instead")
     state_dir: str = Field("runs/search-state", description="resumable partial results (JSONL per settings hash)")
+    rules: list[str] = Field(["act"], description="the calibration rules the search proposes sets of: 'act' "
+                             "(always) and 'first_token' (gamma per head from the 'first_token' grid); each "
+                             "rule's sets are accepted on validation by the same paired rule, per task")
+    first_token: FirstTokenOptions = Field(default_factory=FirstTokenOptions)
 
     # ----------------------------------------------------------------- validators
     @field_validator("engine", mode="before")
@@ -221,6 +228,26 @@ class SearchConfig(BaseModel):
         if not heads:
             raise SearchConfigError("candidates: the spec selects no heads (null means every head)")
         return {str(k): h for k, h in heads.items()}
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules(cls, v: Any) -> Any:
+        return parse_rules(v)
+
+    @model_validator(mode="after")
+    def _rule_options(self) -> "SearchConfig":
+        if "first_token" not in self.rules:
+            if "first_token" in self.model_fields_set:
+                raise SearchConfigError("first_token: a grid is given but 'rules' does not name first_token "
+                                        "(rules: [act, first_token])")
+            return self
+        if self.method != "fast" or self.fast.verify != "hf":
+            raise SearchConfigError("rules: first_token candidates are ranked and scored on the transformers path; "
+                                    "it needs method 'fast' with fast.verify 'hf'")
+        if self.validation_per_task == 0:
+            raise SearchConfigError("rules: first_token sets are chosen against ACT's on the validation part; "
+                                    "validation_per_task must be > 0")
+        return self
 
     @model_validator(mode="after")
     def _paths(self) -> "SearchConfig":
@@ -285,7 +312,9 @@ class SearchConfig(BaseModel):
         return list(layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # a search of ACT alone records its config exactly as before rules existed
+        exclude = {"rules", "first_token"} if self.rules == ["act"] else None
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 def _beside(p: Path, suffix: str) -> Path:

@@ -40,21 +40,26 @@ class Evaluator:
     def calib(self, part: str) -> CalibrationSet:
         return self.data.search if part == SEARCH else self.data.validation[part.removeprefix("val:")]
 
-    def margins(self, part: str, heads, phase: str) -> np.ndarray:
+    def margins(self, part: str, heads, phase: str, first_token: dict | None = None) -> np.ndarray:
+        """Per-prompt margins of ``part`` with ``heads`` under ACT and, when given, the heads of
+        ``first_token`` ((layer, head) -> gamma) under the first_token rule."""
         be = self.backends[part]
-        rec = self.store.get_set(be.name, part, heads)
+        rec = self.store.get_set(be.name, part, heads, first_token)
         if rec is None:
             t = time.perf_counter()
-            lp = be.evaluate(list(heads))
+            lp = be.evaluate(list(heads), first_token=first_token) if first_token else be.evaluate(list(heads))
             sec = time.perf_counter() - t
             _, valid = self.calib(part).choice_matrix()
             _, m = per_sample(lp, self.calib(part).gold, valid)
-            rec = self.store.add_set(be.name, part, heads, m.tolist(), sec, be.cost_fraction(list(heads)))
+            cost = be.cost_fraction(list(heads) + list(first_token or {}))
+            rec = self.store.add_set(be.name, part, heads, m.tolist(), sec, cost, first_token)
             self.seconds[phase] = self.seconds.get(phase, 0.0) + sec
         return np.asarray(rec["margins"], dtype=np.float64)
 
-    def validation_correct(self, heads, phase: str, tasks: list[str] | None = None) -> dict[str, np.ndarray]:
-        return {t: self.margins(val_part(t), heads, phase) > 0 for t in (tasks or list(self.data.validation))}
+    def validation_correct(self, heads, phase: str, tasks: list[str] | None = None,
+                           first_token: dict | None = None) -> dict[str, np.ndarray]:
+        return {t: self.margins(val_part(t), heads, phase, first_token) > 0
+                for t in (tasks or list(self.data.validation))}
 
     def close(self) -> None:
         seen = set()

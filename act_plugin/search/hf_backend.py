@@ -35,6 +35,9 @@ whatever keyword arguments a model passes on),
   multiplied by ``alpha_h = 0``, so the derivative at 0 is exact. Weights are frozen
   (``requires_grad=False``): the backward computes activation gradients only.
 
+Either mode may also hold ``first_token`` groups (the ZeroTuning rule, exact or gated the
+same way; :mod:`act_plugin.search.hf_first_token`), applied after the layer's ACT heads.
+
 Exact scores reuse cached hidden states: the input of layer ``l`` for every batch is kept
 from one baseline pass, so calibrating a head of layer ``l`` recomputes layers ``l..L-1``
 only. The restarted pass is still the model's own forward: layers ``0..l-1`` are
@@ -72,6 +75,7 @@ from act_plugin.search.hf_decoder import (
     find_decoder,
     skip_layers,
 )
+from act_plugin.search.hf_first_token import FirstTokenGroup, apply_first_token, exact_groups
 from act_plugin.search.hf_threads import ThreadGovernor
 from act_plugin.search.scoring import CalibrationSet, margins_torch
 
@@ -97,6 +101,7 @@ class _Mode:
     exact: dict[int, torch.Tensor] = field(default_factory=dict)
     gates: dict[int, torch.Tensor] = field(default_factory=dict)
     gate_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    first_token: dict[int, list[FirstTokenGroup]] = field(default_factory=dict)  # layer -> its groups
     seen: set[int] = field(default_factory=set)  # layers whose attention ran in this mode
 
     @property
@@ -119,18 +124,24 @@ def _search_attention(module, query, key, value, attention_mask, *args, **kwargs
         return out, weights
     mode.seen.add(layer)
     heads = mode.exact.get(layer) if mode.kind == "exact" else mode.gate_heads.get(layer)
-    if heads is None:
+    first_token = mode.first_token.get(layer)
+    if heads is None and first_token is None:
         return out, weights
     refuse_hf_layer(layer, module, kwargs, "head search")
-    with torch.no_grad():
-        res = calibrate_heads(
-            query.detach(), key.detach(), value.detach(), mode.pos, mode.pos, heads,
-            scale=attention_scale(module, kwargs, query.shape[-1]), beta=mode.beta, threshold=mode.threshold,
-            window=attention_window(module, kwargs),
-        )
-    if mode.kind == "exact":
-        return replace_heads(out, heads, res.out), weights
-    return gate_heads(out, heads, res.out, mode.gates[layer], mode.valid), weights
+    if heads is not None:
+        with torch.no_grad():
+            res = calibrate_heads(
+                query.detach(), key.detach(), value.detach(), mode.pos, mode.pos, heads,
+                scale=attention_scale(module, kwargs, query.shape[-1]), beta=mode.beta, threshold=mode.threshold,
+                window=attention_window(module, kwargs),
+            )
+        if mode.kind == "exact":
+            out = replace_heads(out, heads, res.out)
+        else:
+            out = gate_heads(out, heads, res.out, mode.gates[layer], mode.valid)
+    if first_token is not None:
+        out = apply_first_token(out, query, key, value, module, kwargs, mode.pos, first_token, mode.valid)
+    return out, weights
 
 
 def _register() -> None:
@@ -277,39 +288,44 @@ class HFSearchBackend:
         return layer == 0 or (layer in self._cache and len(self._cache[layer]) == len(self.batches))
 
     # ------------------------------------------------------------------ exact scores
-    def evaluate(self, heads: Iterable[Head], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Answer log-probabilities ``[N, Cmax]`` with ``heads`` calibrated (none: baseline)."""
+    def evaluate(self, heads: Iterable[Head], progress: Callable[[int], None] | None = None,
+                 first_token: dict[Head, float] | None = None) -> np.ndarray:
+        """Answer log-probabilities ``[N, Cmax]`` with ``heads`` calibrated by ACT and the heads
+        of ``first_token`` ((layer, head) -> gamma) by first_token (none of either: baseline)."""
         heads = sorted({(int(a), int(b)) for a, b in heads})
         by_layer = group_by_layer(heads)
         exact = {layer: torch.tensor(hs, dtype=torch.long) for layer, hs in by_layer.items()}
-        if not heads:
+        ft_groups = exact_groups(first_token)
+        if not heads and not ft_groups:
             if self._grad_baseline is not None and not self._missing():
                 lp, self._grad_baseline = self._grad_baseline, None
             else:
                 lp = self._pass({}, 0, keep=self._missing(), progress=progress)
             self.baseline_lp = lp
             return lp
-        start = min(by_layer)
+        start = min([*by_layer, *ft_groups])
         if self.cache_hidden and not self._have(start):
             # one baseline pass keeps the inputs of every planned layer (and of this one)
             self._want_layers.add(start)
             self.baseline_lp = self._pass({}, 0, keep=self._missing())
         if not self._have(start):
             start = 0
-        return self._pass(exact, start, progress=progress)
+        return self._pass(exact, start, progress=progress, first_token=ft_groups)
 
     def _missing(self) -> list[int]:
         return sorted(x for x in self._want_layers if not self._have(x)) if self.cache_hidden else []
 
     def _pass(self, exact: dict[int, torch.Tensor], start: int, keep: Iterable[int] = (),
-              progress: Callable[[int], None] | None = None) -> np.ndarray:
+              progress: Callable[[int], None] | None = None,
+              first_token: dict[int, list[FirstTokenGroup]] | None = None) -> np.ndarray:
         keep = list(keep)
         out = np.full((len(self.calib), self.calib.max_choices), np.nan)
         with torch.no_grad():
             for b in self.batches:
                 self.threads.update()
                 h0 = self._cache[start][b.index] if start > 0 else None
-                lp, kept = self._run(b, start, h0, keep=keep, mode=self._mode("exact", b, exact=exact))
+                mode = self._mode("exact", b, exact=exact, first_token=first_token or {})
+                lp, kept = self._run(b, start, h0, keep=keep, mode=mode)
                 for layer, t in kept.items():
                     self._cache.setdefault(layer, {})[b.index] = t
                 out[list(b.samples)] = lp.numpy()

@@ -66,6 +66,12 @@ def write_outputs(prep: Prepared, paths: OutputPaths, report: dict[str, Any], sh
 
 def _write_shared(prep: Prepared, paths: OutputPaths, report: dict[str, Any], shared: ACTConfig) -> None:
     cfg, sel = prep.cfg, report["selected"]
+    if shared.rule == "first_token":  # the comparison of the rules chose it over ACT's set
+        header = (f"# first_token set found by `act-plugin search` ({prep.started:%Y-%m-%d}) for {cfg.model}, "
+                  f"chosen over the ACT set on {report['validation_prompts']} held-out training prompts "
+                  f"(report section 'rules').\n# Full report: {paths.report}\n")
+        atomic_write_text(paths.output, header + shared.to_yaml())
+        return
     header = (f"# ACT head set found by `act-plugin search` ({prep.started:%Y-%m-%d}) for {cfg.model}.\n"
               f"# {sel['count']} heads; search-part {cfg.score} gain {sel['delta_score']:+.4f} on "
               f"{report['prompts']} training prompts; accepted on {report['validation_prompts']} held-out "
@@ -78,10 +84,16 @@ def _write_profiles(prep: Prepared, paths: OutputPaths, report: dict[str, Any],
     import yaml
 
     none = (report["validation"] or {}).get("tasks_without_profile", [])
+    rules, first_token = report.get("rules"), []
+    if rules is not None:  # a search over rules: the profile of each task is the rule its comparison chose
+        none = rules["comparison"]["tasks_without_profile"]
+        first_token = [t for t, r in rules["comparison"]["per_task"].items() if r["chosen"] == "first_token"]
     header = (f"# Per-task ACT profiles found by `act-plugin search` ({prep.started:%Y-%m-%d}) for "
               f"{prep.cfg.model}: one profile per task that a head set helps on validation; requests pick one with "
               f"extra_args={{'act': TASK}}.\n"
               + (f"# No profile (no set helped on validation; run uncalibrated): {', '.join(none)}\n" if none else "")
+              + (f"# Rule first_token (its set beat ACT's on validation; report section 'rules'): "
+                 f"{', '.join(first_token)}\n" if first_token else "")
               + f"# Full report: {paths.report}\n")
     body = {"profiles": {t: p.to_dict() for t, p in profiles.items()}, "default": None}
     atomic_write_text(paths.profiles, header + yaml.safe_dump(body, sort_keys=False))

@@ -14,6 +14,11 @@ of any task holds. The modules, by job:
   engine config, the report (+ Markdown summary) and the heatmap, each written atomically to
   the run folder ``runs/<name>/`` (or, with ``update_shipped``, to the configured paths).
 
+With ``rules: [act, first_token]`` the search also proposes ``first_token`` sets after
+ACT's (:mod:`~act_plugin.search.first_token`) and compares the two rules per task
+(:mod:`~act_plugin.search.rules_compare`); the written configs then hold, per task, the
+rule the comparison chose.
+
 Every exact evaluation is appended to a JSONL keyed by a hash of the settings
 (:mod:`act_plugin.search.store`), so an interrupted search resumes where it stopped.
 """
@@ -31,8 +36,10 @@ from act_plugin.search.analysis import ranking_agreement
 from act_plugin.search.backends import close_backends, open_exact_backends, open_ranking_backend
 from act_plugin.search.config import SearchConfig
 from act_plugin.search.evaluator import Evaluator
+from act_plugin.search.first_token import FirstTokenSearch, first_token_config, search_first_token
 from act_plugin.search.outputs import act_config, log, write_outputs
 from act_plugin.search.report import build_report
+from act_plugin.search.rules_compare import compare_rules, rules_section
 from act_plugin.search.steps import Combination, Head, Prepared, Ranking, combine, prepare, rank, verify
 
 __all__ = ["run_search", "SearchResult", "ranking_agreement", "prepare", "rank", "verify", "combine",
@@ -73,16 +80,31 @@ def run_search(
     paths = cfg.destinations(update_shipped)
     prep = prepare(cfg, resume)
     _announce(prep, quiet)
-    ranking, comb, report, ver = _search(prep, t0, progress, quiet, on_candidate, hf_model, llm)
+    ranking, comb, report, ver, ft = _search(prep, t0, progress, quiet, on_candidate, hf_model, llm)
     report["timing"]["total_s"] = time.perf_counter() - t0
     shared = act_config(prep, comb.shared.heads, cfg.config_name, "shared set") if comb.shared.heads else None
     profiles = {t: act_config(prep, s.heads, t, f"per-task set for {t}") for t, s in comb.per_task.items() if s.heads}
+    if ft is not None:
+        shared, profiles = _chosen_configs(prep, ft, report["rules"]["comparison"], shared, profiles)
     if write:
         write_outputs(prep, paths, report, shared, profiles, ranking, ver, quiet)
     log(f"{len(comb.shared.heads)} heads selected; {report['timing']['total_s']:.1f}s", quiet)
     return SearchResult(config=shared, profiles=profiles, report=report, output=paths.output,
                         profiles_path=paths.profiles if cfg.per_task else None, report_path=paths.report,
                         heatmap_path=paths.heatmap)
+
+
+def _chosen_configs(prep: Prepared, ft: FirstTokenSearch, comparison: dict[str, Any], shared: ACTConfig | None,
+                    profiles: dict[str, ACTConfig]) -> tuple[ACTConfig | None, dict[str, ACTConfig]]:
+    """The configs the comparison of the rules chose: a first_token set where it was accepted
+    and beats ACT's on validation (:data:`~act_plugin.search.rules_compare.CHOICE_RULE`)."""
+    if comparison["shared"]["chosen"] == "first_token":
+        shared = first_token_config(prep, ft.shared.heads, prep.cfg.config_name, "shared set")
+    chosen = dict(profiles)
+    for task, row in comparison["per_task"].items():
+        if row["chosen"] == "first_token":
+            chosen[task] = first_token_config(prep, ft.per_task[task].heads, task, f"per-task set for {task}")
+    return shared, chosen
 
 
 def _announce(prep: Prepared, quiet: bool) -> None:
@@ -116,8 +138,17 @@ def _search(prep: Prepared, t0: float, progress: bool, quiet: bool, on_candidate
         comb: Combination = combine(prep, ev, ver)
         log(f"shared set: {len(comb.shared.heads)} heads ({comb.note or comb.shared.note}); per-task sets: "
             + (", ".join(f"{t} {len(s.heads)}" for t, s in comb.per_task.items()) or "not asked"), quiet)
+        ft, rules = None, None
+        if "first_token" in prep.cfg.rules:
+            ft = search_first_token(prep, ev, backends.hf, ver, progress)
+            rules = rules_section(prep, ft, compare_rules(prep, ev, ver, comb, ft))
+            log(f"first_token: {len(ft.kept)} of {len(ft.units)} exactly scored candidates gain; chosen per task: "
+                + ", ".join(f"{t} {r['chosen']}" for t, r in rules["comparison"]["per_task"].items())
+                + f"; shared: {rules['comparison']['shared']['chosen']}", quiet)
         report = build_report(prep, ranking, ver, comb, ev, time.perf_counter() - t0, backends.threads())
+        if rules is not None:
+            report["rules"] = rules
     finally:
         close_backends(ev, backends)
-    return ranking, comb, report, ver
+    return ranking, comb, report, ver, ft
 

@@ -14,7 +14,10 @@ Sets are built greedily (:func:`select_forward`): heads are tried in the order t
 part ranks them (their exact single-head gain there); a head joins the set only when the
 enlarged set passes :func:`judge` on validation and raises the validation mean gain. Each
 accepted step is therefore a validated step. The same routine builds a per-task set from
-one task's validation prompts.
+one task's validation prompts. The items of a set need not be ACT heads: a search over rules
+builds ``first_token`` sets the same way from candidates that are tuples of (layer, head,
+gamma) (:mod:`act_plugin.search.first_token`); ``compatible`` then skips a candidate that
+would give a head a second gamma.
 
 Validation is also used to pick among the steps, so the validation gain of the final set is
 mildly optimistic; the figures a user should rely on are those of an evaluation on the
@@ -37,7 +40,15 @@ __all__ = ["TaskEffect", "Decision", "Selection", "mcnemar_p", "min_detectable_e
            "judge", "select_forward"]
 
 Head = tuple[int, int]
+Item = Any  # what a set holds: an ACT head (layer, head), or a first_token candidate (tuple of (layer, head, gamma))
 DEFAULT_ALPHA = MDE_ALPHA
+
+
+def _item(h: Any) -> Any:
+    """An ACT head as a pair of ints; any other candidate (a first_token tuple) as given."""
+    if len(h) == 2 and all(isinstance(x, (int, np.integer)) for x in h):
+        return (int(h[0]), int(h[1]))
+    return h
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,7 @@ class TaskEffect:
 class Decision:
     """The validation verdict on one head set."""
 
-    heads: tuple[Head, ...]
+    heads: tuple[Item, ...]
     effects: dict[str, TaskEffect]
     alpha: float
     # 'significant': a set must also improve some task at p < alpha (SearchConfig.gain)
@@ -124,14 +135,14 @@ def judge(heads: Iterable[Head], baseline: Mapping[str, np.ndarray], trial: Mapp
         effects[task] = TaskEffect(task, int(b.size), float(b.mean()) if b.size else 0.0,
                                    float(t.mean()) if t.size else 0.0, better, worse, p, worse > better and p < alpha,
                                    better > worse and p < alpha)
-    return Decision(tuple(sorted((int(a), int(c)) for a, c in heads)), effects, alpha, require_significant_gain)
+    return Decision(tuple(sorted(_item(h) for h in heads)), effects, alpha, require_significant_gain)
 
 
 @dataclass
 class Selection:
     """Result of :func:`select_forward`: the accepted set and every step tried."""
 
-    heads: list[Head]
+    heads: list[Item]
     decision: Decision | None  # verdict of the accepted set (None: nothing accepted)
     steps: list[dict] = field(default_factory=list)
     evaluations: int = 0
@@ -148,19 +159,25 @@ class Selection:
                 "steps": self.steps, "evaluations": self.evaluations, "complete": self.complete, "note": self.note}
 
 
-def select_forward(order: Iterable[Head], evaluate: Callable[[list[Head]], Mapping[str, np.ndarray]],
+def select_forward(order: Iterable[Item], evaluate: Callable[[list[Item]], Mapping[str, np.ndarray]],
                    baseline: Mapping[str, np.ndarray], alpha: float = DEFAULT_ALPHA,
-                   max_evals: int | None = None, require_significant_gain: bool = False) -> Selection:
+                   max_evals: int | None = None, require_significant_gain: bool = False,
+                   compatible: Callable[[list, Any], bool] | None = None) -> Selection:
     """Greedy forward selection validated step by step (see the module docs).
 
     ``order``: candidate heads, best first (by the search part); ``evaluate(heads)`` returns
     per task a bool array (validation prompt correct) with ``heads`` calibrated; ``baseline``
-    the same uncalibrated."""
-    current: list[Head] = []
+    the same uncalibrated. ``compatible(current, candidate)``: False skips the candidate
+    without an evaluation (recorded as a step)."""
+    current: list[Item] = []
     current_decision: Decision | None = None
     sel = Selection(heads=[], decision=None)
     for h in order:
-        h = (int(h[0]), int(h[1]))
+        h = _item(h)
+        if compatible is not None and not compatible(current, h):
+            sel.steps.append({"add": list(h), "accepted": False, "evaluated": False,
+                              "why": "overlaps the current set (a head would get two settings)"})
+            continue
         if max_evals is not None and sel.evaluations >= max_evals:
             sel.complete = False
             break

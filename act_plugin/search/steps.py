@@ -78,6 +78,8 @@ def prepare(cfg: SearchConfig, resume: bool = True) -> Prepared:
         "hf": {"batch_tokens": cfg.hf.batch_tokens} if uses_hf else None,
         "engine": cfg.engine if exact_backend == "vllm" else None,
     }
+    if "first_token" in cfg.rules:  # its ranking records hold values for this grid only
+        settings["first_token"] = {"gammas": cfg.first_token.gammas, "layers": cfg.first_token.layers}
     key = settings_hash(settings)
     store = SearchStore(cfg.state_dir, key, settings, resume=resume)
     return Prepared(cfg, model_path, shape, candidates, check_layers, data, exact_backend, store, key, started,

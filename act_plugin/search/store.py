@@ -5,7 +5,9 @@ unit in progress): ``{"kind": "grad", "batch": i, ...}`` for a batch of the rank
 ``{"kind": "set", "backend": "hf"|"vllm", "part": "search"|"val:<task>", "heads": [[l, h], ...],
 "margins": [...]}`` for an exact evaluation of a head set on one part (the empty set is the
 baseline; per-prompt margins, so every objective and every paired test can be computed
-from them). A rerun with the same settings reads the file back and skips what is there.
+from them). A search over rules adds ``"first_token": [[l, h, gamma], ...]`` to the sets
+that scale the first token's attention, and ``{"kind": "ft_grad", ...}`` for a batch of
+that rule's ranking pass. A rerun with the same settings reads the file back and skips what is there.
 
 The hash covers everything that changes a stored number: the model files, the code version
 of the maths (:func:`maths_version`), the prompts of every part (hence the data, the split
@@ -24,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,16 @@ def _heads(heads: Iterable) -> list[list[int]]:
     return [[a, b] for a, b in sorted((int(a), int(b)) for a, b in heads)]
 
 
-def _set_key(backend: str, part: str, heads: Iterable) -> str:
-    return f"{backend}|{part}|" + ";".join(f"{a}.{b}" for a, b in _heads(heads))
+def _first_token(scales: Mapping | Iterable | None) -> list[list]:
+    """``[[layer, head, gamma], ...]`` sorted, from ``{(layer, head): gamma}`` or triples."""
+    items = scales.items() if isinstance(scales, Mapping) else ((x[:2], x[2]) for x in (scales or []))
+    return [[a, b, g] for (a, b), g in sorted(((int(h[0]), int(h[1])), float(g)) for h, g in items)]
+
+
+def _set_key(backend: str, part: str, heads: Iterable, first_token: Mapping | Iterable | None = None) -> str:
+    key = f"{backend}|{part}|" + ";".join(f"{a}.{b}" for a, b in _heads(heads))
+    ft = _first_token(first_token)
+    return key + ("|ft:" + ";".join(f"{a}.{b}={g!r}" for a, b, g in ft) if ft else "")
 
 
 class SearchStore:
@@ -85,6 +95,7 @@ class SearchStore:
         self.key = key
         self.path = self.dir / f"{key}.jsonl"
         self.grads: dict[int, dict] = {}
+        self.ft_grads: dict[int, dict] = {}  # batch -> first_token ranking record
         self.sets: dict[str, dict] = {}
         self.resumed = 0
         if self.path.exists() and not resume:
@@ -121,10 +132,14 @@ class SearchStore:
                     rec["grad"], rec["lp"]  # noqa: B018 - presence check
                     self.grads[int(rec["batch"])] = rec
                     self.resumed += 1
+                elif kind == "ft_grad":
+                    rec["grad"]  # noqa: B018 - presence check
+                    self.ft_grads[int(rec["batch"])] = rec
+                    self.resumed += 1
                 elif kind == "set":
                     if not isinstance(rec["margins"], list):
                         raise TypeError("margins is not a list")
-                    self.sets[_set_key(rec["backend"], rec["part"], rec["heads"])] = rec
+                    self.sets[_set_key(rec["backend"], rec["part"], rec["heads"], rec.get("first_token"))] = rec
                     self.resumed += 1
                 elif kind == "meta":
                     if rec.get("key") != self.key:
@@ -144,14 +159,21 @@ class SearchStore:
         self.grads[int(batch)] = rec
         self._append(rec)
 
+    def add_ft_grad(self, batch: int, rec: dict) -> None:
+        rec = {"kind": "ft_grad", "batch": int(batch), **rec}
+        self.ft_grads[int(batch)] = rec
+        self._append(rec)
+
     # ------------------------------------------------------------------ exact scores
-    def get_set(self, backend: str, part: str, heads: Iterable) -> dict | None:
-        return self.sets.get(_set_key(backend, part, heads))
+    def get_set(self, backend: str, part: str, heads: Iterable, first_token: Mapping | None = None) -> dict | None:
+        return self.sets.get(_set_key(backend, part, heads, first_token))
 
     def add_set(self, backend: str, part: str, heads: Iterable, margins: list[float], seconds: float,
-                cost: float) -> dict:
+                cost: float, first_token: Mapping | None = None) -> dict:
         rec = {"kind": "set", "backend": backend, "part": part, "heads": _heads(heads),
                "margins": [float(x) for x in margins], "seconds": seconds, "cost_fraction": cost}
-        self.sets[_set_key(backend, part, heads)] = rec
+        if first_token:
+            rec["first_token"] = _first_token(first_token)
+        self.sets[_set_key(backend, part, heads, first_token)] = rec
         self._append(rec)
         return rec

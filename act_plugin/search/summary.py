@@ -30,7 +30,7 @@ def _pt(x: float | None) -> str:
 
 def report_markdown(report: dict[str, Any], top: int = 20) -> str:
     """The Markdown summary of a search report, one section after the other."""
-    lines = _overview(report) + _dedup(report) + _search_part(report) + _validation(report)
+    lines = _overview(report) + _dedup(report) + _search_part(report) + _validation(report) + _rules(report)
     lines += _objectives(report) + _objectives_per_task(report) + _ranking(report) + _exact_heads(report, top)
     return "\n".join(lines) + "\n"
 
@@ -188,4 +188,44 @@ def _exact_heads(r: dict[str, Any], top: int) -> list[str]:
         lines.append(f"| L{c['layer']}H{c['head']} | {c.get('rank') or '-'} | {_fmt(c.get('estimate'))} | "
                      f"{e['gain']:+.4f} | {e['delta_margin']:+.4f} | {e['accuracy'] - base_acc:+.4f} | {e['why']} | "
                      f"{'yes' if c.get('kept') else 'no'} |")
+    return lines
+
+
+def _arm_cell(arm: dict[str, Any] | None, task: str | None) -> str:
+    if arm is None:
+        return "-"
+    delta = arm["gain"] if task is None else arm["per_task_delta"][task]
+    return f"{delta * 100:+.1f}" + ("" if task is None else f" (p {arm['per_task_p'][task]:.2g})")
+
+
+def _both_cell(both: dict[str, Any], task: str | None) -> str:
+    if not both.get("evaluated"):
+        return "- (" + both["why"] + ")"
+    delta = both["gain"] if task is None else both["per_task_delta"][task]
+    verdict = "accepted" if both["accepted"] else "refused"
+    return f"{delta * 100:+.1f} ({verdict}{', beats the chosen set' if both['beats_chosen'] else ''})"
+
+
+def _rules(r: dict[str, Any]) -> list[str]:
+    """ACT and first_token side by side (only in a search over rules)."""
+    rules = r.get("rules")
+    if not rules:
+        return []
+    comp, ft = rules["comparison"], rules["first_token"]
+    opt = ft["options"]
+    lines = ["", "## Rules per task (validation accuracy change, points)", "",
+             f"first_token grid: gammas {', '.join(f'{g:g}' for g in opt['gammas'])} over {ft['candidate_heads']} "
+             f"heads ({ft['ranked']} (head, gamma) ranked to first order, {len(ft['exact'])} candidates scored "
+             f"exactly, {sum(x['kept'] for x in ft['exact'])} gain on the search part). Choice rule: "
+             f"{comp['choice_rule']}. 'both': the two accepted sets in one forward (a check: an engine profile "
+             "carries one rule).", "",
+             "| task | none (accuracy) | ACT | first_token | both | chosen |", "|---|---:|---:|---:|---|---|"]
+    rows = [(t, row, t) for t, row in comp["per_task"].items()] + [("(shared set)", comp["shared"], None)]
+    for name, row, task in rows:
+        acc = row["none"]["accuracy"]
+        base = acc[task] * 100 if task else sum(acc.values()) / len(acc) * 100
+        ft_sets = f" {', '.join(row['first_token']['sets'])}" if row["first_token"] else ""
+        lines.append(f"| {name} | {base:.1f} | {_arm_cell(row['act'], task)} | "
+                     f"{_arm_cell(row['first_token'], task)}{ft_sets} | {_both_cell(row['both'], task)} | "
+                     f"{row['chosen']} |")
     return lines

@@ -1,5 +1,11 @@
 """Documents and prompts: a split's documents as lm-eval sees them (:func:`load_docs`) and
-the scored prompts without lm-eval (:func:`load_samples`, each a :class:`~act_plugin.tasks.sample.Sample`)."""
+the scored prompts without lm-eval (:func:`load_samples`, each a :class:`~act_plugin.tasks.sample.Sample`).
+
+A span-marked task (``TaskSpec.emphasis``, e.g. ``boolq_spans``) gives each document the
+character range of its emphasised field: ``query_spans`` into the query, ``spans`` into the
+zero-shot prompt (instruction + query: what lm-eval's context is without few-shot examples,
+and what a request's ``act_spans`` names); a :class:`Sample`'s ``spans`` are into its own
+prompt, few-shot examples included."""
 
 from __future__ import annotations
 
@@ -30,6 +36,15 @@ def _query(spec: TaskSpec, row: dict) -> tuple[str, list[str]]:
     return f"Question: {row['question']}\nAnswer:", list(row["options"])
 
 
+def _field_span(spec: TaskSpec, row: dict) -> list[list[int]]:
+    """``[[start, end]]``: where the emphasised field's text lies in the query."""
+    marker = "{" + spec.emphasis + "}"
+    if spec.template.count(marker) != 1:
+        raise ValueError(f"task {spec.name}: its template must hold {marker} exactly once to mark it")
+    start = len(spec.template[: spec.template.index(marker)].format(**row))
+    return [[start, start + len(str(row[spec.emphasis]))]]
+
+
 def _gold(row: dict) -> int:
     return int(row["label"] if "label" in row else row["gold"])
 
@@ -48,8 +63,13 @@ def load_docs(task: str, split: str = "test", data_dir: str | os.PathLike | None
     docs = []
     for row_index, row in rows:
         query, choices = _query(spec, row)
-        docs.append({"query": query, "choices": choices, "gold": _gold(row), "row": row_index,
-                     "instruction": spec.instruction})
+        doc: dict[str, Any] = {"query": query, "choices": choices, "gold": _gold(row), "row": row_index,
+                               "instruction": spec.instruction}
+        if spec.emphasis:
+            spans = _field_span(spec, row)
+            doc["query_spans"] = spans
+            doc["spans"] = [[a + len(spec.instruction), b + len(spec.instruction)] for a, b in spans]
+        docs.append(doc)
     return docs
 
 
@@ -105,9 +125,11 @@ def load_samples(
         if num_fewshot > 0:
             pool = [d for d in shots_pool if not (split == "train" and d["row"] == doc["row"])]
             shots = rng.sample(pool, min(num_fewshot, len(pool)))
-        samples.append(Sample(task=spec.name, split=split, doc_id=doc_id, row=doc["row"],
-                              prompt=_render(spec, doc, shots), choices=tuple(" " + c for c in doc["choices"]),
-                              gold=doc["gold"]))
+        prompt = _render(spec, doc, shots)
+        offset = len(prompt) - len(doc["query"])  # the query ends the prompt
+        spans = tuple((a + offset, b + offset) for a, b in doc["query_spans"]) if spec.emphasis else None
+        samples.append(Sample(task=spec.name, split=split, doc_id=doc_id, row=doc["row"], prompt=prompt,
+                              choices=tuple(" " + c for c in doc["choices"]), gold=doc["gold"], spans=spans))
     if tokenizer is not None and spec.next_token and samples:
         tok = resolve_tokenizer(tokenizer)
         samples = [with_token_ids(s, tok) for s in samples]

@@ -45,6 +45,9 @@ class TaskSpec:
     test_name: str = "test"  # what the data calls the evaluation split
     metric: str = "acc"  # primary lm-eval metric of the A/B comparison
     source: str = ""  # data provenance (for docs)
+    # the row field whose text a document marks for the 'spans' rule ("" = no spans); its
+    # documents carry the character ranges (act_plugin.tasks.prompts.load_docs)
+    emphasis: str = ""
 
     @property
     def lm_eval_name(self) -> str:
@@ -118,6 +121,16 @@ _CLASSIFICATION = [
          "Input: {text} \nType:", DBPEDIA_LABELS, train_fraction=0.3, source="J-zin/DHIM (5000-row subset)"),
 ]
 
+# Span-marked tasks (the 'spans' rule, PASTA): the same documents and prompts as a suite task,
+# each carrying the character range of the text a reader would emphasise. Not in any suite.
+_SPAN_MARKED = [
+    _cls("boolq_spans", "BoolQ (question marked)", {"all": "mc/boolq.jsonl"}, read_boolq,
+         "Read the text and answer the question by True or False.\n\n",
+         "Text: {passage} Question: {question}? \nAnswer:", ["False", "True"], train_fraction=0.3,
+         source="mosaicml/llm-foundry local_data (official validation split); the question is marked",
+         emphasis="question"),
+]
+
 _MC_SOURCES = {
     "arc_easy": ("ARC-Easy", "mc/arc_easy.jsonl", read_mc_plain,
                  "Generate the correct answer to the following question."),
@@ -140,7 +153,7 @@ for _name, (_title, _file, _reader, _instr) in _MC_SOURCES.items():
         files={"all": _file}, reader=_reader, train_fraction=0.3, metric="acc_norm",
         source="offline copy (see ../shared/data/README.md)"))
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in _CLASSIFICATION + _MULTIPLE_CHOICE}
+TASKS: dict[str, TaskSpec] = {t.name: t for t in _CLASSIFICATION + _SPAN_MARKED + _MULTIPLE_CHOICE}
 SUITES: dict[str, list[str]] = {
     "classification": [t.name for t in _CLASSIFICATION],
     "multiple_choice": [t.name for t in _MULTIPLE_CHOICE if t.style == "letter"],

@@ -26,6 +26,8 @@ class Sample:
     choices: tuple[str, ...]
     gold: int
     choice_token_ids: tuple[int, ...] | None = None
+    # span-marked tasks: half-open character ranges of ``prompt`` the 'spans' rule emphasises
+    spans: tuple[tuple[int, int], ...] | None = None
 
     @property
     def label(self) -> str:
