@@ -2,7 +2,7 @@
 matrix ``exp(s - lse)`` formed and ``N`` summed from it) against the closed form it uses now
 (only ``p0 = exp(s0 - lse)``, ``N = 1 - p0``).
 
-    python benchmarks/first_token_cpu.py [--threads 1] [--dtype bfloat16]
+    python benchmarks/first_token_cpu.py [--threads 1] [--dtype bfloat16] [--quick]
 
 Per setting (decode: G sequences of L keys; prefill: G prompts of P tokens; SmolLM2's layer
 shape, every head calibrated, gamma 0.5..2) it times :func:`act_plugin.kernels.first_token.
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quick", action="store_true", help="tiny settings (CI)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,6 +95,8 @@ def main() -> None:
     H, Hkv, D, bs = 9, 3, 64, 128
     settings = [("decode", G, [L] * G, [1] * G) for G, L in ((1, 320), (16, 320), (64, 320), (16, 2100))]
     settings += [("prefill", G, [P] * G, [P] * G) for G, P in ((1, 256), (4, 256), (1, 2048))]
+    if args.quick:
+        settings = [("decode", 4, [64] * 4, [1] * 4), ("prefill", 2, [64] * 2, [64] * 2)]
     print(f"load: {open('/proc/loadavg').read().split()[:3]}, torch threads {torch.get_num_threads()}, {args.dtype},"
           f" SmolLM2 layer shape ({H} heads, {Hkv} KV, D {D}, block {bs}), every head calibrated")
     print(f"{'setting':22s}{'matrix ms':>12s}{'closed ms':>11s}{'closed/matrix':>15s}")
