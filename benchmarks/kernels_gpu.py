@@ -17,14 +17,22 @@ repeats after warm-up):
 * prefill ``native+ACT``: the native time plus ``calibrate_paged`` given the row
   log-sum-exp FLASH_ATTN returns (computed once, untimed, by torch's flash kernel); ``own
   lse``: without it, one more K-only pass.
+* ``first_token`` (decode and prefill): the native time plus ``first_token_paged`` (the
+  ZeroTuning rule, gamma 0.5 and 2 alternating over the calibrated heads) given the native
+  row LSE (one key and one value per row), and without it (one K-only pass).
 
 Bytes (HBM traffic per call, modelled from shapes; the KV cache dominates): ``native`` reads
 Q, K, V and writes O; the fused decode adds its split scratch (partials, statistics,
 candidates, written and read back) and the candidates' V rows; the prefill ACT pass reads
 the calibrated heads' K per block of 64 rows, the column buffer, and -- only in blocks with
 a row whose non-sink mass is below the recompute cut -- K and V once more ("worst": every
-block). Paged cache in vLLM's FLASH_ATTN layout, block 16, shuffled block table; keys get a
-sink direction so that rows have real sink sets.
+block). first_token reads per calibrated head and row its query, native output (read and
+written) and LSE, and per block of rows ``k0``/``v0``; without the LSE, the visible keys once
+per block of rows (16 rows in decode, 64 in prefill), per calibrated head (heads sharing a
+KV head each read it); "worst" is the latter plus K and V again (every block below the
+recompute cut: only gamma < 1 rows with a large share on key 0). Paged cache in vLLM's
+FLASH_ATTN layout, block 16, shuffled block table; keys get a sink direction so that rows
+have real sink sets.
 """
 
 from __future__ import annotations
@@ -79,6 +87,28 @@ def prefill_bytes(s: Shape, G: int, P: int, block_m: int = 64, fa_block: int = 1
     act = qo * s.n / s.H * 2 + k_pass + col_read
     worst = act + G * s.n * visible / block_m * 2 * s.D * s.elem
     return {"native": native, "native+ACT": native + act, "worst": native + worst}
+
+
+def first_token_bytes(s: Shape, G: int, L: int, P: int) -> dict[str, float]:
+    """Bytes per call of the first_token kernel after the native call (``P`` rows per
+    sequence of ``L`` keys: decode ``P = 1``, prefill ``P = L``), as ratios' numerators."""
+    block_m = 16 if P <= 16 else 64
+    blocks = G * s.n * -(-P // block_m)
+    rows = G * P * s.n * (3 * s.D * s.elem + 4) + blocks * 2 * s.D * s.elem  # q, O in/out, lse; k0, v0
+    visible = L if P == 1 else P * P / 2  # (row, key) pairs per sequence and head
+    k_pass = G * s.n * visible / (1 if P == 1 else block_m) * s.D * s.elem
+    native = decode_bytes(s, G, L, 0.1)["native"] if P == 1 else prefill_bytes(s, G, P)["native"]
+    return {"native": native, "lse": native + rows, "own": native + rows + k_pass,
+            "worst": native + rows + 3 * k_pass}
+
+
+def print_first_token_bytes(s: Shape, decode, prefill) -> None:
+    print(f"\nfirst_token bytes per call (model; {s.n} calibrated heads): (native + rule) / native")
+    print(f"{'mode':8} {'G':>3} {'L/P':>5} | {'native lse':>10} {'own lse':>8} {'worst':>7}")
+    for mode, G, L, P in [("decode", G, L, 1) for G, L in decode] + [("prefill", G, P, P) for G, P in prefill]:
+        b = first_token_bytes(s, G, L, P)
+        print(f"{mode:8} {G:>3} {L:>5} | {b['lse'] / b['native']:10.3f} {b['own'] / b['native']:8.3f}"
+              f" {b['worst'] / b['native']:7.3f}")
 
 
 def print_bytes(s: Shape, decode, prefill, tau: float) -> None:
@@ -141,7 +171,7 @@ def build(G: int, L: int, P: int, s: Shape, dtype, block: int = 16, seed: int = 
 
 def native_call(p: dict, G: int, P: int, s: Shape):
     """The plain attention call over all heads (SDPA with GQA on the dense K/V), and the row
-    log-sum-exp FLASH_ATTN would return with it (``[T, H]``, natural log; prefill only),
+    log-sum-exp FLASH_ATTN would return with it (``[T, H]``, natural log),
     computed once outside the timing by the flash kernel on K/V expanded to every head."""
     import torch.nn.functional as F  # noqa: N812
 
@@ -152,14 +182,23 @@ def native_call(p: dict, G: int, P: int, s: Shape):
         o = F.scaled_dot_product_attention(q, p["k"], p["v"], is_causal=P > 1, scale=p["scale"], enable_gqa=True)
         out.copy_(o.transpose(1, 2))
 
-    lse = None
-    if P > 1:
-        k = p["k"].repeat_interleave(s.H // s.Hkv, 1)
-        v = p["v"].repeat_interleave(s.H // s.Hkv, 1)
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=p["scale"])
-        lse = res[1].transpose(1, 2).reshape(G * P, s.H).contiguous()
-        del k, v, res
+    k = p["k"].repeat_interleave(s.H // s.Hkv, 1)
+    v = p["v"].repeat_interleave(s.H // s.Hkv, 1)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, P > 1, False, scale=p["scale"])
+    lse = res[1].transpose(1, 2).reshape(G * P, s.H).contiguous()  # decode: for first_token only
+    del k, v, res
     return run, lse
+
+
+def time_first_token(p: dict, tensors: list, lse, t_native: float, s: Shape, repeats: int, inner: int) -> str:
+    """``native + first_token`` with the native LSE and with its own, as ratios to native."""
+    from act_plugin.kernels.first_token import first_token_paged
+
+    gammas = torch.tensor([0.5, 2.0] * s.n, device="cuda")[: s.n]
+    kw = dict(scale=p["scale"], window=None, max_query_len=p["max_query_len"], max_seq_len=p["max_seq_len"])
+    t_lse = t_native + _timed(lambda: first_token_paged(*tensors, gammas, **kw, lse=lse), repeats, inner)
+    t_own = t_native + _timed(lambda: first_token_paged(*tensors, gammas, **kw), repeats, inner)
+    return f" | first_token {t_lse / t_native:5.2f}x own lse {t_own / t_native:5.2f}x"
 
 
 def time_setting(mode: str, G: int, L: int, s: Shape, dtype, repeats: int) -> str:
@@ -182,10 +221,12 @@ def time_setting(mode: str, G: int, L: int, s: Shape, dtype, repeats: int) -> st
             p["query"], p["output"], p["key_cache"], p["value_cache"], p["block_table"], p["seq_lens"],
             p["query_start"], p["heads"], p["scale"], 0.4, 0.1, None, L), repeats, inner)
         return (f"{mode:8} {G:>3} {L:>5} | {t_native:9.3f} {t_fused:9.3f} {t_fused / t_native:6.2f}x"
-                f" | {t_after:12.3f} {t_after / t_native:6.2f}x")
+                f" | {t_after:12.3f} {t_after / t_native:6.2f}x"
+                + time_first_token(p, tensors, lse, t_native, s, repeats, inner))
     t_own = t_native + _timed(lambda: calibrate_paged(*tensors, **kw), repeats, inner)
     return (f"{mode:8} {G:>3} {L:>5} | {t_native:9.3f} {'-':>9} {'-':>7} | {t_after:12.3f} {t_after / t_native:6.2f}x"
-            f" | own lse {t_own:8.3f} {t_own / t_native:6.2f}x")
+            f" | own lse {t_own:8.3f} {t_own / t_native:6.2f}x"
+            + time_first_token(p, tensors, lse, t_native, s, repeats, inner))
 
 
 def main() -> None:
@@ -205,13 +246,15 @@ def main() -> None:
     s = Shape(args.heads, args.kv_heads, args.head_dim, args.calibrated, torch.empty(0, dtype=dtype).element_size(),
               sms)
     print_bytes(s, decode, prefill, tau=0.1)
+    print_first_token_bytes(s, decode, prefill)
     if args.bytes_only:
         return
     if not torch.cuda.is_available():
         raise SystemExit("timing needs a CUDA device (--bytes-only prints the bytes model alone)")
     print(f"\ndevice {torch.cuda.get_device_name()} | torch {torch.__version__} | times in ms, median of"
           f" {args.repeats} batches")
-    print(f"{'mode':8} {'G':>3} {'L/P':>5} | {'native':>9} {'fused':>9} {'ratio':>7} | {'native+ACT':>12} {'ratio':>7}")
+    print(f"{'mode':8} {'G':>3} {'L/P':>5} | {'native':>9} {'fused':>9} {'ratio':>7} | {'native+ACT':>12} {'ratio':>7}"
+          " | (prefill: ACT with its own lse) | native+first_token / native, native lse and own")
     for mode, G, L in [("decode", G, L) for G, L in decode] + [("prefill", G, P) for G, P in prefill]:
         print(time_setting(mode, G, L, s, dtype, args.repeats), flush=True)
         torch.cuda.empty_cache()

@@ -33,6 +33,15 @@ def test_kernel_micro_benchmark_runs():
     assert "decode 4 x 64" in res.stdout and "prefill 2 x 64" in res.stdout
 
 
+@pytest.mark.slow
+def test_first_token_cpu_benchmark_runs():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_token_cpu.py"), "--quick", "--repeats", "1"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    print(res.stdout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "decode 4 x 64" in res.stdout and "prefill 2 x 64" in res.stdout
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_engine_overhead_benchmark_runs(tmp_path):

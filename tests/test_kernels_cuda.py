@@ -189,3 +189,94 @@ def test_whole_layer_decode_graph_replays_another_batch():
     rows = b.query_start
     assert torch.equal(out[rows], eager[rows])
     assert not torch.equal(eager[rows], torch.zeros_like(eager[rows]))
+
+
+# --- first_token (ZeroTuning) from the native output ---------------------------------------------------------
+
+FT_GAMMAS = [0.2, 3.0, 1.0, 8.0]  # per head: < 1, > 1, 1 (unchanged)
+FT_TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _first_token_cuda(c, gammas, **extra):
+    from act_plugin.kernels.first_token import first_token_paged
+
+    out = c.output.clone()
+    first_token_paged(c.query, out, c.key_cache, c.value_cache, c.block_table, c.seq_lens, c.query_start,
+                      c.query_lens, c.heads, c.kv_heads, torch.tensor(gammas, device="cuda"), scale=c.scale,
+                      window=c.window, max_query_len=c.max_query_len, max_seq_len=c.max_seq_len, **extra)
+    torch.cuda.synchronize()
+    return out
+
+
+def _first_token_err(p, got, gammas) -> float:
+    from test_kernels_triton_first_token import reference
+
+    exp = reference(p, torch.tensor(gammas))
+    return (got.cpu().to(torch.float32) - exp).abs().max().item() / exp.abs().max().item()
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scenario", ["decode_long", "prefill_long", "mixed_window", "padded_group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_first_token_on_cuda_matches_the_rule(layout, scenario, dtype, with_lse):
+    """The Triton first_token kernel (chosen for CUDA tensors) with the native LSE (one key and
+    value per row) and without (its own K-only pass), against the dense rule on the CPU."""
+    from test_kernels_triton_first_token import native_lse
+
+    seq_lens, query_lens, window = SCENARIOS[scenario]
+    p = make_problem(seq_lens, query_lens, layout=layout, dtype=dtype, window=window, num_heads=8, num_kv_heads=2,
+                     heads=[0, 3, 5, 6], sink_strength=1.5, head_size=64,
+                     seed=zlib.crc32(f"ft{layout}{scenario}".encode()) % 1000)
+    c = problem_to(p, "cuda")
+    extra = dict(lse=native_lse(p).cuda()) if with_lse else {}
+    got = _first_token_cuda(c, FT_GAMMAS, **extra)
+    assert not torch.equal(got.cpu(), p.output)
+    assert _first_token_err(p, got, FT_GAMMAS) <= FT_TOL[dtype]
+    assert torch.equal(got[:, [1, 2, 4, 5, 7]].cpu(), p.output[:, [1, 2, 4, 5, 7]])  # gamma-1 and other heads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_token_on_cuda_recomputes_where_p0_nears_one(dtype):
+    """Key 0 takes nearly all the attention and gamma is small: the blocks below the cut are
+    swept exactly (the epilogue alone loses the tolerance in bf16: see the interpreter test)."""
+    from test_kernels_triton_first_token import native_lse
+
+    p = make_problem([400, 300], [400, 1], num_heads=4, num_kv_heads=2, heads=[0, 1, 2, 3], sink_positions=(0,),
+                     sink_strength=3.0, dtype=dtype, head_size=64, seed=7)
+    gammas = [0.05, 0.3, 2.0, 0.01]
+    c = problem_to(p, "cuda")
+    assert _first_token_err(p, _first_token_cuda(c, gammas), gammas) <= FT_TOL[dtype]
+    assert _first_token_err(p, _first_token_cuda(c, gammas, lse=native_lse(p).cuda()), gammas) <= FT_TOL[dtype]
+
+
+def test_first_token_decode_on_cuda_under_a_cuda_graph():
+    """With the native LSE the decode launch captures into a CUDA graph (no host sync) and a
+    replay equals the eager call."""
+    from test_kernels_triton_first_token import native_lse
+
+    from act_plugin.kernels.first_token import first_token_paged
+
+    p = make_problem([200, 90, 33], [1, 1, 1], num_heads=8, num_kv_heads=2, heads=[0, 3, 5, 6], sink_strength=1.5,
+                     head_size=64, seed=3)
+    c = problem_to(p, "cuda")
+    lse = native_lse(p).cuda()
+    gammas = torch.tensor(FT_GAMMAS, device="cuda")
+    out = c.output.clone()
+
+    def step():
+        first_token_paged(c.query, out, c.key_cache, c.value_cache, c.block_table, c.seq_lens, c.query_start,
+                          c.query_lens, c.heads, c.kv_heads, gammas, scale=c.scale, window=None, max_query_len=1,
+                          max_seq_len=200, lse=lse)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    out.copy_(c.output)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = _first_token_cuda(c, FT_GAMMAS, lse=lse)
+    assert torch.equal(out, eager)
+    assert not torch.equal(out, c.output)

@@ -57,6 +57,31 @@ def test_first_token_paged_matches_the_rule_formula(layout, scenario, dtype):
     assert torch.equal(out[:2], p.output[:2])  # rows of other requests
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_token_paged_recomputes_where_p0_nears_one(dtype, monkeypatch):
+    """Key 0 takes nearly all the attention and gamma is small: ``O - p0 v0`` cancels and the
+    epilogue multiplies the output's rounding by up to 1/gamma. Rows below the recompute cut
+    are computed from all keys and values; without the cut bf16 outputs lose the tolerance."""
+    from act_plugin.kernels import first_token as mod
+
+    p = make_problem([40, 30], [40, 1], num_heads=4, num_kv_heads=2, heads=[0, 1, 2, 3], sink_positions=(0,),
+                     sink_strength=3.0, dtype=dtype, seed=7)
+    gammas = torch.tensor([0.05, 0.3, 2.0, 0.01])
+    exp = expected(p, gammas)
+
+    def rel_err() -> float:
+        out = p.output.clone()
+        first_token_paged(p.query, out, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start,
+                          p.query_lens, p.heads, p.kv_heads, gammas, scale=p.scale, window=None,
+                          max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, max_block_elems=512)
+        return (out.to(torch.float32) - exp).abs().max().item() / exp.abs().max().item()
+
+    assert rel_err() <= TOL[dtype]
+    monkeypatch.setitem(mod.RECOMPUTE_BELOW, dtype, 0.0)
+    forced = rel_err()
+    assert forced > (TOL[dtype] if dtype == torch.bfloat16 else 1e-5)  # the cut is what keeps the tolerance
+
+
 # ============================================================================ the layer calibrator
 def _calibrator_and_arms():
     from act_plugin.config import ACTEngineConfig
