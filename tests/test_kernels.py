@@ -119,10 +119,14 @@ def test_only_calibrated_rows_and_heads_change():
     assert not torch.equal(got[3:, [1, 4]], p.output[3:, [1, 4]])
 
 
-def test_prompt_longer_than_one_row_block():
-    """Prefill rows in several blocks (pass 1 is blocked over rows, 64 at a time)."""
-    p = make_problem([300], [300], num_heads=2, num_kv_heads=1, heads=[0, 1], block_size=32, sink_strength=1.5,
-                     seed=2)
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("seq_len, query_len", [(300, 300), (333, 301)])
+def test_prompt_longer_than_one_row_block(seq_len, query_len, window):
+    """Prefill rows in several blocks (pass 1 is blocked over rows, 60 at a time, over keys
+    packed in panels of 16): bands that start inside a panel (windows), a last panel cut
+    short, a last row block not a multiple of the 6-row tile, rows after cached keys."""
+    p = make_problem([seq_len], [query_len], num_heads=2, num_kv_heads=1, heads=[0, 1], block_size=32,
+                     sink_strength=1.5, window=window, seed=2)
     _check(p, _run(p, 0.4, 0.1), 0.4, 0.1, torch.float32)
 
 

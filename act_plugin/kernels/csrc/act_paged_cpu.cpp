@@ -245,6 +245,8 @@ inline void output_form(const Args<T>& a, T* orow, const float* o_s, float facto
 // Scores of one decode row over its n keys -> its probabilities, in place.
 inline void softmax_row(float* p, int64_t n) {
   float m = -INFINITY;
+  // a max reduction vectorizes only when asked (without it, one 3-4 cycle max per key in series)
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
   float z = 0.0f;
 #pragma omp simd reduction(+ : z)
@@ -317,22 +319,54 @@ void decode_task(const Args<T>& a, int64_t g, int64_t hs, std::vector<float>& bu
   }
 }
 
-// S[r, j] = sum_d Q[r, d] * KT[d, j] for rows [0, R), keys [0, N); KT has row stride ldk.
-// Register tiles of 4 rows x 16 keys: each load of KT feeds four FMAs and the accumulators
-// stay in registers over the D loop.
-inline void qk_block(const float* Q, int64_t R, int64_t D, const float* KT, int64_t ldk, int64_t N, float* S,
-                     int64_t lds) {
-  constexpr int RB = 4, JB = 16;
+// Keys of one (sequence, head) packed for the blocked product: panels of kPanel consecutive
+// keys, each panel [D][kPanel] contiguous (zero-padded past the last key). The product then
+// streams each panel's D rows in order: a plain [D, nk] matrix would put its D rows a
+// multiple of 4 KiB apart for long prompts, all in one L1 set (conflict misses on every row).
+constexpr int64_t kPanel = 16;
+
+struct PackedKeys {
+  std::vector<float> data;
+  int64_t D = 0, nk = 0, panels = 0;
+  float at(int64_t d, int64_t j) const { return data[(j / kPanel) * D * kPanel + d * kPanel + (j % kPanel)]; }
+  const float* panel(int64_t p) const { return data.data() + p * D * kPanel; }
+};
+
+template <typename T>
+void pack_keys(const Args<T>& a, int64_t g, int64_t kvh, int64_t klo, int64_t L, PackedKeys& K) {
+  const int64_t D = a.D, nk = L - klo;
+  K.D = D, K.nk = nk, K.panels = (nk + kPanel - 1) / kPanel;
+  K.data.assign(K.panels * D * kPanel, 0.0f);
+  for (int64_t j = klo; j < L;) {
+    const int64_t b = j / a.K.block, t0 = j % a.K.block, n = std::min(a.K.block - t0, L - j);
+    const T* tile = a.K.base + a.table(g, b) * a.K.s_blk + kvh * a.K.s_head + t0 * a.K.s_tok;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t jj = j - klo + t;
+      float* dst = K.data.data() + (jj / kPanel) * D * kPanel + (jj % kPanel);
+      const T* src = tile + t * a.K.s_tok;
+      for (int64_t d = 0; d < D; ++d) dst[d * kPanel] = to_f(src[d * a.K.s_dim]);
+    }
+    j += n;
+  }
+}
+
+// S[r, 16p + c] = sum_d Q[r, d] * key(16p + c)[d] for rows [0, R) and panels [p0, p1), into S
+// (row stride lds, column 0 = panel p0's first key). Register tiles of 6 rows x 16 keys: 12
+// accumulators (enough independent FMAs to cover their latency), each panel load feeding six.
+inline void qk_panels(const float* Q, int64_t R, int64_t D, const PackedKeys& K, int64_t p0, int64_t p1, float* S,
+                      int64_t lds) {
+  constexpr int RB = 6;
   int64_t r = 0;
   for (; r + RB <= R; r += RB) {
     const float* q0 = Q + r * D;
-    int64_t j = 0;
-    for (; j + JB <= N; j += JB) {
-      v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* k = K.panel(p);
+      v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {}, c40 = {}, c41 = {},
+          c50 = {}, c51 = {};
       for (int64_t d = 0; d < D; ++d) {
-        const float* k = KT + d * ldk + j;
-        const v8f k0 = load8(k), k1 = load8(k + 8);
-        const float a0 = q0[d], a1 = q0[D + d], a2 = q0[2 * D + d], a3 = q0[3 * D + d];
+        const v8f k0 = load8(k + d * kPanel), k1 = load8(k + d * kPanel + 8);
+        const float a0 = q0[d], a1 = q0[D + d], a2 = q0[2 * D + d], a3 = q0[3 * D + d], a4 = q0[4 * D + d],
+                    a5 = q0[5 * D + d];
         c00 += a0 * k0;
         c01 += a0 * k1;
         c10 += a1 * k0;
@@ -341,8 +375,12 @@ inline void qk_block(const float* Q, int64_t R, int64_t D, const float* KT, int6
         c21 += a2 * k1;
         c30 += a3 * k0;
         c31 += a3 * k1;
+        c40 += a4 * k0;
+        c41 += a4 * k1;
+        c50 += a5 * k0;
+        c51 += a5 * k1;
       }
-      float* s0 = S + r * lds + j;
+      float* s0 = S + r * lds + (p - p0) * kPanel;
       store8(s0, c00);
       store8(s0 + 8, c01);
       store8(s0 + lds, c10);
@@ -351,23 +389,42 @@ inline void qk_block(const float* Q, int64_t R, int64_t D, const float* KT, int6
       store8(s0 + 2 * lds + 8, c21);
       store8(s0 + 3 * lds, c30);
       store8(s0 + 3 * lds + 8, c31);
+      store8(s0 + 4 * lds, c40);
+      store8(s0 + 4 * lds + 8, c41);
+      store8(s0 + 5 * lds, c50);
+      store8(s0 + 5 * lds + 8, c51);
     }
-    for (; j < N; ++j)
-      for (int rr = 0; rr < RB; ++rr) {
-        float acc = 0.0f;
-        for (int64_t d = 0; d < D; ++d) acc += q0[rr * D + d] * KT[d * ldk + j];
-        S[(r + rr) * lds + j] = acc;
-      }
   }
   for (; r < R; ++r) {
-    float* s = S + r * lds;
-    for (int64_t j = 0; j < N; ++j) s[j] = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float a0 = Q[r * D + d];
-      const float* k = KT + d * ldk;
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) s[j] += a0 * k[j];
+    const float* q = Q + r * D;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* k = K.panel(p);
+      v8f c0 = {}, c1 = {};
+      for (int64_t d = 0; d < D; ++d) {
+        c0 += q[d] * load8(k + d * kPanel);
+        c1 += q[d] * load8(k + d * kPanel + 8);
+      }
+      float* s0 = S + r * lds + (p - p0) * kPanel;
+      store8(s0, c0);
+      store8(s0 + 8, c1);
     }
+  }
+}
+
+// out[j - lo] = q . key(j) for keys [lo, hi) of the packed keys (row recompute).
+inline void row_scores_packed(const float* q, const PackedKeys& K, int64_t lo, int64_t hi, float* out) {
+  for (int64_t j = lo; j < hi; ++j) out[j - lo] = 0.0f;
+  for (int64_t j = lo; j < hi;) {
+    const int64_t p = j / kPanel, c0 = j % kPanel, n = std::min(kPanel - c0, hi - j);
+    const float* k = K.panel(p) + c0;
+    float* o = out + (j - lo);
+    for (int64_t d = 0; d < K.D; ++d) {
+      const float qd = q[d];
+      const float* kd = k + d * kPanel;
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) o[t] += qd * kd[t];
+    }
+    j += n;
   }
 }
 
@@ -382,38 +439,37 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
   const int64_t klo = W > 0 ? std::max<int64_t>(0, first - W + 1) : 0;
   const int64_t nk = L - klo;
 
-  // Keys of this (sequence, head) as float32 [D, nk] (dimension-major: what the blocked
-  // product streams); queries as [ql, D], scaled.
-  std::vector<float> KT(D * nk), Q(ql * D), lse(ql), col(nk, 0.0f);
-  for (int64_t j = klo; j < L;) {
-    const int64_t b = j / a.K.block, t0 = j % a.K.block, n = std::min(a.K.block - t0, L - j);
-    const T* tile = a.K.base + a.table(g, b) * a.K.s_blk + kvh * a.K.s_head + t0 * a.K.s_tok;
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t t = 0; t < n; ++t) KT[d * nk + (j - klo) + t] = to_f(tile[t * a.K.s_tok + d * a.K.s_dim]);
-    j += n;
-  }
+  // Keys of this (sequence, head) packed in panels (float32); queries as [ql, D], scaled.
+  PackedKeys K;
+  pack_keys(a, g, kvh, klo, L, K);
+  std::vector<float> Q(ql * D), lse(ql), col(nk, 0.0f);
   for (int64_t i = 0; i < ql; ++i) load_row(a.q + (row0 + i) * a.q_s0 + h * a.q_s1, a.q_s2, D, a.scale, &Q[i * D]);
 
   // Pass 1: row log-sum-exp and column sums, a block of rows at a time.
-  // Blocks of at most 64 rows: under the causal mask each block multiplies only the keys up
-  // to its last row, so small blocks skip most of the masked upper triangle.
+  // Blocks of at most 60 rows (a multiple of the product's 6-row tile): under the causal
+  // mask each block multiplies only the panels up to its last row, so small blocks skip most
+  // of the masked upper triangle.
+  const int64_t row_stride = K.panels * kPanel;
   const int64_t rows_per_block =
-      std::max<int64_t>(4, std::min<int64_t>({ql, int64_t{64}, block_elems / std::max<int64_t>(1, nk)}));
-  std::vector<float> S(rows_per_block * nk);
-  ScratchUse use(static_cast<int64_t>((KT.size() + Q.size() + lse.size() + col.size() + S.size()) *
+      std::max<int64_t>(6, std::min<int64_t>({ql, int64_t{60}, block_elems / std::max<int64_t>(1, row_stride)}));
+  std::vector<float> S(rows_per_block * row_stride);
+  ScratchUse use(static_cast<int64_t>((K.data.size() + Q.size() + lse.size() + col.size() + S.size()) *
                                       sizeof(float)));
   for (int64_t r0 = 0; r0 < ql; r0 += rows_per_block) {
     const int64_t r1 = std::min(ql, r0 + rows_per_block);
-    const int64_t kb = W > 0 ? std::max(klo, first + r0 - W + 1) : 0;  // first key of the block's band
-    const int64_t ke = first + r1;                                     // one past its last key
-    const int64_t nb = ke - kb;
-    qk_block(&Q[r0 * D], r1 - r0, D, &KT[kb - klo], nk, nb, S.data(), nb);
+    const int64_t kb = W > 0 ? std::max(klo, first + r0 - W + 1) : klo;  // first key of the block's band
+    const int64_t ke = first + r1;                                       // one past its last key
+    const int64_t p0 = (kb - klo) / kPanel, p1 = (ke - klo + kPanel - 1) / kPanel;
+    const int64_t kb0 = klo + p0 * kPanel;  // key of S's column 0
+    const int64_t lds = (p1 - p0) * kPanel;
+    qk_panels(&Q[r0 * D], r1 - r0, D, K, p0, p1, S.data(), lds);
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t pos = first + i;
-      const int64_t lo = W > 0 ? std::max<int64_t>(kb, pos - W + 1) : kb;
-      float* s = S.data() + (i - r0) * nb + (lo - kb);
+      const int64_t lo = W > 0 ? std::max<int64_t>(klo, pos - W + 1) : klo;
+      float* s = S.data() + (i - r0) * lds + (lo - kb0);
       const int64_t n = pos + 1 - lo;
       float m = -INFINITY;
+#pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
       float z = 0.0f;
 #pragma omp simd reduction(+ : z)
@@ -447,9 +503,12 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
 
   // Pass 2: per row, P_S and o_S over the sink columns only.
   const int64_t ns = static_cast<int64_t>(sinks.size());
-  std::vector<float> VS(ns * D, 0.0f), o_s(D), acc(D), p(nk);
-  ScratchUse use2(static_cast<int64_t>((VS.size() + o_s.size() + acc.size() + p.size() + ns * 2 + nk / 4) * 4));
-  for (int64_t k = 0; k < ns; ++k) add_value(a.V, a.table, g, kvh, sinks[k], 1.0f, D, &VS[k * D]);
+  std::vector<float> KS(ns * D), VS(ns * D, 0.0f), o_s(D), acc(D), p(nk);
+  ScratchUse use2(static_cast<int64_t>((KS.size() + VS.size() + o_s.size() + acc.size() + p.size() + ns * 2 + nk / 4) * 4));
+  for (int64_t k = 0; k < ns; ++k) {
+    for (int64_t d = 0; d < D; ++d) KS[k * D + d] = K.at(d, sinks[k] - klo);
+    add_value(a.V, a.table, g, kvh, sinks[k], 1.0f, D, &VS[k * D]);
+  }
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t pos = first + i;
     const int64_t lo = W > 0 ? std::max<int64_t>(0, pos - W + 1) : 0;
@@ -459,9 +518,10 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
     for (int64_t k = 0; k < ns; ++k) {
       const int64_t s = sinks[k];
       if (s < lo || s > pos) continue;
+      const float* ks = &KS[k * D];
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += q[d] * KT[d * nk + (s - klo)];
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * ks[d];
       const float ps = exp_neg(dot - lse[i]);
       sink_mass += ps;
       const float* v = &VS[k * D];
@@ -477,13 +537,7 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
     }
     // Non-sink mass too small for the output form: the whole row, N summed directly.
     const int64_t n = pos + 1 - lo;
-    for (int64_t j = 0; j < n; ++j) p[j] = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float qd = q[d];
-      const float* k = &KT[d * nk + (lo - klo)];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) p[j] += qd * k[j];
-    }
+    row_scores_packed(q, K, lo - klo, pos + 1 - klo, p.data());
     float pm = 0.0f, nm = 0.0f;
     for (int64_t j = 0; j < n; ++j) {
       p[j] = exp_neg(p[j] - lse[i]);
