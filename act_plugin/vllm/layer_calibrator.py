@@ -30,9 +30,17 @@ import torch
 
 from act_plugin.calibration import kv_heads_of
 from act_plugin.config import ACTConfig
-from act_plugin.kernels import DecodeAttention, PagedKernel, bind_decode_attention, bind_paged
+from act_plugin.kernels import (
+    DecodeAttention,
+    DecodeRows,
+    PagedKernel,
+    bind_decode_attention,
+    bind_decode_rows,
+    bind_paged,
+)
 from act_plugin.kernels.cache_layout import KVSplit
 from act_plugin.kernels.first_token import first_token_paged
+from act_plugin.vllm.graph_plan import GRAPH_ATTR, GraphTables
 from act_plugin.vllm.plan import PLAN_ATTR, StepPlan
 from act_plugin.vllm.profiling import timer
 from act_plugin.vllm.worker_state import Arm
@@ -67,6 +75,7 @@ class BoundKernels:
     value_cache: torch.Tensor
     paged: PagedKernel
     decode: DecodeAttention | None  # the whole-layer decode kernel; None: none for these tensors
+    rows: DecodeRows | None  # the per-row decode kernel (CUDA graphs); None: none for these tensors
 
 
 class LayerCalibrator:
@@ -137,6 +146,7 @@ class LayerCalibrator:
             key_cache=key_cache, value_cache=value_cache,
             paged=bind_paged(query, output, key_cache, value_cache),
             decode=bind_decode_attention(query, output, key_cache, value_cache),
+            rows=bind_decode_rows(query, output, key_cache, value_cache),
         )
         return bound
 
@@ -172,6 +182,42 @@ class LayerCalibrator:
         if timer.enabled:
             timer.add("decode_whole_layer", time.perf_counter() - start)
         return True
+
+    def decode_in_graph(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+                        tables: GraphTables | None) -> None:
+        """While a FULL CUDA graph captures a decode step (after the native kernel): launch the
+        per-row decode kernel in calibration mode on vLLM's persistent block table, lengths
+        and query offsets, each row's arm read from ``tables`` on the device, so every replay
+        calibrates the rows of that step's arms (:mod:`act_plugin.vllm.graph_plan`). Every
+        bound layer captures it, whether or not an arm calibrates it now: runtime control
+        may add one later, and a row of no arm in this layer changes nothing."""
+        layer = self.layer_index
+        if metadata is None or layer is None or kv_cache.numel() == 0:
+            return
+        common = getattr(metadata, GRAPH_ATTR, None)
+        if tables is None or common is None:
+            raise RuntimeError(
+                f"ACT: a FULL CUDA graph is capturing layer {layer} without ACT's graph tables; its metadata builder "
+                "declared no full-graph support (restart with cudagraph_mode=PIECEWISE)"
+            )
+        if int(common.max_query_len) != 1:
+            raise RuntimeError(
+                f"ACT: a FULL CUDA graph is capturing a batch with prefill rows in layer {layer}; ACT declares FULL "
+                "graphs for single-token decode batches only (cudagraph_mode=FULL_AND_PIECEWISE or FULL_DECODE_ONLY)"
+            )
+        num_reqs = int(common.num_reqs)
+        if num_reqs > tables.max_rows:
+            raise RuntimeError(f"ACT: a CUDA graph of {num_reqs} rows exceeds the graph tables' {tables.max_rows}")
+        out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
+        bound = self._bind(query, out, kv_cache)
+        if bound.rows is None:
+            raise RuntimeError(
+                f"ACT: layer {layer} has no per-row decode kernel for these tensors ({query.device}, {query.dtype}, "
+                f"cache {kv_cache.dtype}); restart with cudagraph_mode=PIECEWISE"
+            )
+        bound.rows(query, out, bound.key_cache, bound.value_cache, common.block_table_tensor[:num_reqs],
+                   common.seq_lens, common.query_start_loc, tables.row_arms(layer), self.scale, self.window,
+                   tables.max_seq_len)
 
     def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> StepPlan | None:
         """The calibration; returns the step plan it ran (None: nothing to do)."""

@@ -7,4 +7,6 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 from act_plugin.kernels.cache_layout import flash_attn_split
 from act_plugin.vllm.backends import act_backend
 
-ACTFlashAttentionBackend = act_backend(FlashAttentionBackend, flash_attn_split)
+# Whole-layer decode (LayerCalibrator.decode_whole_layer): FlashAttentionImpl.forward only reads the
+# cache (do_kv_cache_update writes it) and does nothing a skipped call would miss.
+ACTFlashAttentionBackend = act_backend(FlashAttentionBackend, flash_attn_split, whole_decode=True)
