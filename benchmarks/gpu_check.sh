@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine (torch with CUDA and Triton; vLLM not needed): the CUDA
 # kernel suite (tests/test_kernels_cuda.py, including the CUDA-graph capture/replay of the
-# whole-layer decode with another batch) and the per-layer benchmark against the native
-# attention call. Sized to finish in under 8 minutes on an H100/H200 (suite ~3-4 min with
+# whole-layer decode with another batch, and of the per-row-arm decode that full engine
+# graphs capture, replayed with another batch and other arms) and the per-layer benchmark
+# against the native attention call. Sized to finish in under 8 minutes on an H100/H200 (suite ~3-4 min with
 # compiles, benchmark ~2 min); each step has its own time limit so that a hang still leaves
 # the other's output. Logs go to $OUT (default /tmp/act-gpu-check).
 #
