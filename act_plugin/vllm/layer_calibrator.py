@@ -113,13 +113,16 @@ class LayerCalibrator:
         self._heads.clear()
         self._gammas.clear()
 
-    def apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> None:
-        """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT."""
+    def apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+              lse: torch.Tensor | None = None) -> None:
+        """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT. ``lse``:
+        the native call's row log-sum-exp (``[tokens, heads]`` view, natural log) where the
+        backend returned it; the prefill kernels then skip their own pass."""
         if not timer.enabled:
-            self._apply(query, kv_cache, metadata, output)
+            self._apply(query, kv_cache, metadata, output, lse)
             return
         start = time.perf_counter()
-        plan = self._apply(query, kv_cache, metadata, output)
+        plan = self._apply(query, kv_cache, metadata, output, lse)
         if plan is not None:
             timer.add("decode" if plan.is_decode_only else "prefill", time.perf_counter() - start)
 
@@ -219,7 +222,8 @@ class LayerCalibrator:
                    common.seq_lens, common.query_start_loc, tables.row_arms(layer), self.scale, self.window,
                    tables.max_seq_len)
 
-    def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> StepPlan | None:
+    def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+               lse: torch.Tensor | None = None) -> StepPlan | None:
         """The calibration; returns the step plan it ran (None: nothing to do)."""
         layer = self.layer_index
         if metadata is None or layer is None or kv_cache.numel() == 0:
@@ -246,7 +250,7 @@ class LayerCalibrator:
             prof = arm.config
             kernel(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
                    group.query_lens, heads[0], heads[1], self.scale, prof.beta, prof.threshold, self.window,
-                   group.max_query_len, group.max_seq_len)
+                   group.max_query_len, group.max_seq_len, lse=lse)
         if plan.rule_groups:
             self._apply_rules(plan, layer, query, out, key_cache, value_cache)
         return plan

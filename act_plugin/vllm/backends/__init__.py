@@ -110,8 +110,10 @@ class ACTImplMixin:
                 output_block_scale=None):
         if (
             self.act_whole_decode and attn_metadata is not None and output_scale is None
-            and getattr(self, "act_layout_verified", True) and plain_decode_metadata(self, attn_metadata)
-            and not (query.is_cuda and torch.cuda.is_current_stream_capturing())
+            and getattr(self, "act_layout_verified", True)
+            # CUDA backends' metadata may ask for more than causal attention (CPU_ATTN's never does)
+            and (not query.is_cuda or (plain_decode_metadata(self, attn_metadata)
+                                       and not torch.cuda.is_current_stream_capturing()))
             and self.act.decode_whole_layer(query, kv_cache, attn_metadata, output)
         ):
             return output
@@ -124,8 +126,11 @@ class ACTImplMixin:
         if query.is_cuda and torch.cuda.is_current_stream_capturing():
             # A FULL graph (attention is outside piecewise graphs): no host plan may be baked in.
             self.act.decode_in_graph(query, kv_cache, attn_metadata, output, graph_tables())
-        else:
-            self.act.apply(query, kv_cache, attn_metadata, output)
+            return result
+        lse = getattr(self, "act_native_lse", None)  # the row LSE the native call returned (FLASH_ATTN prefill)
+        if lse is not None:
+            self.act_native_lse = None
+        self.act.apply(query, kv_cache, attn_metadata, output, lse=lse)
         return result
 
 
