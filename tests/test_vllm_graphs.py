@@ -125,6 +125,16 @@ def test_a_slot_is_reused_only_from_arms_without_rows_in_the_step():
         slot = rows[pos]
         assert t.beta[slot].item() == pytest.approx(arm.config.beta)
         assert t.head_flags[slot, 1].nonzero().flatten().tolist() == list(arm.config.heads[1])
+    # a new arm met before an arm of the step that holds the first slot does not take that slot
+    held = {slot: pos for pos, slot in enumerate(rows)}
+    first_slot_arm = arms[{0: 3, 1: 1, 2: 4}[held[0]]]
+    state.arms.clear()
+    state.arms.update({0: arms[0], 1: first_slot_arm, 2: arms[2]})  # p1 and p3 come back: no free slot
+    t.write_step(_common([1, 1, 1], [5, 5, 5]))
+    again = t.row_arm.tolist()
+    assert again[1] == 0 and sorted(again) == [0, 1, 2]
+    for pos, arm in ((0, arms[0]), (1, first_slot_arm), (2, arms[2])):
+        assert t.beta[again[pos]].item() == pytest.approx(arm.config.beta)
 
 
 # ----------------------------------------------------------------------------- a captured layer

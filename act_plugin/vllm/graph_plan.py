@@ -84,20 +84,20 @@ class GraphTables:
             decode = (qsl[1:] - qsl[:-1]) == 1
             req_idx = getattr(common, "req_idx", None)  # Model Runner V2: batch position -> request slot
             slots = np.asarray(req_idx[:num_reqs]).tolist() if req_idx is not None else range(num_reqs)
-            in_step: set[str] = set()
-            for pos, slot in enumerate(slots):
-                arm = arms.get(slot)
-                if arm is not None and arm.rule == "act" and decode[pos]:
-                    in_step.add(arm.hash)
-                    rows[pos] = self._slot(arm, in_step)
+            calibrated = [(pos, arm) for pos, arm in ((p, arms.get(s)) for p, s in enumerate(slots))
+                          if arm is not None and arm.rule == "act" and decode[pos]]
+            in_step = {arm.hash for _, arm in calibrated}  # their slots are never given to another arm now
+            for pos, arm in calibrated:
+                rows[pos] = self._slot(arm, in_step)
         self.row_arm.copy_(torch.from_numpy(rows), non_blocking=True)  # pageable source: staged before return
 
     def _slot(self, arm: Arm, in_step: set[str]) -> int:
         slot = self._slot_of.get(arm.hash)
         if slot is not None:
             return slot
+        # no more arms than rows in a step, and as many slots as rows: some slot is empty or held
+        # by an arm without rows in this step
         free = [s for s, h in enumerate(self._hash_in) if h is None or h not in in_step]
-        # fewer arms than rows in any step: some slot is free or held by an arm without rows here
         slot = next((s for s in free if self._hash_in[s] is None), free[0])
         old = self._hash_in[slot]
         if old is not None:

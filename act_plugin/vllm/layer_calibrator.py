@@ -9,7 +9,7 @@ keep the native result bit for bit (but see the whole-layer decode below). Nothi
 reads from the device or logs per step.
 
 Decode steps whose every row runs an ACT arm skip the native kernel in calibrated layers
-(backends that allow it: CPU_ATTN today): :meth:`LayerCalibrator.decode_whole_layer`
+(backends that allow it: CPU_ATTN, FLASH_ATTN, TRITON_ATTN, FLASHINFER): :meth:`LayerCalibrator.decode_whole_layer`
 computes every head of the layer in one pass over the cache with ACT on the configured heads
 (:func:`act_plugin.kernels.bind_decode_attention`), so calibrating does not read the cache
 a second time. The uncalibrated heads of such a layer then equal the native result within
@@ -18,6 +18,10 @@ float rounding, not bit for bit; rows of ACT-off requests never take this path.
 Arms of the ``first_token`` rule (the plan's ``rule_groups``) run after the ACT groups, on
 the native output (:func:`act_plugin.kernels.first_token.first_token_paged`); a decode step
 with any such row declines the whole-layer path (native kernel, then :meth:`apply`).
+
+Inside a FULL CUDA graph of a decode step (Python runs only at capture) the layer runs the
+native kernel and then :meth:`decode_in_graph`: the per-row decode kernel on the device
+tables of :mod:`act_plugin.vllm.graph_plan`, which the builder rewrites before every step.
 """
 
 from __future__ import annotations
