@@ -173,6 +173,22 @@ def test_a_captured_layer_launches_the_per_row_kernel_on_vllms_persistent_tensor
     assert (scale, window, max_seq_len) == (0.125, None, 4096)
 
 
+def test_the_graph_kernel_is_compiled_before_a_capture_and_writes_nothing(monkeypatch):
+    """Eager decode steps (vLLM runs each graph size eagerly just before capturing it) launch
+    the per-row kernel once per batch size, with every row off."""
+    state = _state()
+    t = _tables(state, max_rows=8)
+    rec = _Recorder()
+    cal = _calibrator(state, monkeypatch, rec)
+    q, out, kv = torch.zeros(4, H, 16), torch.zeros(4, H, 16), torch.zeros(3, 2, 16, 32)
+    for sizes in ([1, 1], [1, 1], [1, 1, 1], [1, 1]):
+        cal.warm_graph_kernel(q, kv, SimpleNamespace(**{GRAPH_ATTR: _common(sizes, [5] * len(sizes))}), out, t)
+    cal.warm_graph_kernel(q, kv, SimpleNamespace(), out, t)  # not a decode step of full graphs: nothing
+    assert [c[4].shape[0] for c in rec.calls] == [2, 3]
+    for c in rec.calls:
+        assert c[7].row_arm is t.row_off and bool((t.row_off == -1).all())
+
+
 def test_a_captured_layer_refuses_what_it_cannot_calibrate(monkeypatch):
     state = _state()
     cal = _calibrator(state, monkeypatch, _Recorder())

@@ -56,20 +56,23 @@ class GraphTables:
         self.max_seq_len = max_seq_len  # the bound a captured launch plans its splits for
         self.slots = max_rows
         self.row_arm = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
+        # every row without an arm: the launch that compiles the kernel before a capture (no writes)
+        self.row_off = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
         self.beta = torch.ones(self.slots, dtype=torch.float32, device=device)
         self.tau = torch.ones(self.slots, dtype=torch.float32, device=device)
         self.head_flags = torch.zeros(self.slots, num_layers, num_heads, dtype=torch.int8, device=device)
         self._host_rows = np.full(max_rows, -1, dtype=np.int32)
         self._slot_of: dict[str, int] = {}  # arm hash -> slot
         self._hash_in: list[str | None] = [None] * self.slots
-        self._views: dict[int, RowArms] = {}
+        self._views: dict[tuple[int, bool], RowArms] = {}
 
-    def row_arms(self, layer: int) -> RowArms:
+    def row_arms(self, layer: int, off: bool = False) -> RowArms:
         """The kernel's tables for ``layer`` (views of the persistent tensors: a graph captures
-        their addresses, the builder rewrites their contents)."""
-        got = self._views.get(layer)
+        their addresses, the builder rewrites their contents); ``off``: every row without an arm."""
+        got = self._views.get((layer, off))
         if got is None:
-            got = self._views[layer] = RowArms(self.row_arm, self.beta, self.tau, self.head_flags[:, layer])
+            rows = self.row_off if off else self.row_arm
+            got = self._views[(layer, off)] = RowArms(rows, self.beta, self.tau, self.head_flags[:, layer])
         return got
 
     def write_step(self, common: Any) -> None:

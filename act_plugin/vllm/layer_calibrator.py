@@ -109,6 +109,7 @@ class LayerCalibrator:
         self._gammas: dict[str, torch.Tensor | None] = {}  # first_token: profile hash -> gamma per local head
         self._bound: BoundKernels | None = None
         self._no_heads: torch.Tensor | None = None  # an empty head list, for rows of arms without heads here
+        self._graph_warm: set[int] = set()  # batch sizes whose per-row kernel has run once (warm_graph_kernel)
 
     def bind_layer(self, index: int) -> None:
         """Make this calibrator the one of layer ``index`` (the start-up check calls it once it
@@ -190,8 +191,20 @@ class LayerCalibrator:
             timer.add("decode_whole_layer", time.perf_counter() - start)
         return True
 
+    def warm_graph_kernel(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+                          tables: GraphTables) -> None:
+        """Outside a capture, once per layer and batch size: launch the per-row kernel with
+        every row off (it writes nothing), so that Triton compiles it before vLLM captures a
+        graph of that size (vLLM runs each size eagerly just before capturing it; compiling
+        and loading a kernel inside a capture is not allowed)."""
+        common = getattr(metadata, GRAPH_ATTR, None)
+        if common is None or self.layer_index is None or common.num_reqs in self._graph_warm:
+            return
+        self._graph_warm.add(common.num_reqs)
+        self.decode_in_graph(query, kv_cache, metadata, output, tables, off=True)
+
     def decode_in_graph(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
-                        tables: GraphTables | None) -> None:
+                        tables: GraphTables | None, off: bool = False) -> None:
         """While a FULL CUDA graph captures a decode step (after the native kernel): launch the
         per-row decode kernel in calibration mode on vLLM's persistent block table, lengths
         and query offsets, each row's arm read from ``tables`` on the device, so every replay
@@ -223,7 +236,7 @@ class LayerCalibrator:
                 f"cache {kv_cache.dtype}); restart with cudagraph_mode=PIECEWISE"
             )
         bound.rows(query, out, bound.key_cache, bound.value_cache, common.block_table_tensor[:num_reqs],
-                   common.seq_lens, common.query_start_loc, tables.row_arms(layer), self.scale, self.window,
+                   common.seq_lens, common.query_start_loc, tables.row_arms(layer, off), self.scale, self.window,
                    tables.max_seq_len)
 
     def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,

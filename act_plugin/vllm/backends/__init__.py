@@ -127,6 +127,10 @@ class ACTImplMixin:
             # A FULL graph (attention is outside piecewise graphs): no host plan may be baked in.
             self.act.decode_in_graph(query, kv_cache, attn_metadata, output, graph_tables())
             return result
+        if query.is_cuda:
+            tables = graph_tables()
+            if tables is not None:  # full decode graphs: their kernel compiled before vLLM captures one
+                self.act.warm_graph_kernel(query, kv_cache, attn_metadata, output, tables)
         lse = getattr(self, "act_native_lse", None)  # the row LSE the native call returned (FLASH_ATTN prefill)
         if lse is not None:
             self.act_native_lse = None
