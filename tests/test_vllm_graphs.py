@@ -212,7 +212,8 @@ def _graph_env(monkeypatch, *, cuda=True, kernel="triton", state=None):
     monkeypatch.setattr(current_platform, "is_cuda", lambda: cuda)
     monkeypatch.setattr(backends, "kernel_name", lambda device: kernel)
     monkeypatch.setattr(backends, "init_worker_state", lambda cfg: state or _state())
-    return SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16))
+    return SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16),
+                           compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
 
 
 @pytest.mark.parametrize(("native", "declared"), [
@@ -242,6 +243,12 @@ def test_builders_declare_no_graphs_where_act_cannot_run_in_them(monkeypatch, ca
         assert backends.graph_support(AttentionCGSupport.ALWAYS, cfg, spec) is AttentionCGSupport.NEVER
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("act-plugin: no FULL CUDA graphs around attention (PIECEWISE instead): ")
+    caplog.clear()
+    backends._graph_notes.clear()
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.NONE  # e.g. a CPU engine: nothing to say
+    with caplog.at_level("WARNING", logger="act_plugin"):
+        assert backends.graph_support(AttentionCGSupport.NEVER, cfg, spec) is AttentionCGSupport.NEVER
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(("mode", "support", "decode_full", "mixed_full"), [

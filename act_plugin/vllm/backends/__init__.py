@@ -164,7 +164,8 @@ def graph_support(native_support: Any, vllm_config: Any, kv_cache_spec: Any) -> 
 
     reason = graph_refusal(vllm_config, kv_cache_spec)
     if reason is not None:
-        _note_graph_refusal(reason)
+        if wants_full_decode_graphs(vllm_config):  # said only where full graphs were asked for (not on CPU)
+            _note_graph_refusal(reason)
         return AttentionCGSupport.NEVER
     ours = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     return native_support if native_support.value < ours.value else ours
