@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine (torch with CUDA and Triton; vLLM not needed): the CUDA
 # kernel suite (tests/test_kernels_cuda.py, including the CUDA-graph capture/replay of the
-# whole-layer decode with another batch) and the per-layer benchmark against the native
-# attention call (ACT and first_token). Sized to finish in under 10 minutes on an H100/H200
-# (suite ~4-5 min with compiles, benchmark ~2-3 min; neither timed since first_token was
-# added); each step has its own time limit (390 s, 180 s) so that a hang still leaves
+# whole-layer decode with another batch, and of the per-row-arm decode that full engine
+# graphs capture, replayed with another batch and other arms) and the per-layer benchmark
+# against the native attention call (ACT and first_token). Sized to finish in under 10
+# minutes on an H100/H200 (suite ~4-5 min with compiles, benchmark ~2-3 min; not timed on a
+# GPU since first_token and the per-row decode were added); each step has its own time limit
+# (390 s, 180 s) so that a hang still leaves
 # the other's output. Logs go to $OUT (default /tmp/act-gpu-check).
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root or anywhere

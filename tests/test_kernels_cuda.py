@@ -280,3 +280,93 @@ def test_first_token_decode_on_cuda_under_a_cuda_graph():
     eager = _first_token_cuda(c, FT_GAMMAS, lse=lse)
     assert torch.equal(out, eager)
     assert not torch.equal(out, c.output)
+
+def _padded(p, pad: int):
+    """The batch as a FULL CUDA graph sees it: ``pad`` extra rows without keys (block table
+    row of zeros, query row 0: another request's row, which must stay untouched)."""
+    import dataclasses
+
+    z = torch.zeros(pad, dtype=torch.int32, device=p.seq_lens.device)
+    return dataclasses.replace(
+        p, block_table=torch.cat([p.block_table, torch.zeros_like(p.block_table[:1]).repeat(pad, 1)]),
+        seq_lens=torch.cat([p.seq_lens, z.to(p.seq_lens.dtype)]),
+        query_start=torch.cat([p.query_start, z.to(p.query_start.dtype)]),
+    )
+
+
+def _row_tables(arms, row_arm, num_heads, device="cuda"):
+    """Per-row tables as the engine keeps them (act_plugin.vllm.graph_plan): [slots, layers,
+    heads] flags of which layer 1 is the one under test."""
+    from act_plugin.kernels import RowArms
+
+    flags = torch.zeros(4, 3, num_heads, dtype=torch.int8)
+    beta, tau = torch.ones(4), torch.ones(4)
+    for slot, (heads, b, t) in arms.items():
+        flags[slot, 1, heads] = 1
+        beta[slot], tau[slot] = b, t
+    return RowArms(torch.tensor(row_arm + [-1] * (8 - len(row_arm)), dtype=torch.int32, device=device),
+                   beta.to(device), tau.to(device), flags.to(device)[:, 1])
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_per_row_decode_graph_replays_another_batch_and_other_arms(whole):
+    """A decode step captured once (per-row kernel reading the persistent arm tables) and
+    replayed after another batch (lengths, block tables, queries, cache) and other arms
+    (other rows, betas, taus, head sets; an uncalibrated row; a padding row) were written in
+    place: equal to the eager launch on that batch, and to core on each arm's heads."""
+    import dataclasses
+
+    from act_plugin.kernels import bind_decode_rows
+
+    H, G = 8, 5
+    mk = dict(num_heads=H, num_kv_heads=2, sink_strength=1.5, head_size=64)
+    a_cpu = make_problem([200, 90, 33, 150, 64], [1] * G, seed=31, **mk)
+    b_cpu = make_problem([33, 150, 200, 64, 90], [1] * G, seed=32, **mk)
+    a, b = _padded(problem_to(a_cpu, "cuda"), 1), _padded(problem_to(b_cpu, "cuda"), 1)
+    assert a.raw_cache.shape == b.raw_cache.shape and a.block_table.shape == b.block_table.shape
+    arms_a = {0: ([0, 3, 5], 0.4, 0.1), 1: ([1, 2, 6, 7], 0.0, 0.05), 2: ([4], 0.7, 0.2)}
+    arms_b = {0: ([0, 3, 5], 0.4, 0.1), 1: ([6], 0.2, 0.3), 2: ([1, 2, 3, 4], 0.5, 0.08)}
+    rows_b = [2, -1, 1, 0, 2, -1]
+    tables = _row_tables(arms_a, [0, 1, -1, 2, 0, -1], H)
+    out = a.output.clone()
+    rows_kernel = bind_decode_rows(a.query, out, a.key_cache, a.value_cache)
+    assert rows_kernel is not None
+    bound = 256  # the graph's length bound (vLLM: max_model_len)
+
+    def step(p, o, t):
+        rows_kernel(p.query, o, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start, t, p.scale,
+                    None, bound, whole)
+
+    step(a, out, tables)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(a, out, tables)
+    new = _row_tables(arms_b, rows_b, H)
+    for dst, src in ((a.raw_cache, b.raw_cache), (a.query, b.query), (a.block_table, b.block_table),
+                     (a.seq_lens, b.seq_lens), (tables.row_arm, new.row_arm), (tables.beta, new.beta),
+                     (tables.tau, new.tau), (tables.head_flags, new.head_flags)):
+        dst.copy_(src)
+    start = b.output.clone()
+    if whole:
+        start[b.query_start[:G]] = 0.0
+    out.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = start.clone()
+    step(b, eager, _row_tables(arms_b, rows_b, H))
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert torch.equal(out[:2].cpu(), b_cpu.output[:2])  # other requests' rows (the padding row's query row)
+    rows = [int(r) for r in b_cpu.query_start]
+    for slot, (heads, beta, tau) in arms_b.items():
+        mine = [rows[g] for g in range(G) if rows_b[g] == slot]
+        heads_t = torch.tensor(heads)
+        core = dataclasses.replace(b_cpu, heads=heads_t, kv_heads=heads_t // (H // 2)).expected(beta, tau)
+        err = (out[mine].cpu().float() - core[mine]).abs().max().item()
+        assert err <= TOL[torch.float32] * core.abs().max().item(), (slot, err)
+    off = rows[1]
+    if whole:
+        assert (out[off].cpu() - b_cpu.output[off]).abs().max() <= 1e-4 * b_cpu.output.abs().max()
+    else:
+        assert torch.equal(out[off].cpu(), b_cpu.output[off])

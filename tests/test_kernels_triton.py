@@ -226,15 +226,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from act_plugin.kernels import triton_decode as td, triton_prefill as tp
 pre = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", QK_FP32=False)
-dec = dict(QPG=4, BLOCK_N=64, BLOCK_D=128, CAND=16, HS_P=8, WHOLE=True, HAS_QLENS=False)
+dec = dict(QPG=4, BLOCK_N=64, BLOCK_D=128, CAND=16, HS_P=8, WHOLE=True, HAS_QLENS=False, PER_ROW=False)
+row = dict(dec, WHOLE=False, PER_ROW=True)  # the per-row-arm mode CUDA graphs capture
 for fn, const in ((td._split_kernel, dict(dec, BLOCK_H=16, DOT_FP32=False)), (td._reduce_kernel, dec),
+                  (td._split_kernel, dict(row, BLOCK_H=16, DOT_FP32=False)), (td._reduce_kernel, row),
                   (tp._lse_kernel, pre), (tp._colsum_kernel, pre), (tp._correct_kernel, pre)):
     sig = {}
     for n in inspect.signature(fn.fn).parameters:
         if n in const: sig[n] = "constexpr"
         elif n in ("q_ptr", "o_ptr", "k_ptr", "v_ptr"): sig[n] = "*bf16"
         elif n in ("lse_ptr", "col_ptr", "stat_ptr", "acc_ptr", "cs_ptr"): sig[n] = "*fp32"
-        elif n in ("bt_ptr", "seq_lens_ptr", "ci_ptr"): sig[n] = "*i32"
+        elif n in ("bt_ptr", "seq_lens_ptr", "ci_ptr", "row_arm_ptr"): sig[n] = "*i32"
+        elif n in ("arm_beta_ptr", "arm_tau_ptr"): sig[n] = "*fp32"
+        elif n == "flags_ptr": sig[n] = "*i8"
         elif n.endswith("_ptr"): sig[n] = "*i64"
         elif n in ("scale", "beta", "tau", "cut", "eps", "log_tau", "lse_scale"): sig[n] = "fp32"
         else: sig[n] = "i32"
@@ -246,4 +250,4 @@ for fn, const in ((td._split_kernel, dict(dec, BLOCK_H=16, DOT_FP32=False)), (td
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == 5
+    assert res.stdout.count("compiled") == 7

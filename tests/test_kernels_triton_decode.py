@@ -222,3 +222,89 @@ def test_decode_launch_makes_no_host_sync(td, monkeypatch):
             _decode(td, p, 0.4, 0.1, whole=False, split_len=None)
     assert [n for n, _ in launches] == ["_split_kernel", "_reduce_kernel"]
     assert set(ops) <= {"aten.clone.default", "aten.empty.memory_format", "aten.view.default"}, ops
+
+
+# Per-row mode (CUDA graphs): arms with different head sets, betas and taus (0.05 < 1/15:
+# splits may overflow ROW_CAND slots and take the exact fallback).
+ARMS = [([0, 3, 5], 0.4, 0.1), ([1, 2, 6, 7], 0.0, 0.05), ([4], 0.7, 0.2)]
+
+
+def _row_tables(td, row_arm, H, dtype=torch.int8):
+    flags = torch.zeros(len(ARMS) + 1, 3, H, dtype=dtype)  # [arms (one spare), layers, heads]: layer 1 is ours
+    for a, (heads, _, _) in enumerate(ARMS):
+        flags[a, 1, heads] = 1
+    beta = torch.tensor([b for _, b, _ in ARMS] + [1.0], dtype=torch.float32)
+    tau = torch.tensor([t for _, _, t in ARMS] + [1.0], dtype=torch.float32)
+    return td.RowArms(torch.tensor(row_arm, dtype=torch.int32), beta, tau, flags[:, 1])
+
+
+@case
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_per_row_arms_equal_each_arm_alone(td, whole, dtype):
+    """A batch mixing three arms, a row that runs no arm and a padding row (no keys, its query
+    row another request's) equals each arm run alone, and core on each arm's heads; the row
+    without an arm keeps the native output (calibration mode) or gets plain attention
+    (whole-layer mode); the padding row and the other requests' rows are never written."""
+    import dataclasses
+
+    H = 8
+    p = make_problem([37, 130, 5, 64, 90], [1, 1, 1, 1, 1], num_heads=H, num_kv_heads=2, dtype=dtype,
+                     sink_strength=1.5, seed=21)
+    row_arm = [0, 1, -1, 2, 0, -1]
+    # the padding row a CUDA graph adds: no keys, block table row 0, query row 0 (another request's)
+    pad = dataclasses.replace(
+        p, block_table=torch.cat([p.block_table, torch.zeros_like(p.block_table[:1])]),
+        seq_lens=torch.cat([p.seq_lens, torch.zeros(1, dtype=p.seq_lens.dtype)]),
+        query_start=torch.cat([p.query_start, torch.zeros(1, dtype=p.query_start.dtype)]),
+        query_lens=torch.cat([p.query_lens, torch.ones(1, dtype=p.query_lens.dtype)]),
+    )
+    base = p.output.clone()
+    rows = [int(r) for r in p.query_start]
+    if whole:
+        base[rows] = 0.0
+    got = base.clone()
+    td.decode_split_k(
+        pad.query, got, pad.key_cache, pad.value_cache, pad.block_table, pad.seq_lens, pad.query_start,
+        None if whole else pad.query_lens, p.heads[:0], scale=p.scale, beta=1.0, threshold=1.0, window=None,
+        max_seq_len=p.max_seq_len, whole=whole, row_arms=_row_tables(td, row_arm, H), **SPLIT,
+    )
+    assert torch.equal(got[:2], p.output[:2])  # other requests' rows, padding row's included
+    tol = TOL[dtype]
+    for a, (heads, beta, tau) in enumerate(ARMS):
+        alone = base.clone()
+        td.decode_split_k(
+            p.query, alone, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start,
+            None if whole else p.query_lens, torch.tensor(heads), scale=p.scale, beta=beta, threshold=tau,
+            window=None, max_seq_len=p.max_seq_len, whole=whole, cand=td.ROW_CAND, **SPLIT,
+        )
+        arm_rows = [rows[g] for g, r in enumerate(row_arm[:5]) if r == a]
+        scale = alone.abs().max().item()
+        assert (got[arm_rows] - alone[arm_rows]).abs().max().item() <= 1e-6 * scale
+        heads_t = torch.tensor(heads)
+        core = dataclasses.replace(p, heads=heads_t, kv_heads=heads_t // (H // 2)).expected(beta, tau)
+        assert (got[arm_rows].float() - core[arm_rows]).abs().max().item() <= tol * scale
+    off = rows[2]
+    if whole:
+        plain = base.clone()
+        td.decode_split_k(p.query, plain, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start,
+                          None, p.heads[:0], scale=p.scale, beta=1.0, threshold=1.0, window=None,
+                          max_seq_len=p.max_seq_len, whole=True, **SPLIT)
+        assert torch.equal(got[off], plain[off])
+        assert (got[off].float() - p.output[off].float()).abs().max().item() <= tol * p.output.abs().max().item()
+    else:
+        assert torch.equal(got[off], p.output[off])
+        assert not torch.equal(got[rows[0]], p.output[rows[0]])  # calibrated rows did change
+
+
+@case
+def test_decode_per_row_arms_beta_one_and_empty_head_set(td):
+    """An arm with no head in this layer, and a row with none, leave the native output bit for
+    bit in calibration mode (a layer none of the step's arms calibrates)."""
+    p = make_problem([37, 64], [1, 1], num_heads=8, num_kv_heads=2, sink_strength=1.5, seed=22)
+    tables = _row_tables(td, [3, -1], 8)  # arm 3: the spare slot, no flags
+    got = p.output.clone()
+    td.decode_split_k(p.query, got, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start,
+                      p.query_lens, p.heads[:0], scale=p.scale, beta=1.0, threshold=1.0, window=None,
+                      max_seq_len=p.max_seq_len, whole=False, row_arms=tables, **SPLIT)
+    assert torch.equal(got, p.output)

@@ -92,34 +92,62 @@ def test_act_false_ignores_act_config_env(smollm2_path, monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
-# (mode, what the config hook leaves): full graphs would capture attention, and with it a
-# stale step plan; piecewise graphs keep attention eager.
-GRAPH_LOWERING = [
-    ("FULL", "PIECEWISE"), ("FULL_AND_PIECEWISE", "PIECEWISE"), ("FULL_DECODE_ONLY", "PIECEWISE"),
-    ("PIECEWISE", "PIECEWISE"), ("NONE", "NONE"),
+# (mode, what the config hook leaves): FULL graphs of decode steps stay (their layers read
+# ACT's device tables, act_plugin.vllm.graph_plan); FULL graphs of mixed/prefill steps would
+# bake in a stale host plan, so FULL becomes FULL_AND_PIECEWISE.
+GRAPH_MODES = [
+    ("FULL", "FULL_AND_PIECEWISE"), ("FULL_AND_PIECEWISE", "FULL_AND_PIECEWISE"),
+    ("FULL_DECODE_ONLY", "FULL_DECODE_ONLY"), ("PIECEWISE", "PIECEWISE"), ("NONE", "NONE"),
 ]
 
 
-def _on_cuda(monkeypatch, cuda: bool) -> None:
+def _on_cuda(monkeypatch, cuda: bool, rocm: bool = False) -> None:
     from vllm.platforms import current_platform
 
     monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: cuda)
+    monkeypatch.setattr(current_platform, "is_rocm", lambda: rocm)
 
 
-@pytest.mark.parametrize(("mode", "lowered"), GRAPH_LOWERING)
-def test_full_cuda_graphs_are_lowered_to_piecewise(monkeypatch, mode, lowered):
+@pytest.mark.parametrize(("mode", "kept"), GRAPH_MODES)
+def test_full_cuda_graphs_stay_for_decode_steps(monkeypatch, mode, kept):
     from vllm.config import CompilationConfig, CUDAGraphMode
 
     from act_plugin.vllm.config_hook import _limit_cuda_graphs
 
     _on_cuda(monkeypatch, True)
+    monkeypatch.delenv("ACT_KERNEL", raising=False)
     vllm_config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode[mode]))
-    changed = _limit_cuda_graphs(vllm_config)
-    assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode[lowered]
-    assert changed == ([] if mode == lowered else [f"CUDA graphs {mode} -> PIECEWISE (attention runs eagerly)"])
+    changed = _limit_cuda_graphs(vllm_config, ACTEngineConfig.from_any({"profiles": PROFILES, "default": None}))
+    assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode[kept]
+    assert changed == ([] if mode == kept else [f"CUDA graphs {mode} -> {kept} (full graphs for decode steps only)"])
 
 
-@pytest.mark.parametrize("mode", [mode for mode, _ in GRAPH_LOWERING])
+FIRST_TOKEN = {"rule": "first_token", "scale": 1.5, "heads": "2-27:*"}
+
+
+@pytest.mark.parametrize("why", ["first_token", "ACT_KERNEL=reference", "rocm"])
+@pytest.mark.parametrize("mode", ["FULL", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY"])
+def test_full_cuda_graphs_are_lowered_where_act_cannot_run_in_them(monkeypatch, mode, why):
+    """A first_token profile (computed on the host plan after attention), a kernel without a
+    per-row mode, or ROCm: every mode with full graphs becomes PIECEWISE, and says why."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from act_plugin.vllm.config_hook import _limit_cuda_graphs
+
+    _on_cuda(monkeypatch, True, rocm=why == "rocm")
+    monkeypatch.delenv("ACT_KERNEL", raising=False)
+    if why.startswith("ACT_KERNEL"):
+        monkeypatch.setenv("ACT_KERNEL", "reference")
+    profiles = {**PROFILES, "ft": FIRST_TOKEN} if why == "first_token" else PROFILES
+    vllm_config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode[mode]))
+    [changed] = _limit_cuda_graphs(vllm_config, ACTEngineConfig.from_any({"profiles": profiles, "default": None}))
+    assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode.PIECEWISE
+    assert changed.startswith(f"CUDA graphs {mode} -> PIECEWISE (attention runs eagerly: ")
+    assert {"first_token": "rule 'first_token'", "ACT_KERNEL=reference": "ACT_KERNEL=reference",
+            "rocm": "CUDA only"}[why] in changed
+
+
+@pytest.mark.parametrize("mode", [mode for mode, _ in GRAPH_MODES])
 def test_cuda_graph_mode_is_left_alone_off_cuda(monkeypatch, mode):
     from vllm.config import CompilationConfig, CUDAGraphMode
 
@@ -131,21 +159,22 @@ def test_cuda_graph_mode_is_left_alone_off_cuda(monkeypatch, mode):
     assert vllm_config.compilation_config.cudagraph_mode is CUDAGraphMode[mode]
 
 
-def test_graph_lowering_is_logged_with_the_engine_settings(smollm2_path, monkeypatch, caplog):
-    """Through the whole config hook, on a real engine config: the lowering is applied and named
+def test_graph_mode_change_is_logged_with_the_engine_settings(smollm2_path, monkeypatch, caplog):
+    """Through the whole config hook, on a real engine config: the change is applied and named
     in the one "ACT on" line."""
     from vllm.config import CUDAGraphMode
 
     from act_plugin.vllm.config_hook import apply_engine_settings
 
     cfg = _engine_config(smollm2_path, {"act": {"profiles": PROFILES, "default": None}}, False, monkeypatch)
-    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
     _on_cuda(monkeypatch, True)
+    monkeypatch.delenv("ACT_KERNEL", raising=False)
     with caplog.at_level("INFO", logger="act_plugin"):
         apply_engine_settings(cfg)
-    assert cfg.compilation_config.cudagraph_mode is CUDAGraphMode.PIECEWISE
+    assert cfg.compilation_config.cudagraph_mode is CUDAGraphMode.FULL_AND_PIECEWISE
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("act-plugin: ACT on")]
-    assert "CUDA graphs FULL_AND_PIECEWISE -> PIECEWISE (attention runs eagerly)" in line
+    assert "CUDA graphs FULL -> FULL_AND_PIECEWISE (full graphs for decode steps only)" in line
 
 
 # ----------------------------------------------------------------------------- routing adapters

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,8 +38,8 @@ from act_plugin.kernels.cpu import RECOMPUTE_BELOW as _CPU_CUT
 from act_plugin.kernels.reference import calibrate_paged_reference
 
 __all__ = [
-    "DecodeAttention", "PagedKernel", "bind_decode_attention", "bind_paged", "calibrate_paged",
-    "calibrate_paged_reference", "kernel_name",
+    "DecodeAttention", "DecodeRows", "PagedKernel", "RowArms", "bind_decode_attention", "bind_decode_rows",
+    "bind_paged", "calibrate_paged", "calibrate_paged_reference", "kernel_name",
 ]
 
 KERNEL_ENV = "ACT_KERNEL"
@@ -236,6 +236,46 @@ def bind_decode_attention(
            window or 0, max_seq_len)
 
     return run_decode
+
+
+class RowArms(NamedTuple):
+    """Per-row mode (CUDA graphs): each row's arm is read on the device from persistent
+    tables, so one captured launch serves any batch of arms (``heads``/``beta``/``threshold``
+    are then unused)."""
+
+    row_arm: torch.Tensor  # int32 [>= G]: each row's arm slot, -1 for a row that runs no arm
+    beta: torch.Tensor  # float32 [A]: each arm's beta
+    tau: torch.Tensor  # float32 [A]: each arm's threshold
+    head_flags: torch.Tensor  # [A, H] integers, unit head stride: the heads each arm calibrates in this layer
+
+
+# A bound per-row decode kernel: (query, output, key_cache, value_cache, block_table,
+# seq_lens, query_start, row_arms, scale, window, max_seq_len, whole).
+DecodeRows = Callable[..., None]
+
+
+def bind_decode_rows(
+    query: torch.Tensor, output: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> DecodeRows | None:
+    """The decode kernel in per-row mode (each row's arm read on the device from
+    :class:`RowArms`: what a CUDA graph captures once and replays for any mix of arms), or
+    None where there is none (not the Triton kernel: CPU tensors, ``ACT_KERNEL=reference``,
+    mixed or other dtypes). Every row of the batch is a decode row; rows without keys (a
+    graph's padding) are skipped. ``whole``: write every head of every row with keys (rows
+    without an arm: plain attention), else only the calibrated heads' changed rows."""
+    if kernel_name(query.device) != "triton" or not _fused_dtypes(query, output, key_cache, value_cache):
+        return None
+    from act_plugin.kernels.triton_decode import decode_split_k  # triton: optional, CUDA only
+
+    no_heads = torch.zeros(0, dtype=torch.long, device=query.device)
+
+    def run_rows(query, output, key_cache, value_cache, block_table, seq_lens, query_start, row_arms, scale, window,
+                 max_seq_len, whole=False) -> None:
+        decode_split_k(query, output, key_cache, value_cache, block_table, seq_lens, query_start, None, no_heads,
+                       scale=scale, beta=1.0, threshold=1.0, window=window, max_seq_len=max_seq_len, whole=whole,
+                       row_arms=row_arms)
+
+    return run_rows
 
 
 def calibrate_paged(

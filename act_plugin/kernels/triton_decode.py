@@ -30,6 +30,11 @@ False``) runs only the KV heads that have a calibrated head and writes only the 
 rows that change, leaving the native output elsewhere. No host synchronisation: grids and
 scratch sizes come from tensor shapes and the host bound ``max_seq_len``; per-row lengths
 are read on the device and bound the loops.
+
+Per-row mode (``row_arms``, for CUDA graphs): each row's arm (its calibrated heads in this
+layer, beta and tau) is read on the device from persistent tables that the engine rewrites
+in place every step, so a launch captured once replays for any mix of arms and uncalibrated
+rows. The device helpers live in :mod:`act_plugin.kernels.triton_decode_tiles`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,20 @@ import triton
 import triton.language as tl
 
 from act_plugin.core import NONSINK_EPS
+from act_plugin.kernels import RowArms
+from act_plugin.kernels.triton_decode_tiles import (  # noqa: F401 (re-exported: kernels share them)
+    _exact_row,
+    _global_lse,
+    _group_heads,
+    _hand_back,
+    _insert,
+    _key_tile,
+    _row_arm,
+    _row_group_heads,
+    _store_split,
+    _value_rows,
+    _zero,
+)
 
 # Candidate slots per (query head, split). A split holds fewer than 1/tau candidates, so
 # tau >= 1/(MAX_CAND - 1) can never overflow; smaller tau takes the exact fallback where
@@ -51,6 +70,10 @@ MAX_CAND = 32
 # reduce's float comparison p > tau never meets a key the split has already dropped.
 CAND_MARGIN = 1e-3
 _NO_TAU = 1.0e30  # tau <= 0: every key is a candidate (ln-threshold -inf)
+# Per-row mode (CUDA graphs: the arms, so tau, are not known at capture): slots enough for
+# tau >= 1/15; rows of smaller tau whose split holds more take the exact fallback.
+ROW_CAND = 16
+CAND_MARGIN_T: tl.constexpr = tl.constexpr(CAND_MARGIN)  # the same margin, inside the kernels
 
 
 def candidate_slots(tau: float) -> int:
@@ -62,100 +85,26 @@ def candidate_slots(tau: float) -> int:
     return min(MAX_CAND, max(2, triton.next_power_of_2(need)))
 
 
-@triton.jit
-def _zero():
-    """A float32 scalar zero that loops may carry (a Python float may not change type)."""
-    return tl.sum(tl.zeros([2], tl.float32), axis=0)
-
-
-@triton.jit
-def _group_heads(heads_ptr, num_cal, kvh, QPG: tl.constexpr, BLOCK_H: tl.constexpr, HS_P: tl.constexpr):
-    """The query heads of KV head ``kvh`` (padded to BLOCK_H), their mask, and which of
-    them are in the calibrated list ``heads``."""
-    hh = tl.arange(0, BLOCK_H)
-    hmask = hh < QPG
-    h = kvh * QPG + hh
-    c = tl.arange(0, HS_P)
-    listed = tl.load(heads_ptr + c, mask=c < num_cal, other=-1)
-    is_cal = tl.max((h[:, None] == listed[None, :]).to(tl.int32), axis=1) > 0
-    return h, hmask, is_cal & hmask
-
-
-@triton.jit
-def _key_tile(k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, sk0, sk1, sk2, sk3, sbt0, sbt1, page):
-    """Keys ``j`` of sequence ``g`` transposed (``[BLOCK_D, BLOCK_N]``) and their cache blocks."""
-    blk = tl.load(bt_ptr + g * sbt0 + (j // page) * sbt1, mask=jm, other=0).to(tl.int64)
-    kp = k_ptr + blk[None, :] * sk0 + kvh * sk1 + (j % page)[None, :] * sk2 + d[:, None] * sk3
-    return tl.load(kp, mask=dmask[:, None] & jm[None, :], other=0.0), blk
-
-
-@triton.jit
-def _value_rows(v_ptr, bt_ptr, g, kvh, idx, mask, d, dmask, sv0, sv1, sv2, sv3, sbt0, sbt1, page):
-    """V rows at key positions ``idx`` -> float32, zero where masked; ``idx``/``mask`` carry a
-    trailing unit dimension that broadcasts against ``d``/``dmask`` (the head dimension)."""
-    safe = tl.where(mask, idx, 0)
-    blk = tl.load(bt_ptr + g * sbt0 + (safe // page) * sbt1, mask=mask, other=0).to(tl.int64)
-    vp = v_ptr + blk * sv0 + kvh * sv1 + (safe % page) * sv2 + d * sv3
-    return tl.load(vp, mask=mask & dmask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _hand_back(cand_s, cand_i, thr, m_new, l_nc, acc, v_ptr, bt_ptr, g, kvh, d, dmask,
-               sv0, sv1, sv2, sv3, sbt0, sbt1, page, CAND: tl.constexpr):
-    """Candidates now at or below the running threshold can never be sinks: their mass
-    and values go back to the non-candidate sums, and their slots are freed."""
-    drop = (cand_i >= 0) & (cand_s <= thr[:, None])
-    if tl.max(drop.to(tl.int32)) > 0:
-        w = tl.where(drop, tl.exp(cand_s - m_new[:, None]), 0.0)
-        l_nc += tl.sum(w, axis=1)
-        slots = tl.arange(0, CAND)
-        for c in range(CAND):  # one slot at a time: [BLOCK_H, BLOCK_D] V rows, not [BLOCK_H, CAND, BLOCK_D]
-            at = slots[None, :] == c
-            idx = tl.sum(tl.where(at, cand_i, 0), axis=1)
-            wc = tl.sum(tl.where(at, w, 0.0), axis=1)
-            dc = tl.max((at & drop).to(tl.int32), axis=1) > 0
-            v = _value_rows(v_ptr, bt_ptr, g, kvh, idx[:, None], dc[:, None], d[None, :], dmask[None, :],
-                            sv0, sv1, sv2, sv3, sbt0, sbt1, page)
-            acc += wc[:, None] * v
-        cand_i = tl.where(drop, -1, cand_i)
-    return cand_i, l_nc, acc
-
-
-@triton.jit
-def _insert(new, s, j, cand_s, cand_i, overflow, CAND: tl.constexpr):
-    """Move the keys flagged ``new`` ([BLOCK_H, BLOCK_N]) into free candidate slots, one per
-    row and iteration; a key that finds no free slot sets the row's overflow flag."""
-    slots = tl.arange(0, CAND)
-    rounds = tl.max(tl.sum(new.to(tl.int32), axis=1))
-    for _ in range(rounds):
-        ms = tl.where(new, s, -float("inf"))
-        best = tl.max(ms, axis=1)
-        has = best > -float("inf")
-        pick = tl.max(tl.where(new & (ms == best[:, None]), j[None, :], -1), axis=1)
-        free = cand_i < 0
-        slot = tl.min(tl.where(free, slots[None, :], CAND), axis=1)
-        place = has[:, None] & (slots[None, :] == slot[:, None])
-        cand_s = tl.where(place, best[:, None], cand_s)
-        cand_i = tl.where(place, pick[:, None], cand_i)
-        overflow = tl.maximum(overflow, (has & (slot >= CAND)).to(tl.int32))
-        new = new & (j[None, :] != pick[:, None])
-    return cand_s, cand_i, overflow
-
 
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, q_start_ptr, q_lens_ptr, heads_ptr,
+    row_arm_ptr, arm_beta_ptr, arm_tau_ptr, flags_ptr, flag_stride,
     stat_ptr, acc_ptr, cs_ptr, ci_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, sbt1,
     num_heads, num_cal, num_splits, split_len, scale, log_tau, window, page, head_dim,
     QPG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAND: tl.constexpr, HS_P: tl.constexpr, WHOLE: tl.constexpr, HAS_QLENS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    h, hmask, is_cal = _group_heads(heads_ptr, num_cal, kvh, QPG, BLOCK_H, HS_P)
+    if PER_ROW:  # each row's arm from the tables (CUDA graphs): its heads and tau
+        h, hmask, is_cal, log_tau = _row_group_heads(row_arm_ptr, arm_tau_ptr, flags_ptr, flag_stride, g, kvh,
+                                                     CAND_MARGIN_T, QPG, BLOCK_H)
+    else:
+        h, hmask, is_cal = _group_heads(heads_ptr, num_cal, kvh, QPG, BLOCK_H, HS_P)
     decode = g >= 0
     if HAS_QLENS:
         decode = tl.load(q_lens_ptr + g) == 1
@@ -213,84 +162,34 @@ def _split_kernel(
                      overflow, acc, cand_s, cand_i, d, dmask, BLOCK_D, CAND)
 
 
-@triton.jit
-def _store_split(stat_ptr, acc_ptr, cs_ptr, ci_ptr, g, h, hmask, sp, num_heads, num_splits, m, l_all, l_nc,
-                 overflow, acc, cand_s, cand_i, d, dmask, BLOCK_D: tl.constexpr, CAND: tl.constexpr):
-    """Scratch layout, per (sequence, query head, split): 4 stats (m, l_all, l_nc,
-    overflow), the ``[D]`` partial output, ``CAND`` candidate scores and key indices."""
-    cell = ((g * num_heads + h) * num_splits + sp).to(tl.int64)
-    tl.store(stat_ptr + cell * 4 + 0, m, mask=hmask)
-    tl.store(stat_ptr + cell * 4 + 1, l_all, mask=hmask)
-    tl.store(stat_ptr + cell * 4 + 2, l_nc, mask=hmask)
-    tl.store(stat_ptr + cell * 4 + 3, overflow.to(tl.float32), mask=hmask)
-    tl.store(acc_ptr + cell[:, None] * BLOCK_D + d[None, :], acc, mask=hmask[:, None] & dmask[None, :])
-    c = tl.arange(0, CAND)
-    tl.store(cs_ptr + cell[:, None] * CAND + c[None, :], cand_s, mask=hmask[:, None])
-    tl.store(ci_ptr + cell[:, None] * CAND + c[None, :], cand_i, mask=hmask[:, None])
-
-
-@triton.jit
-def _global_lse(stat_ptr, base, num_splits):
-    """Merge the splits' (max, sum) into the row's log-sum-exp; and whether any split overflowed."""
-    m = _zero() - 1.0e30
-    for sp in range(num_splits):
-        m = tl.maximum(m, tl.load(stat_ptr + (base + sp) * 4))
-    total = _zero()
-    overflow = _zero()
-    for sp in range(num_splits):
-        ms = tl.load(stat_ptr + (base + sp) * 4)
-        total += tl.load(stat_ptr + (base + sp) * 4 + 1) * tl.exp(ms - m)
-        overflow = tl.maximum(overflow, tl.load(stat_ptr + (base + sp) * 4 + 3))
-    return m + tl.log(total), overflow > 0.0
-
-
-@triton.jit
-def _exact_row(q_ptr, k_ptr, v_ptr, bt_ptr, g, row, h, kvh, lo, L, lse, tau, scale, d, dmask,
-               sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, sbt1, page,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The overflow fallback: the row's sink and non-sink masses and outputs from all its
-    keys (a second pass over K and V for this row only)."""
-    q = tl.load(q_ptr + row * sq0 + h * sq1 + d * sq2, mask=dmask, other=0.0).to(tl.float32)
-    S = _zero()
-    N = _zero()
-    o_s = tl.zeros([BLOCK_D], tl.float32)
-    o_n = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(lo, L, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        jm = j < L
-        kt, blk = _key_tile(k_ptr, bt_ptr, g, kvh, j, jm, d, dmask, sk0, sk1, sk2, sk3, sbt0, sbt1, page)
-        s = tl.sum(kt.to(tl.float32) * q[:, None], axis=0) * scale
-        p = tl.where(jm, tl.exp(s - lse), 0.0)
-        sink = jm & (p > tau) & (j != 0)
-        ps = tl.where(sink, p, 0.0)
-        S += tl.sum(ps, axis=0)
-        N += tl.sum(p - ps, axis=0)
-        v = _value_rows(v_ptr, bt_ptr, g, kvh, j[:, None], jm[:, None], d[None, :], dmask[None, :],
-                        sv0, sv1, sv2, sv3, sbt0, sbt1, page)
-        o_s += tl.sum(ps[:, None] * v, axis=0)
-        o_n += tl.sum((p - ps)[:, None] * v, axis=0)
-    return S, N, o_s, o_n
-
 
 @triton.jit
 def _reduce_kernel(
     q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, q_start_ptr, q_lens_ptr, heads_ptr,
+    row_arm_ptr, arm_beta_ptr, arm_tau_ptr, flags_ptr, flag_stride,
     stat_ptr, acc_ptr, cs_ptr, ci_ptr,
     sq0, sq1, sq2, so0, so1, so2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, sbt1,
     num_heads, num_cal, num_splits, scale, beta, tau, eps, window, page, head_dim,
     QPG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAND: tl.constexpr, HS_P: tl.constexpr,
-    WHOLE: tl.constexpr, HAS_QLENS: tl.constexpr,
+    WHOLE: tl.constexpr, HAS_QLENS: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     g = tl.program_id(0)
     h = tl.program_id(1)
-    c = tl.arange(0, HS_P)
-    listed = tl.load(heads_ptr + c, mask=c < num_cal, other=-1)
-    is_cal = tl.max((listed == h).to(tl.int32), axis=0) > 0
+    if PER_ROW:  # each row's arm from the tables (CUDA graphs): its heads, beta and tau
+        is_cal, beta_r, tau_r = _row_arm(row_arm_ptr, arm_beta_ptr, arm_tau_ptr, flags_ptr, flag_stride, g, h)
+    else:
+        c = tl.arange(0, HS_P)
+        listed = tl.load(heads_ptr + c, mask=c < num_cal, other=-1)
+        is_cal = tl.max((listed == h).to(tl.int32), axis=0) > 0
+        beta_r = beta
+        tau_r = tau
     run = is_cal
     if WHOLE:
         run = g >= 0
     if HAS_QLENS:
         run = run & (tl.load(q_lens_ptr + g) == 1)
+    if PER_ROW:  # rows a CUDA graph pads the batch with have no keys
+        run = run & (tl.load(seq_lens_ptr + g) > 0)
     if run:
         kvh = h // QPG
         L = tl.load(seq_lens_ptr + g).to(tl.int32)
@@ -300,7 +199,7 @@ def _reduce_kernel(
         dmask = d < head_dim
         base = ((g * num_heads + h) * num_splits).to(tl.int64)
         lse, overflow = _global_lse(stat_ptr, base, num_splits)
-        tau_h = tl.where(is_cal, tau, 2.0)  # uncalibrated heads: no sinks (p <= 1)
+        tau_h = tl.where(is_cal, tau_r, 2.0)  # uncalibrated heads: no sinks (p <= 1)
         slots = tl.arange(0, CAND)
         S = _zero()
         N = _zero()
@@ -324,12 +223,12 @@ def _reduce_kernel(
                 o_s += tl.sum(ps[:, None] * v, axis=0)
                 o_n += tl.sum((p - ps)[:, None] * v, axis=0)
         if overflow & is_cal:
-            S, N, o_s, o_n = _exact_row(q_ptr, k_ptr, v_ptr, bt_ptr, g, row, h, kvh, lo, L, lse, tau, scale, d, dmask,
+            S, N, o_s, o_n = _exact_row(q_ptr, k_ptr, v_ptr, bt_ptr, g, row, h, kvh, lo, L, lse, tau_r, scale, d, dmask,
                                         sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, sbt1, page,
                                         BLOCK_N, BLOCK_D)
         active = is_cal & (S > 0.0) & (N > eps)
-        factor = 1.0 + (1.0 - beta) * S / tl.where(active, N, 1.0)
-        res = tl.where(active, beta * o_s + factor * o_n, o_s + o_n)
+        factor = 1.0 + (1.0 - beta_r) * S / tl.where(active, N, 1.0)
+        res = tl.where(active, beta_r * o_s + factor * o_n, o_s + o_n)
         op = o_ptr + row * so0 + h * so1 + d * so2
         keep = dmask & (tl.zeros([BLOCK_D], tl.int32) + active.to(tl.int32) > 0)
         if WHOLE:
@@ -365,20 +264,24 @@ def plan_splits(num_rows: int, kv_heads: int, span: int, block_n: int, target: i
 def decode_split_k(
     query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, *,
     scale: float, beta: float, threshold: float, window: int | None, max_seq_len: int, whole: bool,
-    block_n: int = 64, split_len: int | None = None,
+    block_n: int = 64, split_len: int | None = None, row_arms: RowArms | None = None, cand: int | None = None,
 ) -> torch.Tensor | None:
     """Launch the split and reduce kernels for the decode rows of a group (rows with
     ``query_lens == 1``; every row when ``query_lens`` is None). ``whole``: write every head
     of those rows (uncalibrated heads: plain attention); else only the calibrated heads'
     changed rows. ``split_len`` (a multiple of ``block_n``) overrides the split planning.
-    Returns the per-split statistics ``[G, H, splits, 4]`` (max, sum, non-candidate sum,
-    overflow flag; rows and heads the kernels skipped hold garbage) for tests, or None when
-    there was nothing to launch."""
+    ``row_arms``: per-row mode (rows without keys are skipped: a CUDA graph's padding);
+    ``cand`` candidate slots per split (default: from ``threshold``, or :data:`ROW_CAND` per
+    row). Returns the per-split statistics ``[G, H, splits, 4]`` (max, sum, non-candidate
+    sum, overflow flag; rows and heads the kernels skipped hold garbage) for tests, or None
+    when there was nothing to launch."""
     G = block_table.shape[0]
     H, D = query.shape[1], query.shape[2]
     Hkv = key_cache.shape[1]
-    if G == 0 or (heads.shape[0] == 0 and not whole):
+    if G == 0 or (heads.shape[0] == 0 and not whole and row_arms is None):
         return None
+    if row_arms is not None and (row_arms.head_flags.shape[1] != H or row_arms.head_flags.stride(1) != 1):
+        raise ValueError(f"row_arms.head_flags must be [arms, {H}] with unit head stride")
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
     qpg = H // Hkv
@@ -387,7 +290,8 @@ def decode_split_k(
         num_splits, split_len = plan_splits(G, Hkv, span, block_n, _target_programs(query.device))
     else:
         num_splits = triton.cdiv(max(1, span), split_len)
-    cand = candidate_slots(float(threshold))
+    if cand is None:
+        cand = ROW_CAND if row_arms is not None else candidate_slots(float(threshold))
     block_d = max(16, triton.next_power_of_2(D))
     dev = query.device
     stats = torch.empty(G * H * num_splits * 4, dtype=torch.float32, device=dev)
@@ -402,13 +306,16 @@ def decode_split_k(
     log_tau = math.log(threshold) - CAND_MARGIN if threshold > 0 else -_NO_TAU
     qlens = query_lens if query_lens is not None else seq_lens
     win = int(window or 0)
-    common = (block_table, seq_lens, query_start, qlens, heads, stats, acc, cand_s, cand_i)
+    # the tables of the mode not in use are never read: any tensor stands in for them
+    tables = (row_arms.row_arm, row_arms.beta, row_arms.tau, row_arms.head_flags, row_arms.head_flags.stride(0)) \
+        if row_arms is not None else (seq_lens, seq_lens, seq_lens, seq_lens, 0)
+    common = (block_table, seq_lens, query_start, qlens, heads, *tables, stats, acc, cand_s, cand_i)
     _split_kernel[(G, Hkv, num_splits)](
         query, key_cache, value_cache, *common,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         H, heads.shape[0], num_splits, split_len, float(scale), float(log_tau), win, key_cache.shape[2], D,
         QPG=qpg, BLOCK_H=max(16, triton.next_power_of_2(qpg)), BLOCK_N=block_n, BLOCK_D=block_d, CAND=cand,
-        HS_P=hs_p, WHOLE=whole, HAS_QLENS=query_lens is not None, DOT_FP32=dot_fp32,
+        HS_P=hs_p, WHOLE=whole, HAS_QLENS=query_lens is not None, DOT_FP32=dot_fp32, PER_ROW=row_arms is not None,
     )
     _reduce_kernel[(G, H)](
         query, output, key_cache, value_cache, *common,
@@ -416,6 +323,6 @@ def decode_split_k(
         H, heads.shape[0], num_splits, float(scale), float(beta), float(threshold), NONSINK_EPS, win,
         key_cache.shape[2], D,
         QPG=qpg, BLOCK_N=block_n, BLOCK_D=block_d, CAND=cand, HS_P=hs_p, WHOLE=whole,
-        HAS_QLENS=query_lens is not None,
+        HAS_QLENS=query_lens is not None, PER_ROW=row_arms is not None,
     )
     return stats.view(G, H, num_splits, 4)

@@ -11,10 +11,12 @@ kinds, unsupported features) is judged by the workers' start-up check
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from act_plugin.capabilities import SUPPORTED_KV_CACHE_DTYPES
 from act_plugin.config import ACTEngineConfig
+from act_plugin.kernels import KERNEL_ENV
 from act_plugin.vllm.backend_registry import BACKEND_HINT, wrapped_backend_names
 from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY, act_explicitly_off, read_engine_settings
 from act_plugin.vllm.frontend_state import frontend_state
@@ -64,7 +66,7 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     if settings.source != "additional_config":
         changed.append(f"configuration read from {settings.source}")
     changed += _one_call_prefill(vllm_config)
-    changed += _limit_cuda_graphs(vllm_config)
+    changed += _limit_cuda_graphs(vllm_config, engine_cfg)
     runner = _install_router(vllm_config)
     _install_worker_extension(vllm_config.parallel_config)
     _note_ray(vllm_config.parallel_config)
@@ -161,10 +163,16 @@ def _note_ray(parallel: Any) -> None:
         )
 
 
-def _limit_cuda_graphs(vllm_config: Any) -> list[str]:
-    """Keep CUDA graphs, but only piecewise ones: attention (where ACT runs, with its per-step
-    plan) stays outside the captured pieces, so a replay never reuses a stale plan. Full
-    graphs around attention need the kernels' device-side planning (see README)."""
+def _limit_cuda_graphs(vllm_config: Any, engine_cfg: ACTEngineConfig | None = None) -> list[str]:
+    """CUDA graphs with ACT: FULL graphs for single-token decode steps, whose attention layers
+    calibrate from persistent device tables rewritten before every step
+    (:mod:`act_plugin.vllm.graph_plan`), and piecewise graphs for the other steps, whose
+    attention (with its per-step host plan) stays outside the captured pieces. So FULL (every
+    step in full graphs) becomes FULL_AND_PIECEWISE; FULL_AND_PIECEWISE and FULL_DECODE_ONLY
+    stay. Where ACT cannot calibrate inside a graph (:func:`full_graph_refusal`) every mode
+    with full graphs is lowered to PIECEWISE. The builders declare the same to vLLM
+    (``get_cudagraph_support``), which lowers further for a backend that supports less.
+    Returns what changed."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda_alike():
@@ -173,10 +181,32 @@ def _limit_cuda_graphs(vllm_config: Any) -> list[str]:
 
     comp = vllm_config.compilation_config
     mode = comp.cudagraph_mode
-    if mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+    if mode is None or mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
         return []
-    comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
-    return [f"CUDA graphs {mode.name} -> PIECEWISE (attention runs eagerly)"]
+    reason = full_graph_refusal(engine_cfg)
+    if reason is not None:
+        comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        return [f"CUDA graphs {mode.name} -> PIECEWISE (attention runs eagerly: {reason})"]
+    if mode.mixed_mode() == CUDAGraphMode.FULL:
+        comp.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        return [f"CUDA graphs {mode.name} -> FULL_AND_PIECEWISE (full graphs for decode steps only)"]
+    return []
+
+
+def full_graph_refusal(engine_cfg: ACTEngineConfig | None) -> str | None:
+    """Why ACT cannot run inside FULL CUDA graphs of this engine (None: it can)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_rocm():
+        return "ACT's per-row decode kernel is tested on CUDA only"
+    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
+    if forced in ("reference", "cpu"):
+        return f"{KERNEL_ENV}={forced} has no per-row decode kernel"
+    if engine_cfg is not None:
+        for name, prof in engine_cfg.profiles.items():
+            if prof.rule != "act":
+                return f"profile '{name}' uses rule '{prof.rule}', which runs on the host plan only"
+    return None
 
 
 def _check_supported(vllm_config: Any) -> None:

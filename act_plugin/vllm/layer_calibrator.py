@@ -9,7 +9,7 @@ keep the native result bit for bit (but see the whole-layer decode below). Nothi
 reads from the device or logs per step.
 
 Decode steps whose every row runs an ACT arm skip the native kernel in calibrated layers
-(backends that allow it: CPU_ATTN today): :meth:`LayerCalibrator.decode_whole_layer`
+(backends that allow it: CPU_ATTN, FLASH_ATTN, TRITON_ATTN, FLASHINFER): :meth:`LayerCalibrator.decode_whole_layer`
 computes every head of the layer in one pass over the cache with ACT on the configured heads
 (:func:`act_plugin.kernels.bind_decode_attention`), so calibrating does not read the cache
 a second time. The uncalibrated heads of such a layer then equal the native result within
@@ -18,6 +18,10 @@ float rounding, not bit for bit; rows of ACT-off requests never take this path.
 Arms of the ``first_token`` rule (the plan's ``rule_groups``) run after the ACT groups, on
 the native output (:func:`act_plugin.kernels.first_token.first_token_paged`); a decode step
 with any such row declines the whole-layer path (native kernel, then :meth:`apply`).
+
+Inside a FULL CUDA graph of a decode step (Python runs only at capture) the layer runs the
+native kernel and then :meth:`decode_in_graph`: the per-row decode kernel on the device
+tables of :mod:`act_plugin.vllm.graph_plan`, which the builder rewrites before every step.
 """
 
 from __future__ import annotations
@@ -30,9 +34,17 @@ import torch
 
 from act_plugin.calibration import kv_heads_of
 from act_plugin.config import ACTConfig
-from act_plugin.kernels import DecodeAttention, PagedKernel, bind_decode_attention, bind_paged
+from act_plugin.kernels import (
+    DecodeAttention,
+    DecodeRows,
+    PagedKernel,
+    bind_decode_attention,
+    bind_decode_rows,
+    bind_paged,
+)
 from act_plugin.kernels.cache_layout import KVSplit
 from act_plugin.kernels.first_token import first_token_paged
+from act_plugin.vllm.graph_plan import GRAPH_ATTR, GraphTables
 from act_plugin.vllm.plan import PLAN_ATTR, StepPlan
 from act_plugin.vllm.profiling import timer
 from act_plugin.vllm.worker_state import Arm
@@ -67,6 +79,7 @@ class BoundKernels:
     value_cache: torch.Tensor
     paged: PagedKernel
     decode: DecodeAttention | None  # the whole-layer decode kernel; None: none for these tensors
+    rows: DecodeRows | None  # the per-row decode kernel (CUDA graphs); None: none for these tensors
 
 
 class LayerCalibrator:
@@ -96,6 +109,7 @@ class LayerCalibrator:
         self._gammas: dict[str, torch.Tensor | None] = {}  # first_token: profile hash -> gamma per local head
         self._bound: BoundKernels | None = None
         self._no_heads: torch.Tensor | None = None  # an empty head list, for rows of arms without heads here
+        self._graph_warm: set[int] = set()  # batch sizes whose per-row kernel has run once (warm_graph_kernel)
 
     def bind_layer(self, index: int) -> None:
         """Make this calibrator the one of layer ``index`` (the start-up check calls it once it
@@ -104,13 +118,16 @@ class LayerCalibrator:
         self._heads.clear()
         self._gammas.clear()
 
-    def apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> None:
-        """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT."""
+    def apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+              lse: torch.Tensor | None = None) -> None:
+        """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT. ``lse``:
+        the native call's row log-sum-exp (``[tokens, heads]`` view, natural log) where the
+        backend returned it; the prefill kernels then skip their own pass."""
         if not timer.enabled:
-            self._apply(query, kv_cache, metadata, output)
+            self._apply(query, kv_cache, metadata, output, lse)
             return
         start = time.perf_counter()
-        plan = self._apply(query, kv_cache, metadata, output)
+        plan = self._apply(query, kv_cache, metadata, output, lse)
         if plan is not None:
             timer.add("decode" if plan.is_decode_only else "prefill", time.perf_counter() - start)
 
@@ -137,6 +154,7 @@ class LayerCalibrator:
             key_cache=key_cache, value_cache=value_cache,
             paged=bind_paged(query, output, key_cache, value_cache),
             decode=bind_decode_attention(query, output, key_cache, value_cache),
+            rows=bind_decode_rows(query, output, key_cache, value_cache),
         )
         return bound
 
@@ -173,7 +191,56 @@ class LayerCalibrator:
             timer.add("decode_whole_layer", time.perf_counter() - start)
         return True
 
-    def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> StepPlan | None:
+    def warm_graph_kernel(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+                          tables: GraphTables) -> None:
+        """Outside a capture, once per layer and batch size: launch the per-row kernel with
+        every row off (it writes nothing), so that Triton compiles it before vLLM captures a
+        graph of that size (vLLM runs each size eagerly just before capturing it; compiling
+        and loading a kernel inside a capture is not allowed)."""
+        common = getattr(metadata, GRAPH_ATTR, None)
+        if common is None or self.layer_index is None or common.num_reqs in self._graph_warm:
+            return
+        self._graph_warm.add(common.num_reqs)
+        self.decode_in_graph(query, kv_cache, metadata, output, tables, off=True)
+
+    def decode_in_graph(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+                        tables: GraphTables | None, off: bool = False) -> None:
+        """While a FULL CUDA graph captures a decode step (after the native kernel): launch the
+        per-row decode kernel in calibration mode on vLLM's persistent block table, lengths
+        and query offsets, each row's arm read from ``tables`` on the device, so every replay
+        calibrates the rows of that step's arms (:mod:`act_plugin.vllm.graph_plan`). Every
+        bound layer captures it, whether or not an arm calibrates it now: runtime control
+        may add one later, and a row of no arm in this layer changes nothing."""
+        layer = self.layer_index
+        if metadata is None or layer is None or kv_cache.numel() == 0:
+            return
+        common = getattr(metadata, GRAPH_ATTR, None)
+        if tables is None or common is None:
+            raise RuntimeError(
+                f"ACT: a FULL CUDA graph is capturing layer {layer} without ACT's graph tables; its metadata builder "
+                "declared no full-graph support (restart with cudagraph_mode=PIECEWISE)"
+            )
+        if int(common.max_query_len) != 1:
+            raise RuntimeError(
+                f"ACT: a FULL CUDA graph is capturing a batch with prefill rows in layer {layer}; ACT declares FULL "
+                "graphs for single-token decode batches only (cudagraph_mode=FULL_AND_PIECEWISE or FULL_DECODE_ONLY)"
+            )
+        num_reqs = int(common.num_reqs)
+        if num_reqs > tables.max_rows:
+            raise RuntimeError(f"ACT: a CUDA graph of {num_reqs} rows exceeds the graph tables' {tables.max_rows}")
+        out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
+        bound = self._bind(query, out, kv_cache)
+        if bound.rows is None:
+            raise RuntimeError(
+                f"ACT: layer {layer} has no per-row decode kernel for these tensors ({query.device}, {query.dtype}, "
+                f"cache {kv_cache.dtype}); restart with cudagraph_mode=PIECEWISE"
+            )
+        bound.rows(query, out, bound.key_cache, bound.value_cache, common.block_table_tensor[:num_reqs],
+                   common.seq_lens, common.query_start_loc, tables.row_arms(layer, off), self.scale, self.window,
+                   tables.max_seq_len)
+
+    def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+               lse: torch.Tensor | None = None) -> StepPlan | None:
         """The calibration; returns the step plan it ran (None: nothing to do)."""
         layer = self.layer_index
         if metadata is None or layer is None or kv_cache.numel() == 0:
@@ -200,7 +267,7 @@ class LayerCalibrator:
             prof = arm.config
             kernel(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
                    group.query_lens, heads[0], heads[1], self.scale, prof.beta, prof.threshold, self.window,
-                   group.max_query_len, group.max_seq_len)
+                   group.max_query_len, group.max_seq_len, lse=lse)
         if plan.rule_groups:
             self._apply_rules(plan, layer, query, out, key_cache, value_cache)
         return plan

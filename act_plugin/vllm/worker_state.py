@@ -110,6 +110,9 @@ class WorkerState:
     readmitted: dict[int, int] = field(default_factory=dict)
     unroutable: int = 0  # requests naming a profile this worker never held (a bug if > 0)
     layers: list[dict] = field(default_factory=list)  # start-up report (startup_check)
+    # FULL CUDA graphs of decode steps read ACT's device tables (act_plugin.vllm.graph_plan),
+    # which carry 'act' arms only: a profile of another rule is then refused.
+    full_decode_graphs: bool = False
     _heads_cache: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -117,6 +120,14 @@ class WorkerState:
     def check(self, engine_cfg: ACTEngineConfig) -> None:
         """Raise ACTConfigError if this worker cannot run ``engine_cfg`` (nothing changes)."""
         refuse_unserved_rules(engine_cfg, "ACT runtime control")
+        if self.full_decode_graphs:
+            for name, prof in engine_cfg.profiles.items():
+                if prof.rule != "act":
+                    raise ACTEngineError(
+                        f"{self.where()}: profile '{name}' uses rule '{prof.rule}', which ACT cannot run inside the "
+                        "FULL CUDA graphs this engine captures for decode steps; start the engine with "
+                        "cudagraph_mode=PIECEWISE to serve it"
+                    )
         if self.tp is not None:
             engine_cfg.validate_for({"num_hidden_layers": self.tp.num_layers, "num_attention_heads": self.tp.num_heads})
         self._check_stages_hold(engine_cfg)

@@ -13,4 +13,6 @@ from vllm.v1.attention.backends.flashinfer import FlashInferBackend
 from act_plugin.kernels.cache_layout import flash_attn_split
 from act_plugin.vllm.backends import act_backend
 
-ACTFlashInferBackend = act_backend(FlashInferBackend, flash_attn_split)
+# Whole-layer decode: forward only reads the cache (do_kv_cache_update writes it); the scales it
+# sets lazily on its first call are set whenever it first runs.
+ACTFlashInferBackend = act_backend(FlashInferBackend, flash_attn_split, whole_decode=True)

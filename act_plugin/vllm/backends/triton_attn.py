@@ -9,4 +9,5 @@ from act_plugin.vllm.backends import act_backend
 
 # Triton may pad the head size inside the cache; flash_attn_split reads keys at [0, D) and
 # values at [P, P + D) of each token's 2P entries.
-ACTTritonAttentionBackend = act_backend(TritonAttentionBackend, flash_attn_split)
+# Whole-layer decode: as FLASH_ATTN, forward only reads the cache (do_kv_cache_update writes it).
+ACTTritonAttentionBackend = act_backend(TritonAttentionBackend, flash_attn_split, whole_decode=True)
