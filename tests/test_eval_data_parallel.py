@@ -27,6 +27,7 @@ from act_plugin.eval.replica import run_replica
 from act_plugin.eval.report import read_samples
 from act_plugin.eval.results import EvalResults
 from act_plugin.eval.shards import SHARDS_DIR, shard_documents
+from act_plugin.vllm import placement
 
 
 # ------------------------------------------------------------------------ the setting
@@ -92,13 +93,13 @@ def test_cuda_replicas_get_their_own_gpus():
 
 
 def test_this_machine_refuses_more_replicas_than_cores(monkeypatch):
-    monkeypatch.setattr(data_parallel, "on_cpu_platform", lambda: True)
-    monkeypatch.setattr(data_parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(placement, "on_cpu_platform", lambda: True)
+    monkeypatch.setattr(placement.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     assert len(data_parallel.replica_environments(2, {})) == 2
     with pytest.raises(ACTConfigError, match="data_parallel: 5 replicas need a CPU core each"):
         data_parallel.replica_environments(5, {})
-    monkeypatch.setattr(data_parallel, "on_cpu_platform", lambda: False)
+    monkeypatch.setattr(placement, "on_cpu_platform", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     assert data_parallel.replica_environments(2, {"tensor_parallel_size": 2})[1] == {"CUDA_VISIBLE_DEVICES": "2,3"}
     with pytest.raises(ACTConfigError, match="data_parallel: 3 replicas of 2 GPU"):

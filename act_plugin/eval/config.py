@@ -265,11 +265,9 @@ class EvalConfig(BaseModel):
     @field_validator("data_parallel", mode="before")
     @classmethod
     def _data_parallel(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.strip().isdigit():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ACTConfigError(f"data_parallel must be a positive whole number of engine replicas, got {v!r}")
-        return v
+        from act_plugin.vllm.placement import replica_count
+
+        return replica_count(v)
 
     @model_validator(mode="after")
     def _data_parallel_zero_shot(self) -> EvalConfig:
