@@ -117,6 +117,7 @@ def _search(prep: Prepared, t0: float, progress: bool, quiet: bool, on_candidate
         log(f"shared set: {len(comb.shared.heads)} heads ({comb.note or comb.shared.note}); per-task sets: "
             + (", ".join(f"{t} {len(s.heads)}" for t, s in comb.per_task.items()) or "not asked"), quiet)
         report = build_report(prep, ranking, ver, comb, ev, time.perf_counter() - t0, backends.threads())
+        report["data_parallel"] = prep.cfg.data_parallel  # scoring replicas (results do not depend on it)
     finally:
         close_backends(ev, backends)
     return ranking, comb, report, ver
