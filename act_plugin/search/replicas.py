@@ -102,8 +102,9 @@ class ReplicaPool:
             self._results.put((None, None, e if isinstance(e, ReplicaError) else self._failure(k, repr(e))))
 
     def _read(self, k: int) -> dict:
-        assert self.procs[k].stdout is not None
-        line = self.procs[k].stdout.readline()
+        out = self.procs[k].stdout
+        assert out is not None
+        line = out.readline()
         if not line:
             raise self._failure(k, f"it exited (code {self.procs[k].wait()})")
         msg = json.loads(line)
