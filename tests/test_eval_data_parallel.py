@@ -6,6 +6,7 @@ whose replica died resumes that replica's unfinished shards only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_eval_runner import TASKS, _numbers, fake_engine, make_cfg  # noqa: F401 - fake_engine is a fixture
+from test_eval_runner import ACT, TASKS, _numbers, fake_engine, make_cfg  # noqa: F401 - fake_engine is a fixture
 
 from act_plugin.config import ACTConfigError
-from act_plugin.eval import data_parallel, runner
+from act_plugin.eval import data_parallel, harness, runner
 from act_plugin.eval.config import load_eval_config
 from act_plugin.eval.replica import run_replica
 from act_plugin.eval.report import read_samples
@@ -37,9 +38,7 @@ def test_data_parallel_setting(shared_data):
     for bad in (0, -1, True, "two", 1.5):
         with pytest.raises(ACTConfigError, match=r"data_parallel must be a positive whole number"):
             make_cfg(shared_data, data_parallel=bad)
-    with pytest.raises(ACTConfigError, match=r"data_parallel 2 needs num_fewshot: 0 \(got 3\)"):
-        make_cfg(shared_data, data_parallel=2, num_fewshot=3)
-    make_cfg(shared_data, data_parallel=1, num_fewshot=3)  # one process: any k
+    assert make_cfg(shared_data, data_parallel=2, num_fewshot=3).num_fewshot == 3  # few-shot: replayed draws
 
 
 def test_the_replica_reads_back_the_same_config(shared_data):
@@ -185,6 +184,26 @@ def test_n_replicas_write_what_one_process_writes(n, replicas_here, shared_data,
         assert len(spec["docs"]) == len(state["pieces"])
         assert all(d % n == spec["shard"] for docs in spec["docs"].values() for d in docs)
     EvalResults.from_json((many.output_dir / "results.json").read_text())
+
+
+def test_few_shot_replicas_give_every_document_the_examples_one_process_gives(replicas_here, shared_data, tmp_path,
+                                                                               monkeypatch):
+    """lm-eval draws few-shot examples from one random stream per task, in document order:
+    each replica replays the draws of the documents it skips (two few-shot seeds, so the
+    stream is reseeded between calls)."""
+    few = {"num_fewshot": 2, "seeds": [0, 7], "arms": {"baseline": None, "act": ACT}, "tasks": ["cb"], "limit": 6}
+    one = runner.run_eval(make_cfg(shared_data, **few), output_dir=tmp_path / "one", progress=False)
+    two = runner.run_eval(make_cfg(shared_data, data_parallel=2, **few), output_dir=tmp_path / "two",
+                          progress=False)
+    prompts = {name: [r["prompt"] for r in rows] for name, rows in _numbers(one.output_dir)["samples"].items()}
+    assert all(len(set(p)) == len(p) for p in prompts.values())
+    assert _numbers(two.output_dir) == _numbers(one.output_dir)
+    assert _raw(two.output_dir) == _raw(one.output_dir)
+    # without the replay a replica's documents get other examples (the check above can fail)
+    monkeypatch.setattr(harness, "fewshot_in_document_order", contextlib.nullcontext)
+    plain = runner.run_eval(make_cfg(shared_data, data_parallel=2, **few), output_dir=tmp_path / "plain",
+                            progress=False)
+    assert _numbers(plain.output_dir)["samples"] != _numbers(one.output_dir)["samples"]
 
 
 def test_a_dead_replica_resumes_its_own_shards_only(replicas_here, shared_data, tmp_path):

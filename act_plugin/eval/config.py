@@ -269,17 +269,6 @@ class EvalConfig(BaseModel):
 
         return replica_count(v)
 
-    @model_validator(mode="after")
-    def _data_parallel_zero_shot(self) -> EvalConfig:
-        # lm-eval draws every document's few-shot examples from one random stream, in document
-        # order: a replica scoring every N-th document would draw other examples than one process.
-        if self.data_parallel > 1 and self.num_fewshot > 0:
-            raise ACTConfigError(
-                f"data_parallel {self.data_parallel} needs num_fewshot: 0 (got {self.num_fewshot}): lm-eval draws "
-                f"each document's few-shot examples from one random stream in document order, so a replica's "
-                f"documents would get other examples than in one process; use data_parallel: 1")
-        return self
-
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch(cls, v: Any) -> Any:
