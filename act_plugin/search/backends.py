@@ -3,7 +3,9 @@
 The transformers model is loaded first: it ranks every head with method ``fast``, and with
 ``verify: hf`` it also scores exactly, from cached hidden states. Otherwise one running vLLM
 engine makes the exact scores; the transformers model is released before it starts, so the
-two never hold memory at once.
+two never hold memory at once. With ``data_parallel: N`` the exact scores are made by N replica
+processes instead (:mod:`act_plugin.search.replicas`), each opening the backend one process
+would open.
 """
 
 from __future__ import annotations
