@@ -6,6 +6,7 @@ whose replica died resumes that replica's unfinished shards only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,15 +19,16 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_eval_runner import TASKS, _numbers, fake_engine, make_cfg  # noqa: F401 - fake_engine is a fixture
+from test_eval_runner import ACT, TASKS, _numbers, fake_engine, make_cfg  # noqa: F401 - fake_engine is a fixture
 
 from act_plugin.config import ACTConfigError
-from act_plugin.eval import data_parallel, runner
+from act_plugin.eval import data_parallel, harness, runner
 from act_plugin.eval.config import load_eval_config
 from act_plugin.eval.replica import run_replica
 from act_plugin.eval.report import read_samples
 from act_plugin.eval.results import EvalResults
 from act_plugin.eval.shards import SHARDS_DIR, shard_documents
+from act_plugin.vllm import placement
 
 
 # ------------------------------------------------------------------------ the setting
@@ -36,9 +38,7 @@ def test_data_parallel_setting(shared_data):
     for bad in (0, -1, True, "two", 1.5):
         with pytest.raises(ACTConfigError, match=r"data_parallel must be a positive whole number"):
             make_cfg(shared_data, data_parallel=bad)
-    with pytest.raises(ACTConfigError, match=r"data_parallel 2 needs num_fewshot: 0 \(got 3\)"):
-        make_cfg(shared_data, data_parallel=2, num_fewshot=3)
-    make_cfg(shared_data, data_parallel=1, num_fewshot=3)  # one process: any k
+    assert make_cfg(shared_data, data_parallel=2, num_fewshot=3).num_fewshot == 3  # few-shot: replayed draws
 
 
 def test_the_replica_reads_back_the_same_config(shared_data):
@@ -92,13 +92,13 @@ def test_cuda_replicas_get_their_own_gpus():
 
 
 def test_this_machine_refuses_more_replicas_than_cores(monkeypatch):
-    monkeypatch.setattr(data_parallel, "on_cpu_platform", lambda: True)
-    monkeypatch.setattr(data_parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(placement, "on_cpu_platform", lambda: True)
+    monkeypatch.setattr(placement.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     assert len(data_parallel.replica_environments(2, {})) == 2
     with pytest.raises(ACTConfigError, match="data_parallel: 5 replicas need a CPU core each"):
         data_parallel.replica_environments(5, {})
-    monkeypatch.setattr(data_parallel, "on_cpu_platform", lambda: False)
+    monkeypatch.setattr(placement, "on_cpu_platform", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     assert data_parallel.replica_environments(2, {"tensor_parallel_size": 2})[1] == {"CUDA_VISIBLE_DEVICES": "2,3"}
     with pytest.raises(ACTConfigError, match="data_parallel: 3 replicas of 2 GPU"):
@@ -184,6 +184,26 @@ def test_n_replicas_write_what_one_process_writes(n, replicas_here, shared_data,
         assert len(spec["docs"]) == len(state["pieces"])
         assert all(d % n == spec["shard"] for docs in spec["docs"].values() for d in docs)
     EvalResults.from_json((many.output_dir / "results.json").read_text())
+
+
+def test_few_shot_replicas_give_every_document_the_examples_one_process_gives(replicas_here, shared_data, tmp_path,
+                                                                               monkeypatch):
+    """lm-eval draws few-shot examples from one random stream per task, in document order:
+    each replica replays the draws of the documents it skips (two few-shot seeds, so the
+    stream is reseeded between calls)."""
+    few = {"num_fewshot": 2, "seeds": [0, 7], "arms": {"baseline": None, "act": ACT}, "tasks": ["cb"], "limit": 6}
+    one = runner.run_eval(make_cfg(shared_data, **few), output_dir=tmp_path / "one", progress=False)
+    two = runner.run_eval(make_cfg(shared_data, data_parallel=2, **few), output_dir=tmp_path / "two",
+                          progress=False)
+    prompts = {name: [r["prompt"] for r in rows] for name, rows in _numbers(one.output_dir)["samples"].items()}
+    assert all(len(set(p)) == len(p) for p in prompts.values())
+    assert _numbers(two.output_dir) == _numbers(one.output_dir)
+    assert _raw(two.output_dir) == _raw(one.output_dir)
+    # without the replay a replica's documents get other examples (the check above can fail)
+    monkeypatch.setattr(harness, "fewshot_in_document_order", contextlib.nullcontext)
+    plain = runner.run_eval(make_cfg(shared_data, data_parallel=2, **few), output_dir=tmp_path / "plain",
+                            progress=False)
+    assert _numbers(plain.output_dir)["samples"] != _numbers(one.output_dir)["samples"]
 
 
 def test_a_dead_replica_resumes_its_own_shards_only(replicas_here, shared_data, tmp_path):

@@ -50,6 +50,7 @@ def test_default_rules_record_the_config_as_before():
     ({"first_token": {"gammas": [2]}}, r"first_token: a grid is given but 'rules' does not name first_token"),
     ({"rules": ["act", "first_token"]}, r"needs method 'fast' with fast.verify 'hf'"),
     ({**RULES, "validation_per_task": 0}, r"validation_per_task must be > 0"),
+    ({**RULES, "data_parallel": 2}, r"set data_parallel: 1 or rules: \[act\]"),
 ])
 def test_rule_config_errors_name_the_key(change, match):
     with pytest.raises(SearchConfigError, match=match):

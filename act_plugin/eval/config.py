@@ -265,22 +265,9 @@ class EvalConfig(BaseModel):
     @field_validator("data_parallel", mode="before")
     @classmethod
     def _data_parallel(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.strip().isdigit():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ACTConfigError(f"data_parallel must be a positive whole number of engine replicas, got {v!r}")
-        return v
+        from act_plugin.vllm.placement import replica_count
 
-    @model_validator(mode="after")
-    def _data_parallel_zero_shot(self) -> EvalConfig:
-        # lm-eval draws every document's few-shot examples from one random stream, in document
-        # order: a replica scoring every N-th document would draw other examples than one process.
-        if self.data_parallel > 1 and self.num_fewshot > 0:
-            raise ACTConfigError(
-                f"data_parallel {self.data_parallel} needs num_fewshot: 0 (got {self.num_fewshot}): lm-eval draws "
-                f"each document's few-shot examples from one random stream in document order, so a replica's "
-                f"documents would get other examples than in one process; use data_parallel: 1")
-        return self
+        return replica_count(v)
 
     @field_validator("batch_size", mode="before")
     @classmethod

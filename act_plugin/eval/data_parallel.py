@@ -11,9 +11,10 @@ from. So each replica is an ordinary single-engine run (``python -m act_plugin.e
 that selects its documents with lm-eval's own ``simple_evaluate(samples=...)``
 (:mod:`act_plugin.eval.shards`).
 
-Placement: on vLLM's CPU platform each replica is bound to its own block of the cores this
-process may use (``VLLM_CPU_OMP_THREADS_BIND``) and gets 1/N of ``VLLM_CPU_KVCACHE_SPACE``; on
-CUDA each gets its own GPUs (``CUDA_VISIBLE_DEVICES``; tensor x pipeline parallel size each).
+Placement (:mod:`act_plugin.vllm.placement`, shared with the search): on vLLM's CPU platform
+each replica is bound to its own block of the cores this process may use
+(``VLLM_CPU_OMP_THREADS_BIND``) and gets 1/N of ``VLLM_CPU_KVCACHE_SPACE``; on CUDA each gets its
+own GPUs (``CUDA_VISIBLE_DEVICES``; tensor x pipeline parallel size each).
 
 Resuming: a replica saves each of its shards as it finishes; a rerun starts only the replicas
 with shards left and merges. Finished pieces do not depend on N, so N may change between
@@ -32,65 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from act_plugin.atomic_files import atomic_write_json
-from act_plugin.config import ACTConfigError
 from act_plugin.eval.config import EvalConfig
 from act_plugin.eval.harness import BOOTSTRAP_ITERS, load_lm_eval_task, record_piece, task_manager_for
 from act_plugin.eval.run_state import RunState
 from act_plugin.eval.shards import SHARDS_DIR, merge_shards, read_shard, shard_path
-from act_plugin.vllm.env import omp_threads_bind, on_cpu_platform
+from act_plugin.vllm.placement import cpu_replicas, cuda_replicas, replica_environments
 
 __all__ = ["replica_environments", "cpu_replicas", "cuda_replicas", "run_pieces_parallel"]
 
 logger = logging.getLogger("act_plugin.eval")
 
 REPLICA_MODULE = "act_plugin.eval.replica"
-
-
-def cpu_replicas(n: int, cores: list[int], kv_cache_gib: int) -> list[dict[str, str]]:
-    """Each replica's environment on the CPU platform: a contiguous block of ``cores`` and an
-    equal part of the KV-cache budget."""
-    if n > len(cores):
-        raise ACTConfigError(
-            f"data_parallel: {n} replicas need a CPU core each, but this process may use {len(cores)} "
-            f"({omp_threads_bind(cores)}); use data_parallel: {len(cores)} or fewer")
-    if kv_cache_gib < n:
-        raise ACTConfigError(f"data_parallel: {n} replicas need at least 1 GiB of KV cache each, but "
-                             f"VLLM_CPU_KVCACHE_SPACE is {kv_cache_gib} GiB in all; raise it or lower data_parallel")
-    blocks = [cores[i * len(cores) // n:(i + 1) * len(cores) // n] for i in range(n)]
-    return [{"VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(b), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib // n)}
-            for b in blocks]
-
-
-def cuda_replicas(n: int, devices: list[str], per_replica: int) -> list[dict[str, str]]:
-    """Each replica's ``CUDA_VISIBLE_DEVICES``: ``per_replica`` of ``devices`` each."""
-    if n * per_replica > len(devices):
-        raise ACTConfigError(
-            f"data_parallel: {n} replicas of {per_replica} GPU(s) each need {n * per_replica} GPUs, but "
-            f"{len(devices)} are visible ({','.join(devices) or 'none'}); lower data_parallel")
-    return [{"CUDA_VISIBLE_DEVICES": ",".join(devices[i * per_replica:(i + 1) * per_replica])} for i in range(n)]
-
-
-def replica_environments(n: int, engine: dict[str, Any]) -> list[dict[str, str]]:
-    """Each replica's environment overrides on this machine (refused: more replicas than
-    cores, or than GPUs)."""
-    if on_cpu_platform():
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
-            range(os.cpu_count() or 1))
-        raw = os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "2"
-        try:
-            kv = int(raw)
-        except ValueError:
-            raise ACTConfigError(f"VLLM_CPU_KVCACHE_SPACE must be a whole number of GiB, got {raw!r}") from None
-        return cpu_replicas(n, cores, kv)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        devices = [d.strip() for d in visible.split(",") if d.strip()]
-    else:
-        import torch
-
-        devices = [str(i) for i in range(torch.cuda.device_count())]
-    per = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
-    return cuda_replicas(n, devices, per)
 
 
 def _shards_left(state: RunState, todo: dict[str, list[str]], n: int) -> list[dict[str, list[str]]]:

@@ -27,6 +27,7 @@ from act_plugin.eval.config import EvalConfig
 from act_plugin.eval.records import primary_metric, records_from_samples
 from act_plugin.eval.run_state import RunState
 from act_plugin.eval.scored import ScoredPiece, numeric_metrics
+from act_plugin.eval.shards import fewshot_in_document_order
 from act_plugin.tasks import REPO_ROOT, write_lm_eval_tasks
 
 __all__ = ["run_pieces", "score_pieces", "tasks_folder", "load_lm_eval_task", "task_manager_for",
@@ -156,10 +157,12 @@ class _Harness:
         for seed in self.seeds:
             bar.set_description(f"arm {arm}, {task}, seed {seed}")
             if "samples" not in docs or docs["samples"][lm_task]:  # an empty shard scores nothing
-                res = simple_evaluate(
-                    model=lm, tasks=[lm_task], num_fewshot=cfg.num_fewshot, log_samples=True,
-                    task_manager=self.task_manager, fewshot_random_seed=seed, bootstrap_iters=BOOTSTRAP_ITERS, **docs,
-                )
+                with fewshot_in_document_order() if "samples" in docs else contextlib.nullcontext():
+                    res = simple_evaluate(
+                        model=lm, tasks=[lm_task], num_fewshot=cfg.num_fewshot, log_samples=True,
+                        task_manager=self.task_manager, fewshot_random_seed=seed, bootstrap_iters=BOOTSTRAP_ITERS,
+                        **docs,
+                    )
                 if res is None:  # pragma: no cover - non-zero rank
                     raise RuntimeError("lm-eval returned no results")
                 _add_seed(scored, res, lm_task, seed)

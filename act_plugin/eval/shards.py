@@ -8,6 +8,13 @@ merge sorts the records by (seed, ``doc_id``), as one process writes them, and r
 lm-eval's aggregate metrics with lm-eval's own aggregation over the merged per-document items
 in ``doc_id`` order: the same numbers from the same items in the same order.
 
+Few-shot examples: lm-eval draws every document's examples from ONE random stream per task
+(its sampler's ``rnd``, reseeded with the few-shot seed by each ``simple_evaluate``), one
+``sampler.sample`` call per document, in document order, while it builds the requests -- and
+with ``samples=`` it builds them for the selected documents only. A replica therefore replays
+the draws of the documents before each of its own, in document order, and throws them away
+(:func:`fewshot_in_document_order`): each document gets the examples one process gives it.
+
 A shard file (``shards/<arm>__<task>.<k>-of-<N>.json``) is written atomically when the replica
 finishes its part of the piece, with the piece's key: a rerun reuses it while the key and N
 match.
@@ -19,13 +26,16 @@ import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from act_plugin.atomic_files import atomic_write_json
 from act_plugin.eval.scored import ScoredPiece, numeric_metrics
 
-__all__ = ["SHARDS_DIR", "shard_documents", "shard_path", "write_shard", "read_shard", "merge_shards"]
+__all__ = ["SHARDS_DIR", "shard_documents", "fewshot_in_document_order", "shard_path", "write_shard", "read_shard",
+           "merge_shards"]
 
 logger = logging.getLogger("act_plugin.eval")
 
@@ -43,6 +53,48 @@ def shard_documents(task: Any, limit: int | float | None, shard: int, shards: in
     n = len(task.eval_docs)
     chosen = get_sample_size(task, limit)
     return list(range(shard, n if chosen is None else min(n, chosen), shards))
+
+
+@contextmanager
+def fewshot_in_document_order() -> Iterator[None]:
+    """While a replica's ``simple_evaluate(samples=...)`` runs: each task's few-shot sampler
+    first makes (and drops) the draws of the documents lm-eval skips, so its random stream is
+    where one process scoring every document has it (see the module docs)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    build = ConfigurableTask.build_all_requests
+    own_attribute = "build_all_requests" in vars(ConfigurableTask)
+
+    def build_all_requests(self: Any, *args: Any, samples: list[int] | None = None, **kwargs: Any) -> Any:
+        sampler = getattr(self, "sampler", None)
+        if not samples or sampler is None:
+            return build(self, *args, samples=samples, **kwargs)
+        own = sampler.sample
+        ids = sorted(samples)  # lm-eval iterates the selected documents in document order
+        state = {"call": 0, "next": 0}
+
+        def sample(n: int, eval_doc: Any = None, df: Any = None, **kw: Any) -> Any:
+            doc_id = ids[state["call"]] if state["call"] < len(ids) else state["next"]
+            for skipped in range(state["next"], doc_id):
+                own(n, eval_doc=None if eval_doc is None else self.eval_docs[skipped], df=df, **kw)
+            state["call"] += 1
+            state["next"] = doc_id + 1
+            return own(n, eval_doc=eval_doc, df=df, **kw)
+
+        sampler.sample = sample
+        try:
+            return build(self, *args, samples=samples, **kwargs)
+        finally:
+            del sampler.sample  # the class's method again
+
+    ConfigurableTask.build_all_requests = build_all_requests
+    try:
+        yield
+    finally:
+        if own_attribute:
+            ConfigurableTask.build_all_requests = build
+        else:
+            del ConfigurableTask.build_all_requests  # the inherited method again
 
 
 def shard_path(out: Path, arm: str, task: str, shard: int, shards: int) -> Path:

@@ -18,6 +18,8 @@ results. The pieces:
 * :mod:`~act_plugin.search.store` -- resumable partial results;
 * :mod:`~act_plugin.search.steps` -- prepare, rank, verify, combine;
 * :mod:`~act_plugin.search.evaluator` -- exact evaluations through the store, and the backends' lifetimes;
+* :mod:`~act_plugin.search.replicas` / :mod:`~act_plugin.search.replica` -- ``data_parallel: N``: the
+  exact scores made by N replica processes side by side;
 * :mod:`~act_plugin.search.analysis` -- ranking agreement, which objective predicts validation;
 * :mod:`~act_plugin.search.report` / :mod:`~act_plugin.search.summary` -- the JSON report and its Markdown;
 * :mod:`~act_plugin.search.outputs` -- the files, in ``runs/<name>/`` unless ``--update-shipped``;

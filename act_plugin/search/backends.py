@@ -3,7 +3,9 @@
 The transformers model is loaded first: it ranks every head with method ``fast``, and with
 ``verify: hf`` it also scores exactly, from cached hidden states. Otherwise one running vLLM
 engine makes the exact scores; the transformers model is released before it starts, so the
-two never hold memory at once.
+two never hold memory at once. With ``data_parallel: N`` the exact scores are made by N replica
+processes instead (:mod:`act_plugin.search.replicas`), each opening the backend one process
+would open.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def open_ranking_backend(prep: Prepared, ev: Evaluator, hf_model: Any = None) ->
 def open_exact_backends(prep: Prepared, ev: Evaluator, backends: Backends, ranking: Ranking, llm: Any = None) -> None:
     """One backend per part for the exact scores: the transformers model (sharing its weights
     across parts) or one vLLM engine (``llm``: reuse a running one) after releasing it."""
-    if prep.exact_backend == "hf":
+    if prep.cfg.data_parallel > 1:
+        _open_replica_parts(prep, ev, backends, ranking, llm)
+    elif prep.exact_backend == "hf":
         _open_hf_parts(prep, ev, backends, ranking)
     else:
         backends.release_hf()
@@ -100,6 +104,30 @@ def _open_vllm_parts(prep: Prepared, ev: Evaluator, llm: Any) -> None:
     for task, c in d.validation.items():
         ev.backends[val_part(task)] = VLLMSearchBackend(prep.model_path, c, beta=cfg.beta, threshold=cfg.threshold,
                                                         llm=first.llm)
+
+
+def _open_replica_parts(prep: Prepared, ev: Evaluator, backends: Backends, ranking: Ranking, llm: Any) -> None:
+    """``data_parallel: N``: N replica processes make the exact scores (:mod:`act_plugin.search.replicas`);
+    this process releases its transformers model first (each replica loads its own)."""
+    from act_plugin.search.config import SearchConfigError
+    from act_plugin.search.replicas import ReplicaPart, ReplicaPool
+    from act_plugin.vllm.placement import replica_environments
+
+    cfg = prep.cfg
+    if llm is not None:
+        raise SearchConfigError(f"data_parallel {cfg.data_parallel} starts its own scoring replicas; a running engine "
+                                "(llm=) cannot be shared with them -- use data_parallel: 1 to reuse it")
+    backends.release_hf()
+    envs = replica_environments(cfg.data_parallel, cfg.engine if prep.exact_backend == "vllm" else {})
+    spec = {"config": cfg.to_dict(), "key": prep.settings_key,
+            # the transformers replicas cache the same layers' inputs as one process would
+            "estimates": [[a, b, v] for (a, b), v in ranking.estimates.items()]}
+    t = time.perf_counter()
+    pool = ReplicaPool(spec, envs, prep.store.dir / f"{prep.settings_key}.replicas", prep.exact_backend)
+    ev.seconds["replicas_start"] = time.perf_counter() - t
+    ev.backends[SEARCH] = ReplicaPart(pool, SEARCH)
+    for task in prep.data.validation:
+        ev.backends[val_part(task)] = ReplicaPart(pool, val_part(task))
 
 
 def close_backends(ev: Evaluator, backends: Backends) -> None:

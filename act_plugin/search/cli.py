@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-task", type=int, default=None, help="search-part prompts per task")
     parser.add_argument("--tasks", default=None, help="comma-separated calibration tasks (overrides)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the calibration draw")
+    parser.add_argument("--data-parallel", default=None, metavar="N",
+                        help="score candidates in N replicas side by side (overrides 'data_parallel'; a block of "
+                        "cores each on CPU, their own GPUs on CUDA)")
     parser.add_argument("--no-combine", action="store_true", help="skip the combined-set step")
     parser.add_argument("--state-dir", default=None, help="partial results folder (overrides 'state_dir')")
     parser.add_argument("--fresh", action="store_true", help="ignore partial results of an earlier run")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "combine": False if args.no_combine else None, "state_dir": args.state_dir,
         "data_dir": args.data_dir, "validation_per_task": args.validation_per_task, "alpha": args.alpha,
         "gain": args.gain, "per_task": True if args.per_task else None, "profiles_output": args.profiles_output,
-        "run_dir": args.run_dir,
+        "run_dir": args.run_dir, "data_parallel": args.data_parallel,  # '2': the search config reads it
     }
     cfg = load_search_config(args.config, **overrides)
     from act_plugin.tasks import check_data, resolve_data_dir
@@ -75,12 +78,17 @@ def run(args: argparse.Namespace) -> int:
     check_data(cfg.tasks, data_dir, splits=("train",))
     paths = cfg.destinations(args.update_shipped)
     if args.check:
+        if cfg.data_parallel > 1:
+            from act_plugin.vllm.placement import replica_environments
+
+            replica_environments(cfg.data_parallel, cfg.engine)  # more replicas than cores or GPUs: refused
         print(f"{args.config}: OK -- method {cfg.method}, score {cfg.score}, tasks {cfg.tasks} "
               f"({cfg.samples_per_task} search + {cfg.validation_per_task} validation prompts per task, train "
               f"splits), data {data_dir} ({how}); writes "
               + ("(--update-shipped) " if args.update_shipped else "(run folder) ")
               + f"{paths.output} (if a shared set passes), "
-              + (f"{paths.profiles}, " if cfg.per_task else "") + f"{paths.report} (+ .md), {paths.heatmap}")
+              + (f"{paths.profiles}, " if cfg.per_task else "") + f"{paths.report} (+ .md), {paths.heatmap}"
+              + (f"; {cfg.data_parallel} scoring replicas" if cfg.data_parallel > 1 else ""))
         return 0
     from act_plugin.search.run import run_search
 

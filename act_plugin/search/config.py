@@ -124,6 +124,9 @@ class SearchConfig(BaseModel):
     name: str | None = Field(None, description="name of the produced ACT config (default: from the file name)")
     model: str = Field(..., description="embedded model name (smollm2-135m) or a model folder")
     engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments (exact scores in vLLM)")
+    data_parallel: int = Field(1, description="scoring replicas: the exact scores (vLLM engines, or transformers "
+                               "models with fast.verify: hf) run in N processes side by side, each on its own cores "
+                               "or GPUs; one candidate's score is made by one replica, so results equal N = 1's")
     data_dir: str | None = Field(None, description="offline data folder (default $ACT_DATA_DIR or ../shared/data)")
     tasks: list[str] = Field(..., description="calibration tasks (single-token answers) or suites")
     split: str = Field("train", description="must be 'train': never search heads on the split you report")
@@ -184,6 +187,13 @@ class SearchConfig(BaseModel):
     @classmethod
     def _engine(cls, v: Any) -> Any:
         return engine_args(v, "the search (use the top-level 'model')", SearchConfigError)
+
+    @field_validator("data_parallel", mode="before")
+    @classmethod
+    def _data_parallel(cls, v: Any) -> Any:
+        from act_plugin.vllm.placement import replica_count
+
+        return replica_count(v)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -247,6 +257,9 @@ class SearchConfig(BaseModel):
         if self.validation_per_task == 0:
             raise SearchConfigError("rules: first_token sets are chosen against ACT's on the validation part; "
                                     "validation_per_task must be > 0")
+        if self.data_parallel > 1:
+            raise SearchConfigError("rules: first_token candidates are scored in one process (the data-parallel "
+                                    "replicas score ACT head sets only); set data_parallel: 1 or rules: [act]")
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ results of an interrupted run. The backends that compute them are opened and clo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,13 +49,41 @@ class Evaluator:
         if rec is None:
             t = time.perf_counter()
             lp = be.evaluate(list(heads), first_token=first_token) if first_token else be.evaluate(list(heads))
-            sec = time.perf_counter() - t
-            _, valid = self.calib(part).choice_matrix()
-            _, m = per_sample(lp, self.calib(part).gold, valid)
             cost = be.cost_fraction(list(heads) + list(first_token or {}))
-            rec = self.store.add_set(be.name, part, heads, m.tolist(), sec, cost, first_token)
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + sec
+            rec = self._record(part, heads, lp, time.perf_counter() - t, cost, phase, first_token)
         return np.asarray(rec["margins"], dtype=np.float64)
+
+    def _record(self, part: str, heads, lp: np.ndarray, sec: float, cost: float, phase: str,
+                first_token: dict | None = None) -> dict:
+        """Store the margins of answer log-probabilities ``lp`` (one definition for every backend)."""
+        _, valid = self.calib(part).choice_matrix()
+        _, m = per_sample(lp, self.calib(part).gold, valid)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + sec
+        return self.store.add_set(self.backends[part].name, part, heads, m.tolist(), sec, cost, first_token)
+
+    def prefetch(self, jobs: list[tuple[str, list, str]], progress: Callable[[int], None] | None = None) -> None:
+        """Compute the ``(part, heads, phase)`` evaluations the store lacks side by side, when the
+        backends are data-parallel replicas (:mod:`act_plugin.search.replicas`); each result is
+        stored as it arrives, so an interrupted run keeps it. One backend: nothing here, the
+        evaluations run one by one as :meth:`margins` asks for them. ACT head sets only: the
+        first_token candidates (transformers path) run in the parent process."""
+        pool = getattr(next(iter(self.backends.values()), None), "pool", None)
+        if pool is None:
+            return
+        todo, seen = [], set()
+        for part, heads, phase in jobs:
+            key = (part, tuple(sorted(map(tuple, heads))))
+            if key not in seen and self.store.get_set(self.backends[part].name, part, heads) is None:
+                seen.add(key)
+                todo.append((part, [list(h) for h in key[1]], phase))
+        t = time.perf_counter()
+        for i, lp, sec, cost in pool.evaluate_many([(part, heads) for part, heads, _ in todo]):
+            part, heads, phase = todo[i]
+            self._record(part, heads, lp, sec, cost, phase)
+            if progress:
+                progress(1)
+        if todo:
+            self.seconds["replicas_wall"] = self.seconds.get("replicas_wall", 0.0) + time.perf_counter() - t
 
     def validation_correct(self, heads, phase: str, tasks: list[str] | None = None,
                            first_token: dict | None = None) -> dict[str, np.ndarray]:

@@ -148,6 +148,7 @@ def _search(prep: Prepared, t0: float, progress: bool, quiet: bool, on_candidate
         report = build_report(prep, ranking, ver, comb, ev, time.perf_counter() - t0, backends.threads())
         if rules is not None:
             report["rules"] = rules
+        report["data_parallel"] = prep.cfg.data_parallel  # scoring replicas (results do not depend on it)
     finally:
         close_backends(ev, backends)
     return ranking, comb, report, ver, ft

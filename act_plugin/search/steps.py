@@ -138,6 +138,7 @@ def verify(prep: Prepared, ev: Evaluator, ranking: Ranking, progress: bool,
                     heads.append(h)
                     reasons[h] = "check"
     tasks = prep.data.search.tasks
+    _score_side_by_side(prep, ev, heads, reasons, progress)
     base = ev.margins(SEARCH, [], "baseline")
     val_base = {t: ev.margins(val_part(t), [], "baseline") for t in prep.data.validation}
     singles, gains, task_gains, val_singles = {}, {}, {}, {}
@@ -155,6 +156,23 @@ def verify(prep: Prepared, ev: Evaluator, ranking: Ranking, progress: bool,
                 on_candidate(h, {"gain": gains[h], "per_task": task_gains[h]})
     kept = sorted((h for h in heads if gains[h] > 0), key=lambda h: (-gains[h], h))
     return Verification(base, singles, gains, task_gains, reasons, kept, val_base, val_singles)
+
+
+def _score_side_by_side(prep: Prepared, ev: Evaluator, heads: list[Head], reasons: dict[Head, str],
+                        progress: bool) -> None:
+    """With data-parallel replicas: every evaluation :func:`verify` makes, computed side by
+    side first (the loop below then reads them from the store); one backend: nothing."""
+    from tqdm import tqdm
+
+    parts = list(prep.data.validation)
+    jobs: list[tuple[str, list, str]] = [(SEARCH, [], "baseline")] + [(val_part(t), [], "baseline") for t in parts]
+    for h in heads:
+        jobs.append((SEARCH, [h], "verify" if reasons[h] != "check" else "check"))
+        if prep.cfg.validate_singles:
+            jobs += [(val_part(t), [h], "validate_singles") for t in parts]
+    with tqdm(total=len(jobs), desc=f"exact scores ({prep.exact_backend}, {prep.cfg.data_parallel} replicas)",
+              unit="evaluation", disable=not progress or prep.cfg.data_parallel == 1, dynamic_ncols=True) as bar:
+        ev.prefetch(jobs, bar.update)
 
 
 @dataclass
