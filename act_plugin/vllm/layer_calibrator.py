@@ -233,9 +233,10 @@ class LayerCalibrator:
     def _apply_spans(self, group: SeqGroup, heads: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor,
                      out: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         """A ``spans`` group: each sequence's own emphasised tokens (the plan's ranges)."""
-        if group.span_ranges is None:  # the plan gives every spans group its ranges
+        alpha = group.arm.config.alpha
+        if group.span_ranges is None or alpha is None:  # the plan gives every spans group its ranges
             raise RuntimeError(f"ACT: the step plan's group of spans profile '{group.arm.profile}' has no token ranges")
         spans_paged(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
-                    group.query_lens, heads[0], heads[1], group.span_ranges, alpha=float(group.arm.config.alpha),
+                    group.query_lens, heads[0], heads[1], group.span_ranges, alpha=float(alpha),
                     scale=self.scale, window=self.window, max_query_len=group.max_query_len,
                     max_seq_len=group.max_seq_len)
