@@ -10,8 +10,8 @@ vLLM already keeps on the host, so building the plan copies nothing back from th
 Groups of ``act`` arms go to :attr:`StepPlan.groups` (the ACT kernels); groups of other rules
 (``first_token``, ``spans``) to :attr:`StepPlan.rule_groups`, run by the calibrator after the ACT
 groups and never by the whole-layer decode path. A ``spans`` group also carries each
-sequence's emphasised token ranges (:attr:`SeqGroup.span_ranges`). The sorting costs one test per step while only
-``act`` profiles are in force.
+sequence's emphasised token ranges (:attr:`SeqGroup.span_ranges`). The sorting costs one test
+per step while only ``act`` profiles are in force.
 
 Under Model Runner V2 ``CommonAttentionMetadata.req_idx`` maps batch positions to request
 slots; under the V1 runner batch position ``i`` is persistent-batch row ``i``.
