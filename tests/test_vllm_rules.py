@@ -178,6 +178,12 @@ def test_mixed_batch_with_spans_rows_equals_each_alone(engine, texts):
     assert lps(other) != lps(batched[4])  # same prompt and profile, other spans: another result
 
 
+# What a refused request raises offline: the checks made when a request arrives run as vLLM's
+# validate_params, whose ValueError vLLM re-raises as VLLMValidationError (HTTP 400); the span
+# mapping after tokenization raises ValueError (HTTP 400 as well).
+REFUSED = (ValueError, pytest.importorskip("vllm.exceptions").VLLMValidationError)
+
+
 @pytest.mark.parametrize("prompt_kind, extra, message", [
     ("text", {"act": "emph", "act_spans": [[0, 10_000]]}, "'act_spans': span \\[0, 10000\\]: past the end"),
     ("text", {"act": "emph", "act_spans": [[0, 10], [5, 12]]}, "'act_spans': spans .* overlap"),
@@ -192,7 +198,7 @@ def test_bad_spans_are_refused_and_the_engine_keeps_serving(engine, texts, token
     from vllm.inputs import TokensPrompt
 
     prompt = texts[1] if prompt_kind == "text" else TokensPrompt(prompt_token_ids=token_prompts[1])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(REFUSED, match=message):
         engine.generate([prompt], SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
     [ok] = _generate(engine, [texts[0]], ["emph"], spans=[SPANS[0]], max_tokens=2)
     assert len(ok.token_ids) == 2
@@ -210,7 +216,7 @@ def test_runtime_control_takes_rule_profiles(engine, texts, token_prompts):
         assert [list(o.token_ids) for o in again] == [list(o.token_ids) for o in ref]
         spans_again = _generate(engine, texts[:2], ["e2"] * 2, spans=SPANS[:2])  # a spans profile added at runtime
         assert [list(o.token_ids) for o in spans_again] == [list(o.token_ids) for o in ref_spans]
-        with pytest.raises(ValueError, match="unknown ACT profile 'emph'"):
+        with pytest.raises(REFUSED, match="unknown ACT profile 'emph'"):
             _generate(engine, texts[:1], ["emph"], spans=SPANS[:1])
     finally:
         control.set_act_config(engine, {"profiles": PROFILES, "default": None})
