@@ -144,9 +144,13 @@ def test_renderer_offsets_are_used_when_given(tokenizer):
     (PROMPT, [1, 2, 3], "the prompt's tokens are not its text tokenized"),
 ])
 def test_unmappable_spans_are_refused(tokenizer, prompt, ids, message):
+    from vllm.exceptions import VLLMValidationError
+
     req = _request(tokenizer, PROMPT, [[40, 60]], ids=ids)
-    with pytest.raises(ValueError, match=f"'act_spans'.*{message}"):
+    with pytest.raises(ValueError, match=f"'act_spans'.*{message}") as err:
         attach_token_ranges(req, prompt, tokenizer)
+    # raised after vLLM's own validation: only its validation error becomes an HTTP 400 (not a 500)
+    assert isinstance(err.value, VLLMValidationError) and err.value.parameter == "act_spans"
 
 
 def test_spans_covering_no_token_are_refused(tokenizer):

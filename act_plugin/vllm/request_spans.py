@@ -19,7 +19,9 @@ takes requests:
    spans past the text, or spans that cover no token is refused there.
 3. The workers' routers read the token ranges (:func:`read_token_ranges`) into the request's arm.
 
-Every refusal is a ``ValueError`` naming ``act_spans``: an HTTP 400 for that request alone.
+Every refusal names ``act_spans`` and is an HTTP 400 for that request alone: a ``ValueError``
+in step 1 (vLLM re-raises it as its ``VLLMValidationError``), a :class:`SpanRequestError` (both)
+in step 2.
 """
 
 from __future__ import annotations
@@ -29,15 +31,26 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from vllm.exceptions import VLLMValidationError
+
 from act_plugin.config import ACTEngineConfig
 from act_plugin.span_marks import SpanError, check_spans, spans_to_token_mask, token_ranges
 
-__all__ = ["SPANS_KEY", "TOKEN_RANGES_KEY", "attach_token_ranges", "check_request_spans",
+__all__ = ["SPANS_KEY", "TOKEN_RANGES_KEY", "SpanRequestError", "attach_token_ranges", "check_request_spans",
            "default_needs_spans", "install_span_mapping", "read_request_spans", "read_token_ranges"]
 
 SPANS_KEY: Final = "act_spans"
 # Written by the front end only (a request giving it is refused): the spans as token ranges.
 TOKEN_RANGES_KEY: Final = "_act_span_tokens"
+
+class SpanRequestError(VLLMValidationError, ValueError):
+    """Spans of a request that cannot be mapped to its tokens: vLLM's validation error (HTTP 400
+    naming the parameter; a plain ValueError raised after validation would be an HTTP 500), and a
+    ValueError for offline callers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, parameter=SPANS_KEY)
+
 
 _FORMS = (f"'{SPANS_KEY}' takes character ranges of the prompt: [[start, end], ...] (end exclusive), or flat "
           "[start, end, start, end, ...] (vllm_xargs over HTTP takes flat lists only)")
@@ -99,18 +112,19 @@ def prompt_offsets(tokenizer: Any, text: str, ids: Sequence[int], given: Any = N
     if given is not None and len(given) == len(ids):
         return given
     if tokenizer is None:
-        raise ValueError(f"'{SPANS_KEY}' needs the engine's tokenizer to map character spans to tokens "
-                         "(the engine was started without one)")
+        raise SpanRequestError(f"'{SPANS_KEY}' needs the engine's tokenizer to map character spans to tokens "
+                               "(the engine was started without one)")
     for special in (True, False):
         try:
             enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         except (NotImplementedError, TypeError, ValueError) as e:
-            raise ValueError(f"'{SPANS_KEY}': the tokenizer gives no character offsets ({e}); mapping spans to "
-                             "tokens needs a fast tokenizer") from None
+            raise SpanRequestError(f"'{SPANS_KEY}': the tokenizer gives no character offsets ({e}); mapping spans "
+                                   "to tokens needs a fast tokenizer") from None
         if list(enc["input_ids"]) == list(ids):
             return enc["offset_mapping"]
-    raise ValueError(f"'{SPANS_KEY}': the prompt's tokens are not its text tokenized (truncated, or tokens added "
-                     "around it), so its character spans cannot be mapped to tokens; give the prompt as plain text")
+    raise SpanRequestError(f"'{SPANS_KEY}': the prompt's tokens are not its text tokenized (truncated, or tokens "
+                           "added around it), so its character spans cannot be mapped to tokens; give the prompt as "
+                           "plain text")
 
 
 def attach_token_ranges(request: Any, prompt: Any, tokenizer: Any) -> None:
@@ -121,14 +135,14 @@ def attach_token_ranges(request: Any, prompt: Any, tokenizer: Any) -> None:
     text = _prompt_text(prompt)
     ids = request.prompt_token_ids
     if text is None or ids is None:
-        raise ValueError(f"'{SPANS_KEY}' are character ranges of the prompt's text, and this request has no prompt "
-                         "text (only token ids or embeddings); give the prompt as text")
+        raise SpanRequestError(f"'{SPANS_KEY}' are character ranges of the prompt's text, and this request has no "
+                               "prompt text (only token ids or embeddings); give the prompt as text")
     offsets = prompt_offsets(tokenizer, text, ids, prompt.get("prompt_token_offsets")
                              if isinstance(prompt, Mapping) else None)
     try:
         mask = spans_to_token_mask(offsets, read_request_spans(extra[SPANS_KEY]), len(text))
-    except SpanError as e:
-        raise ValueError(f"'{SPANS_KEY}': {e}") from None
+    except ValueError as e:  # SpanError, or a form the arrival check let through
+        raise SpanRequestError(str(e) if str(e).startswith(f"'{SPANS_KEY}'") else f"'{SPANS_KEY}': {e}") from None
     extra[TOKEN_RANGES_KEY] = token_ranges(mask)
     params.extra_args = extra  # the request's own copy: the caller's params stay as given
 
