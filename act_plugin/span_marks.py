@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SpanError", "check_spans", "emphasis_by_position", "emphasis_from_spans", "spans_to_token_mask"]
+__all__ = ["SpanError", "check_spans", "emphasis_by_position", "emphasis_from_spans", "spans_to_token_mask",
+           "token_ranges"]
 
 
 class SpanError(ValueError):
@@ -60,6 +61,20 @@ def spans_to_token_mask(offsets: Sequence[Sequence[int]], spans: Any, text_len: 
         if not hit:
             raise SpanError(f"span [{start}, {end}] covers no token of the prompt")
     return mask
+
+
+def token_ranges(mask: Sequence[bool]) -> list[list[int]]:
+    """A token mask as its runs of emphasised tokens, half-open ``[[start, end], ...]`` (the
+    compact form the vLLM front end hands the workers)."""
+    out: list[list[int]] = []
+    for i, marked in enumerate(mask):
+        if not marked:
+            continue
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
 
 
 def emphasis_by_position(masks: Sequence[Sequence[bool]], device: torch.device | str = "cpu") -> torch.Tensor:

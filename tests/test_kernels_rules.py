@@ -140,17 +140,21 @@ def test_calibrator_runs_act_and_first_token_groups_side_by_side(query_lens):
     assert not torch.equal(out[r1], p.output[r1])
 
 
-def test_engine_refuses_spans_profiles():
+def test_engine_serves_every_rule(monkeypatch):
+    """Every rule of the configuration is served by the engine (spans included); a rule missing
+    from ENGINE_RULES is refused at start and by runtime control, naming the profile."""
     from act_plugin.config import ACTConfigError, ACTEngineConfig
+    from act_plugin.vllm import rule_support
     from act_plugin.vllm.config_source import read_engine_settings
     from act_plugin.vllm.worker_state import WorkerState
 
     spans = {"profiles": {"emph": {"rule": "spans", "heads": "1:*"}}, "default": None}
-    with pytest.raises(ACTConfigError, match="profile 'emph' uses rule 'spans'.*HF path only"):
-        read_engine_settings({"act": spans})
-    with pytest.raises(ACTConfigError, match="runtime control: profile 'emph' uses rule 'spans'"):
+    read_engine_settings({"act": spans})
+    WorkerState().check(ACTEngineConfig.from_any(spans))
+    read_engine_settings({"act": {"rule": "first_token", "scale": 2, "heads": "1:*"}})
+    monkeypatch.setattr(rule_support, "ENGINE_RULES", ("act", "first_token"))
+    with pytest.raises(ACTConfigError, match="runtime control: profile 'emph' uses rule 'spans', which the vLLM"):
         WorkerState().check(ACTEngineConfig.from_any(spans))
-    read_engine_settings({"act": {"rule": "first_token", "scale": 2, "heads": "1:*"}})  # served
 
 
 def test_step_plan_sorts_rule_arms_apart():

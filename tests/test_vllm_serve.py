@@ -22,7 +22,9 @@ from act_plugin.vllm.env import apply_cpu_defaults, cpu_engine_kwargs
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")
 
-ACT = {"profiles": {"a": {"beta": 0.4, "heads": "2-27:0,4"}}, "default": "a"}
+ACT = {"profiles": {"a": {"beta": 0.4, "heads": "2-27:0,4"},
+                    "emph": {"rule": "spans", "alpha": 0.01, "heads": "8-15:*"}}, "default": "a"}
+SPAN_PROMPT, SPANS = 1, [[8, 30], [41, 50]]  # character spans of PROMPTS[1]
 MAX_TOKENS = 12
 PROMPTS = [
     "The capital of France is",
@@ -68,6 +70,8 @@ def offline_reference(smollm2_path):
         sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=xargs or {})
         outs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], sp, use_tqdm=False)
         ref[arm] = [o.outputs[0].text for o in outs]
+    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args={"act": "emph", "act_spans": SPANS})
+    ref["emph"] = [llm.generate([PROMPTS[SPAN_PROMPT]], sp, use_tqdm=False)[0].outputs[0].text]
     llm.llm_engine.engine_core.shutdown()
     del llm
     assert ref["a"] != ref["off"], "calibration changed nothing: the reference is useless"
@@ -187,3 +191,28 @@ def test_beam_search_with_an_arm_is_refused(server, offline_reference):
     assert "not supported with use_beam_search" in json.dumps(body)
     status, body = _complete(base, model, ids[0], None, use_beam_search=True, n=2, max_tokens=4)
     assert status == 200, body
+
+
+def test_spans_over_http(server, offline_reference):
+    """A spans request in vllm_xargs (flat: vLLM's request schema takes flat lists only) gives
+    the offline engine's output; spans that cannot be mapped, a token-id prompt with spans and
+    the private token-range key are a 400 for that request, and the server keeps serving."""
+    base, model = server
+    ids, ref = offline_reference
+    text = PROMPTS[SPAN_PROMPT]
+    flat = [x for span in SPANS for x in span]
+    status, body = _complete(base, model, text, {"act": "emph", "act_spans": flat})
+    assert status == 200, body
+    assert body["choices"][0]["text"] == ref["emph"][0]
+    for prompt, xargs, message in (
+        (text, {"act": "emph", "act_spans": [0, 999]}, "'act_spans': span [0, 999]: past the end of the prompt"),
+        (text, {"act": "emph", "act_spans": [0, 9, 40]}, "odd number of offsets"),
+        (ids[SPAN_PROMPT], {"act": "emph", "act_spans": flat}, "has no prompt text"),
+        (text, {"act": "emph", "act_spans": flat, "_act_span_tokens": [0, 3]}, "a request cannot give it"),
+        (text, {"act": "emph"}, "the request must mark the spans of its prompt"),
+    ):
+        status, body = _complete(base, model, prompt, xargs)
+        assert status == 400, (xargs, body)
+        assert message in json.dumps(body), (xargs, body)
+    status, body = _complete(base, model, ids[0], ARMS["a"])
+    assert status == 200 and body["choices"][0]["text"] == ref["a"][0]

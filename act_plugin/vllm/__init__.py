@@ -91,6 +91,7 @@ def _install_beam_search_guard() -> None:
     running their beams on the engine's default arm."""
     import sys
 
+    from act_plugin.vllm.request_spans import SPANS_KEY
 
     targets = []
     for mod, cls in (
@@ -109,9 +110,10 @@ def _install_beam_search_guard() -> None:
 
         def to_beam_search_params(self, *args, _original=original, **kwargs):
             xargs = getattr(self, "vllm_xargs", None) or {}
-            if REQUEST_KEY in xargs:
+            given = [k for k in (REQUEST_KEY, SPANS_KEY) if k in xargs]
+            if given:
                 raise ValueError(
-                    f"'{REQUEST_KEY}' in vllm_xargs is not supported with use_beam_search: vLLM's beam search "
+                    f"'{given[0]}' in vllm_xargs is not supported with use_beam_search: vLLM's beam search "
                     "re-issues the request without its vllm_xargs, so the beams would run the engine's default "
                     "ACT arm instead. Drop use_beam_search, or drop the 'act' value to use the default arm."
                 )

@@ -21,6 +21,7 @@ from act_plugin.vllm.backend_registry import BACKEND_HINT, wrapped_backend_names
 from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY, act_explicitly_off, read_engine_settings
 from act_plugin.vllm.frontend_state import frontend_state
 from act_plugin.vllm.layer_support import ACTEngineError
+from act_plugin.vllm.request_spans import install_span_mapping
 from act_plugin.vllm.router import V1_ROUTER_FQCN, V2_ROUTER_FQCN
 
 logger = logging.getLogger("act_plugin")
@@ -68,6 +69,7 @@ def apply_engine_settings(vllm_config: Any) -> ACTEngineConfig | None:
     changed += _one_call_prefill(vllm_config)
     changed += _limit_cuda_graphs(vllm_config, engine_cfg)
     runner = _install_router(vllm_config)
+    install_span_mapping()  # before the engine builds its input processor
     _install_worker_extension(vllm_config.parallel_config)
     _note_ray(vllm_config.parallel_config)
 

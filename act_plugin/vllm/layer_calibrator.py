@@ -15,9 +15,10 @@ computes every head of the layer in one pass over the cache with ACT on the conf
 a second time. The uncalibrated heads of such a layer then equal the native result within
 float rounding, not bit for bit; rows of ACT-off requests never take this path.
 
-Arms of the ``first_token`` rule (the plan's ``rule_groups``) run after the ACT groups, on
-the native output (:func:`act_plugin.kernels.first_token.first_token_paged`); a decode step
-with any such row declines the whole-layer path (native kernel, then :meth:`apply`).
+Arms of the ``first_token`` and ``spans`` rules (the plan's ``rule_groups``) run after the ACT
+groups, on the native output (:func:`act_plugin.kernels.first_token.first_token_paged`,
+:func:`act_plugin.kernels.spans.spans_paged`); a decode step with any such row declines the
+whole-layer path (native kernel, then :meth:`apply`).
 
 Inside a FULL CUDA graph of a decode step (Python runs only at capture) the layer runs the
 native kernel and then :meth:`decode_in_graph`: the per-row decode kernel on the device
@@ -44,8 +45,9 @@ from act_plugin.kernels import (
 )
 from act_plugin.kernels.cache_layout import KVSplit
 from act_plugin.kernels.first_token import first_token_paged
+from act_plugin.kernels.spans import spans_paged
 from act_plugin.vllm.graph_plan import GRAPH_ATTR, GraphTables
-from act_plugin.vllm.plan import PLAN_ATTR, StepPlan
+from act_plugin.vllm.plan import PLAN_ATTR, SeqGroup, StepPlan
 from act_plugin.vllm.profiling import timer
 from act_plugin.vllm.worker_state import Arm
 
@@ -280,6 +282,9 @@ class LayerCalibrator:
             heads = self._heads_of(arm, layer, query.device)
             if heads is None:
                 continue
+            if arm.rule == "spans":
+                self._apply_spans(group, heads, query, out, key_cache, value_cache)
+                continue
             if arm.rule != "first_token":  # refused at start and by runtime control (rule_support)
                 raise RuntimeError(f"ACT: rule '{arm.rule}' of profile '{arm.profile}' is not served by the engine")
             gammas = self._gammas.get(arm.hash)
@@ -291,3 +296,14 @@ class LayerCalibrator:
                               group.query_start, group.query_lens, heads[0], heads[1], gammas, scale=self.scale,
                               window=self.window, max_query_len=group.max_query_len,
                               max_seq_len=group.max_seq_len)
+
+    def _apply_spans(self, group: SeqGroup, heads: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor,
+                     out: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+        """A ``spans`` group: each sequence's own emphasised tokens (the plan's ranges)."""
+        alpha = group.arm.config.alpha
+        if group.span_ranges is None or alpha is None:  # the plan gives every spans group its ranges
+            raise RuntimeError(f"ACT: the step plan's group of spans profile '{group.arm.profile}' has no token ranges")
+        spans_paged(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
+                    group.query_lens, heads[0], heads[1], group.span_ranges, alpha=float(alpha),
+                    scale=self.scale, window=self.window, max_query_len=group.max_query_len,
+                    max_seq_len=group.max_seq_len)

@@ -8,9 +8,10 @@ reads on the host (query offsets, sequence lengths, the batch position -> reques
 vLLM already keeps on the host, so building the plan copies nothing back from the device.
 
 Groups of ``act`` arms go to :attr:`StepPlan.groups` (the ACT kernels); groups of other rules
-(``first_token``) to :attr:`StepPlan.rule_groups`, run by the calibrator after the ACT groups
-and never by the whole-layer decode path. The sorting costs one test per step while only
-``act`` profiles are in force.
+(``first_token``, ``spans``) to :attr:`StepPlan.rule_groups`, run by the calibrator after the ACT
+groups and never by the whole-layer decode path. A ``spans`` group also carries each
+sequence's emphasised token ranges (:attr:`SeqGroup.span_ranges`). The sorting costs one test
+per step while only ``act`` profiles are in force.
 
 Under Model Runner V2 ``CommonAttentionMetadata.req_idx`` maps batch positions to request
 slots; under the V1 runner batch position ``i`` is persistent-batch row ``i``.
@@ -59,6 +60,9 @@ class SeqGroup:
     query_lens: torch.Tensor  # [G] rows of each sequence in this step
     max_query_len: int
     max_seq_len: int
+    # ``spans`` groups: each sequence's emphasised token ranges, ``[G, R, 2]`` int64 padded
+    # with ``(0, 0)`` (:func:`attach_span_ranges`); None for other rules.
+    span_ranges: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,16 +128,33 @@ def build_step_plan(
     budget = max_transient_bytes()
     bytes_per_key = 2 * max(1, max_heads) * head_size * 4  # gathered K and V, float32
     on_host = device.type == "cpu"
+    chunks = [(arm, chunk) for arm, positions in by_key.values()
+              for chunk in _chunks(positions, seq_lens, bytes_per_key, budget)]
     groups = [
         _group(arm, chunk, common.block_table_tensor, seq_lens, q_lens_np, qsl, device, on_host)
-        for arm, positions in by_key.values()
-        for chunk in _chunks(positions, seq_lens, bytes_per_key, budget)
+        for arm, chunk in chunks
     ]
     covered = sum(len(positions) for _, positions in by_key.values())
     if state.other_rules_in_force():
+        attach_span_ranges(groups, [chunk for _, chunk in chunks], arms, slots, device, on_host)
         return StepPlan(groups=[g for g in groups if g.arm.rule == "act"], covers_step=covered == num_reqs,
                         rule_groups=[g for g in groups if g.arm.rule != "act"])
     return StepPlan(groups=groups, covers_step=covered == num_reqs)
+
+
+def attach_span_ranges(groups: list[SeqGroup], chunks: list[list[int]], arms: dict[int, Arm], slots,
+                       device: torch.device, on_host: bool) -> None:
+    """Give each ``spans`` group its sequences' token ranges (``chunks[i]``: the batch
+    positions of ``groups[i]``): every request of a spans profile emphasises its own tokens."""
+    for group, chunk in zip(groups, chunks):
+        if group.arm.rule != "spans":
+            continue
+        per_seq = [arms[slots[pos]].token_ranges for pos in chunk]
+        table = np.zeros((len(per_seq), max(1, max(len(r) for r in per_seq)), 2), dtype=np.int64)
+        for i, ranges in enumerate(per_seq):
+            if ranges:
+                table[i, : len(ranges)] = ranges
+        group.span_ranges = _to(table, device, on_host)
 
 
 def _slots(common, num_reqs: int):

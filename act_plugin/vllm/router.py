@@ -19,6 +19,7 @@ they never touch logits.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -29,7 +30,16 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 from act_plugin.config import ACTConfigError
 from act_plugin.config.vocabulary import NO_REQUEST_VALUE, REQUEST_KEY
 from act_plugin.vllm.frontend_state import frontend_state
-from act_plugin.vllm.worker_state import worker_state
+from act_plugin.vllm.request_spans import (
+    SPANS_KEY,
+    check_request_spans,
+    default_needs_spans,
+    read_token_ranges,
+    refuse_private_keys,
+)
+from act_plugin.vllm.worker_state import Arm, worker_state
+
+logger = logging.getLogger("act_plugin")
 
 
 def request_value(params: Any) -> Any:
@@ -40,19 +50,42 @@ def request_value(params: Any) -> Any:
 
 def validate_request(sampling_params: Any) -> None:
     """Front-end check of a request's ``act`` value (ValueError -> HTTP 400 for that request),
-    read by the vocabulary (:mod:`act_plugin.config.vocabulary`, surface ``REQUEST``)."""
-    value = request_value(sampling_params)
-    if isinstance(value, str) and value == NO_REQUEST_VALUE:
-        return
+    read by the vocabulary (:mod:`act_plugin.config.vocabulary`, surface ``REQUEST``), and of
+    its ``act_spans`` (:mod:`act_plugin.vllm.request_spans`; mapped to tokens later, once the
+    prompt is tokenized)."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    refuse_private_keys(extra)
+    value = extra.get(REQUEST_KEY, NO_REQUEST_VALUE)
     cfg = frontend_state.engine_cfg
+    unset = isinstance(value, str) and value == NO_REQUEST_VALUE
+    if unset and SPANS_KEY not in extra and not default_needs_spans(cfg):
+        return
     if cfg is None:
         why = "ACT is explicitly off on this engine" if frontend_state.explicitly_off else (
             "this engine was started without an ACT configuration")
-        raise ValueError(f"{why}; the request value act={value!r} is not accepted")
+        given = f"'{SPANS_KEY}'" if unset else f"the request value act={value!r}"
+        raise ValueError(f"{why}; {given} is not accepted")
     try:
-        cfg.resolve_request(value)
+        profile = cfg.resolve_request(value)
     except ACTConfigError as e:
         raise ValueError(str(e)) from None
+    check_request_spans(extra, cfg, profile)
+
+
+def request_arm(params: Any) -> Arm | None:
+    """The arm of a request being admitted to this worker; a ``spans`` arm carries the token
+    ranges the front end attached."""
+    arm = worker_state.resolve_arm(request_value(params))
+    if arm is None or arm.rule != "spans":
+        return arm
+    ranges = read_token_ranges(params)
+    if not ranges:
+        # The front end refuses a spans request without spans, so this is a profile switch
+        # racing the admission (or a request built around the front end): nothing to emphasise.
+        logger.warning("act-plugin: request of 'spans' profile %r arrived without token ranges; running it "
+                       "uncalibrated", arm.profile)
+        return None
+    return arm.with_token_ranges(ranges)
 
 
 class ACTRequestRouter(V1LogitsProcessor):
@@ -85,7 +118,7 @@ class ACTRequestRouter(V1LogitsProcessor):
             arms.pop(index, None)
             readmitted.pop(index, None)
         for index, params, prompt_tok_ids, output_tok_ids in batch_update.added:
-            arm = worker_state.resolve_arm(request_value(params))
+            arm = request_arm(params)
             readmitted.pop(index, None)
             if arm is None:
                 arms.pop(index, None)
@@ -123,7 +156,7 @@ class ACTRequestRouterV2(V2LogitsProcessor):
         self.req_states = req_states
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
-        arm = worker_state.resolve_arm(request_value(sampling_params))
+        arm = request_arm(sampling_params)
         worker_state.note_admitted(arm, resumed=self._resumed(req_idx))
         # Slots are recycled: overwrite whatever the previous occupant left.
         if arm is None:

@@ -42,10 +42,17 @@ class Arm:
     # calibrated layer key on it, and hashing the settings costs tens of microseconds.
     hash: str = field(init=False, compare=False)
     rule: str = field(init=False, compare=False)  # the profile's rule, read once at admission
+    # ``spans`` arms: the request's emphasised prompt tokens, half-open ``(start, end)`` ranges
+    # of token positions (the front end mapped them from its character spans).
+    token_ranges: tuple[tuple[int, int], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hash", self.config.hash)
         object.__setattr__(self, "rule", self.config.rule)
+
+    def with_token_ranges(self, ranges: tuple[tuple[int, int], ...]) -> "Arm":
+        """This arm for one request of a ``spans`` profile, with its emphasised tokens."""
+        return Arm(self.profile, self.config, token_ranges=ranges)
 
 
 @dataclass(frozen=True)
