@@ -293,3 +293,15 @@ def test_cli_check_prints_what_a_per_task_arm_calibrates(tmp_path: Path, capsys,
     assert main(["eval", str(tmp_path / "exp.yaml"), "--check", "--data-dir", str(shared_data)]) == 0
     out = capsys.readouterr().out
     assert "arm 'per_task': UNCALIBRATED (no profile) on cb" in out and "dbpedia" in out and ": OK" in out
+
+
+def test_a_spans_arm_is_refused_before_any_engine_starts():
+    """The eval passes no per-document spans: a spans arm (plain or per task) is refused by
+    name; first_token arms are accepted."""
+    spans = {"rule": "spans", "alpha": 0.01, "heads": {"2": [0]}}
+    with pytest.raises(ACTConfigError, match=r"arm 'emph' uses the 'spans' rule.*act_spans"):
+        cfg(arms={"baseline": None, "emph": spans})
+    with pytest.raises(ACTConfigError, match=r"arm 'pt' \(task 'sst2'\) uses the 'spans' rule"):
+        cfg(tasks=["sst2"], arms={"baseline": None, "pt": {"profiles": {"sst2": spans}}})
+    ok = cfg(arms={"baseline": None, "zt": {"rule": "first_token", "scale": 1.5, "heads": {"2": [0]}}})
+    assert "zt" in ok.calibrated_arms

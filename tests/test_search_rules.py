@@ -33,7 +33,7 @@ PRE_RULES_KEYS = {"name", "model", "engine", "data_dir", "tasks", "split", "samp
 def test_default_rules_record_the_config_as_before():
     cfg = load_search_config(BASE)
     assert cfg.rules == ["act"]
-    assert set(cfg.to_dict()) == PRE_RULES_KEYS
+    assert set(cfg.to_dict()) == PRE_RULES_KEYS | {"data_parallel"}  # data_parallel: recorded, not hashed
     both = load_search_config({**BASE, **RULES, "first_token": {"gammas": [2.0]}})
     assert both.to_dict()["rules"] == ["act", "first_token"] and both.to_dict()["first_token"]["gammas"] == [2.0]
 

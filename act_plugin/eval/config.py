@@ -151,6 +151,7 @@ class EvalConfig(BaseModel):
         if BASELINE in self.controls:
             raise ACTConfigError("'baseline' is the reference, not a control arm: remove it from the controls")
         for name, act in self.calibrated_arms.items():
+            _refuse_spans_arm(name, act)
             if isinstance(act, PerTaskArm):
                 self._check_per_task(name, act)
             elif act.is_identity and name not in self.controls:
@@ -393,3 +394,18 @@ def load_eval_config(source: str | Path | Mapping[str, Any], **overrides: Any) -
         raise ACTConfigError(f"{where}: {e}") from None
     except ValidationError as e:
         raise ACTConfigError(f"{where}: {explain_validation(e, EvalConfig, 'eval config')}") from None
+
+
+def _refuse_spans_arm(name: str, act: ACTConfig | PerTaskArm) -> None:
+    """The eval sends each document's prompt with the arm's profile name only: a ``spans``
+    profile needs the document's spans with every request (``act_spans``), which the eval does
+    not pass yet, so the engine would refuse every request. Refused here, before any engine starts."""
+    profiles = act.profiles.items() if isinstance(act, PerTaskArm) else [(None, act)]
+    for task, prof in profiles:
+        if prof.rule == "spans":
+            where = f"arm '{name}'" + (f" (task '{task}')" if task is not None else "")
+            raise ACTConfigError(
+                f"{where} uses the 'spans' rule, which needs each document's spans (act_spans) with its request; "
+                f"the eval does not pass them yet. Evaluate spans on the transformers path (act_plugin.hf, "
+                f"ACTHandle.set_emphasis), or give the arm an 'act' or 'first_token' profile"
+            )

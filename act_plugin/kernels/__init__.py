@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -36,6 +36,7 @@ from act_plugin.kernels import cpu
 from act_plugin.kernels.cpu import BLOCK_ELEMS as _CPU_BLOCK_ELEMS
 from act_plugin.kernels.cpu import RECOMPUTE_BELOW as _CPU_CUT
 from act_plugin.kernels.reference import calibrate_paged_reference
+from act_plugin.kernels.row_arms import RowArms
 
 __all__ = [
     "DecodeAttention", "DecodeRows", "PagedKernel", "RowArms", "bind_decode_attention", "bind_decode_rows",
@@ -236,17 +237,6 @@ def bind_decode_attention(
            window or 0, max_seq_len)
 
     return run_decode
-
-
-class RowArms(NamedTuple):
-    """Per-row mode (CUDA graphs): each row's arm is read on the device from persistent
-    tables, so one captured launch serves any batch of arms (``heads``/``beta``/``threshold``
-    are then unused)."""
-
-    row_arm: torch.Tensor  # int32 [>= G]: each row's arm slot, -1 for a row that runs no arm
-    beta: torch.Tensor  # float32 [A]: each arm's beta
-    tau: torch.Tensor  # float32 [A]: each arm's threshold
-    head_flags: torch.Tensor  # [A, H] integers, unit head stride: the heads each arm calibrates in this layer
 
 
 # A bound per-row decode kernel: (query, output, key_cache, value_cache, block_table,

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from act_plugin.core import NONSINK_EPS
-from act_plugin.kernels import RowArms
+from act_plugin.kernels.row_arms import RowArms
 from act_plugin.kernels.triton_decode_tiles import (  # noqa: F401 (re-exported: kernels share them)
     _exact_row,
     _global_lse,
