@@ -47,18 +47,3 @@ def shared_data() -> Path:
             pytest.fail(f"{message}; {REQUIRE_DATA_ENV} is set, so the data-dependent tests may not skip")
         pytest.skip(message)
     return path
-
-
-# Engine tests too long for CI's budget on 2 cores (a TP=2 x PP=2 engine on four ranks, a
-# data-parallel engine search): marked ``heavy``, run only where this is set (and run by hand
-# before the results they check are claimed; the README's scale-out section says when).
-RUN_HEAVY_ENV = "ACT_RUN_HEAVY"
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get(RUN_HEAVY_ENV, "") not in ("", "0"):
-        return
-    skip = pytest.mark.skip(reason=f"heavy engine test (minutes on 2 cores): set {RUN_HEAVY_ENV}=1 to run it")
-    for item in items:
-        if "heavy" in item.keywords:
-            item.add_marker(skip)

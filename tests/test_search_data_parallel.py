@@ -123,7 +123,6 @@ def test_two_transformers_replicas_equal_one_including_a_resumed_run(tmp_path, s
 
 @pytest.mark.engine
 @pytest.mark.slow
-@pytest.mark.heavy
 @pytest.mark.timeout(1800)
 def test_two_engine_replicas_equal_one_including_a_resumed_run(tmp_path, shared_data, monkeypatch):
     """Method exact in vLLM: one engine per replica (a core and 1 GiB of KV cache each), each

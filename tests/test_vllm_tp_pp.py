@@ -25,7 +25,7 @@ from test_vllm_pp import ACT, _tiny_model
 
 vllm = pytest.importorskip("vllm")
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.heavy]
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 # test_vllm_pp's script (its receive-buffer workaround included), with TP and the refused change
 _RUN = _PP_RUN.replace(
