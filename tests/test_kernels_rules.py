@@ -8,7 +8,7 @@ import torch
 
 from act_plugin.kernels.first_token import first_token_paged
 from act_plugin.kernels.testing import LAYOUTS, make_problem
-from act_plugin.rules import FirstTokenRule, rule_attention_dense
+from act_plugin.kernels.testing import expected_first_token as expected
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -19,20 +19,6 @@ SCENARIOS = {
     "window": ([60, 45, 20], [60, 1, 7], 9),  # key 0 leaves the window: those rows stay native
     "padded_group": ([40, 1, 66, 1], [1, 0, 12, 0], None),
 }
-
-
-def expected(p, gammas: torch.Tensor) -> torch.Tensor:
-    out = p.output.to(torch.float32).clone()
-    for g, (k, v) in enumerate(zip(p.keys, p.values)):
-        L, ql, q0 = int(p.seq_lens[g]), int(p.query_lens[g]), int(p.query_start[g])
-        if ql == 0:
-            continue
-        q = p.query[q0 : q0 + ql].index_select(1, p.heads).permute(1, 0, 2)[None]
-        res = rule_attention_dense(q, k.index_select(0, p.kv_heads)[None], v.index_select(0, p.kv_heads)[None],
-                                   torch.arange(L - ql, L)[None], torch.arange(L)[None], FirstTokenRule(scale=gammas),
-                                   scale=p.scale, window=p.window)
-        out[q0 : q0 + ql, p.heads] = res.out[0].permute(1, 0, 2)
-    return out
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

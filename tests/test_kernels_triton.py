@@ -27,7 +27,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from act_plugin.kernels.testing import LAYOUTS, make_problem  # noqa: E402
+from act_plugin.kernels.testing import LAYOUTS, make_problem, native_lse  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 case = pytest.mark.skipif(not INTERPRETED,
@@ -121,33 +121,13 @@ def test_triton_prefill_sparse_correction_alone(tp):
     _check(p, _run(tp, p, 0.4, 0.1, recompute_below=0.0), 0.4, 0.1, torch.float32)
 
 
-def _native_lse(p) -> torch.Tensor:
-    """``[T, H]`` float32 natural-log row log-sum-exp of the problem's rows (what FLASH_ATTN
-    returns, transposed), from the dense keys; -inf where unused."""
-    T, H, _ = p.query.shape
-    lse = torch.full((T, H), float("-inf"))
-    for g, k in enumerate(p.keys):
-        L, ql, q0 = int(p.seq_lens[g]), int(p.query_lens[g]), int(p.query_start[g])
-        if ql == 0:
-            continue
-        kf = k.to(torch.float32).repeat_interleave(H // k.shape[0], 0)  # [H, L, D]
-        s = torch.einsum("qhd,hkd->qhk", p.query[q0 : q0 + ql].to(torch.float32), kf) * p.scale
-        qp = torch.arange(L - ql, L)[:, None]
-        kp = torch.arange(L)[None]
-        vis = kp <= qp
-        if p.window is not None:
-            vis &= kp > qp - p.window
-        lse[q0 : q0 + ql] = torch.logsumexp(s.masked_fill(~vis[:, None], float("-inf")), -1)
-    return lse
-
-
 @case
 @pytest.mark.parametrize("form", ["token_major", "head_major", "base2"])
 def test_triton_prefill_with_the_native_lse(tp, form):
     """The backend's LSE replaces the kernel's own pass: [T, H], FLASH_ATTN's [H, T] passed
     transposed, and base 2 (FLASHINFER); the result is the same."""
     p = make_problem([60, 45, 90], [60, 1, 40], window=30, sink_strength=1.5, seed=13)
-    lse = _native_lse(p)
+    lse = native_lse(p)
     if form == "head_major":
         lse = lse.t().contiguous().t()
     base2 = form == "base2"
@@ -193,7 +173,7 @@ def test_triton_launches_make_no_host_sync(tp, monkeypatch):
         return f
 
     p = make_problem([40, 9], [40, 1], seed=2)
-    lse = _native_lse(p)
+    lse = native_lse(p)
     ops = []
 
     class Ops(torch.utils._python_dispatch.TorchDispatchMode):

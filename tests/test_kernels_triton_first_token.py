@@ -19,8 +19,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from act_plugin.kernels.testing import LAYOUTS, make_problem  # noqa: E402
-from act_plugin.rules import FirstTokenRule, rule_attention_dense  # noqa: E402
+from act_plugin.kernels.testing import LAYOUTS, make_problem, native_lse  # noqa: E402,F401 (native_lse: test_kernels_cuda)
+from act_plugin.kernels.testing import expected_first_token as reference  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 case = pytest.mark.skipif(not INTERPRETED,
@@ -60,42 +60,6 @@ def ft():
 
     assert isinstance(mod._first_token_kernel, InterpretedFunction)
     return mod
-
-
-def reference(p, gammas: torch.Tensor) -> torch.Tensor:
-    """float32 ``[T, H, D]``: the native output with the calibrated heads' rows replaced by
-    the dense rule on the problem's dense keys and values."""
-    out = p.output.to(torch.float32).clone()
-    for g, (k, v) in enumerate(zip(p.keys, p.values)):
-        L, ql, q0 = int(p.seq_lens[g]), int(p.query_lens[g]), int(p.query_start[g])
-        if ql == 0:
-            continue
-        q = p.query[q0 : q0 + ql].index_select(1, p.heads).permute(1, 0, 2)[None]
-        res = rule_attention_dense(q, k.index_select(0, p.kv_heads)[None], v.index_select(0, p.kv_heads)[None],
-                                   torch.arange(L - ql, L)[None], torch.arange(L)[None], FirstTokenRule(scale=gammas),
-                                   scale=p.scale, window=p.window)
-        out[q0 : q0 + ql, p.heads] = res.out[0].permute(1, 0, 2)
-    return out
-
-
-def native_lse(p) -> torch.Tensor:
-    """``[T, H]`` float32 natural-log row log-sum-exp of the problem's rows (what FLASH_ATTN
-    returns, transposed), from the dense keys; -inf where unused."""
-    T, H, _ = p.query.shape
-    lse = torch.full((T, H), float("-inf"))
-    for g, k in enumerate(p.keys):
-        L, ql, q0 = int(p.seq_lens[g]), int(p.query_lens[g]), int(p.query_start[g])
-        if ql == 0:
-            continue
-        kf = k.to(torch.float32).repeat_interleave(H // k.shape[0], 0)  # [H, L, D]
-        s = torch.einsum("qhd,hkd->qhk", p.query[q0 : q0 + ql].to(torch.float32), kf) * p.scale
-        qp = torch.arange(L - ql, L)[:, None]
-        kp = torch.arange(L)[None]
-        vis = kp <= qp
-        if p.window is not None:
-            vis &= kp > qp - p.window
-        lse[q0 : q0 + ql] = torch.logsumexp(s.masked_fill(~vis[:, None], float("-inf")), -1)
-    return lse
 
 
 def _run(ft, p, gammas, **extra) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from act_plugin.core import act_attention_blocked, act_attention_dense
 from act_plugin.kernels.cache_layout import cpu_attn_split, flash_attn_split
+from act_plugin.rules import FirstTokenRule, rule_attention_dense
 
 LAYOUTS = ("cpu_attn", "flash_attn")
 
@@ -226,3 +227,39 @@ def problem_to(p: PagedProblem, device: str | torch.device) -> PagedProblem:
         max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, scale=p.scale, window=p.window,
         keys=p.keys, values=p.values, raw_cache=raw,
     )
+
+
+def expected_first_token(p: PagedProblem, gammas: torch.Tensor) -> torch.Tensor:
+    """float32 ``[T, H, D]``: the native output with the calibrated heads' rows replaced by the
+    dense first_token rule (gamma per calibrated head) on the problem's dense keys and values."""
+    out = p.output.to(torch.float32).clone()
+    for g, (k, v) in enumerate(zip(p.keys, p.values)):
+        L, ql, q0 = int(p.seq_lens[g]), int(p.query_lens[g]), int(p.query_start[g])
+        if ql == 0:
+            continue
+        q = p.query[q0 : q0 + ql].index_select(1, p.heads).permute(1, 0, 2)[None]
+        res = rule_attention_dense(q, k.index_select(0, p.kv_heads)[None], v.index_select(0, p.kv_heads)[None],
+                                   torch.arange(L - ql, L)[None], torch.arange(L)[None], FirstTokenRule(scale=gammas),
+                                   scale=p.scale, window=p.window)
+        out[q0 : q0 + ql, p.heads] = res.out[0].permute(1, 0, 2)
+    return out
+
+
+def native_lse(p: PagedProblem) -> torch.Tensor:
+    """``[T, H]`` float32 natural-log row log-sum-exp of the problem's rows (what FLASH_ATTN
+    returns, transposed), from the dense keys; -inf where unused."""
+    T, H, _ = p.query.shape
+    lse = torch.full((T, H), float("-inf"))
+    for g, k in enumerate(p.keys):
+        L, ql, q0 = int(p.seq_lens[g]), int(p.query_lens[g]), int(p.query_start[g])
+        if ql == 0:
+            continue
+        kf = k.to(torch.float32).repeat_interleave(H // k.shape[0], 0)  # [H, L, D]
+        s = torch.einsum("qhd,hkd->qhk", p.query[q0 : q0 + ql].to(torch.float32), kf) * p.scale
+        qp = torch.arange(L - ql, L)[:, None]
+        kp = torch.arange(L)[None]
+        vis = kp <= qp
+        if p.window is not None:
+            vis &= kp > qp - p.window
+        lse[q0 : q0 + ql] = torch.logsumexp(s.masked_fill(~vis[:, None], float("-inf")), -1)
+    return lse
