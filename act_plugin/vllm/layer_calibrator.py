@@ -20,6 +20,11 @@ groups, on the native output (:func:`act_plugin.kernels.first_token.first_token_
 :func:`act_plugin.kernels.spans.spans_paged`); a decode step with any such row declines the
 whole-layer path (native kernel, then :meth:`apply`).
 
+The native row log-sum-exp, where the backend returns it (FLASH_ATTN), goes to the kernels
+that read it: ACT's prefill kernels and ``first_token`` (prefill and decode rows: given it,
+the rule reads one key and one value per row). :meth:`LayerCalibrator.wants_native_lse` tells
+the backend in which steps to ask for it.
+
 Inside a FULL CUDA graph of a decode step (Python runs only at capture) the layer runs the
 native kernel and then :meth:`decode_in_graph`: the per-row decode kernel on the device
 tables of :mod:`act_plugin.vllm.graph_plan`, which the builder rewrites before every step.
@@ -124,7 +129,7 @@ class LayerCalibrator:
               lse: torch.Tensor | None = None) -> None:
         """Overwrite the configured heads of ``output`` ([tokens, heads, D]) with ACT. ``lse``:
         the native call's row log-sum-exp (``[tokens, heads]`` view, natural log) where the
-        backend returned it; the prefill kernels then skip their own pass."""
+        backend returned it; the prefill and ``first_token`` kernels then skip their own pass."""
         if not timer.enabled:
             self._apply(query, kv_cache, metadata, output, lse)
             return
@@ -132,6 +137,17 @@ class LayerCalibrator:
         plan = self._apply(query, kv_cache, metadata, output, lse)
         if plan is not None:
             timer.add("decode" if plan.is_decode_only else "prefill", time.perf_counter() - start)
+
+    def wants_native_lse(self, plan: StepPlan, device: torch.device) -> bool:
+        """Whether a kernel this step runs in this layer reads the native row log-sum-exp:
+        an ACT group with prefill rows, or a ``first_token`` group (prefill or decode), whose
+        arm has heads here. ACT decode rows and ``spans`` groups compute without it."""
+        layer = self.layer_index
+        if layer is None or layer not in self.head_source.calibrated_layers():
+            return False
+        return any(g.max_query_len > 1 and self._heads_of(g.arm, layer, device) is not None for g in plan.groups) \
+            or any(g.arm.rule == "first_token" and self._heads_of(g.arm, layer, device) is not None
+                   for g in plan.rule_groups)
 
     def _heads_of(self, arm: Arm, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         if arm.hash in self._heads:
@@ -261,6 +277,11 @@ class LayerCalibrator:
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
         bound = self._bind(query, out, kv_cache)
         key_cache, value_cache, kernel = bound.key_cache, bound.value_cache, bound.paged
+        if lse is not None and lse.shape[0] < query.shape[0]:
+            # The native LSE covers the step's actual tokens; query and output may also hold
+            # padding rows past them (CUDA-graph sizes), which no group reads. The kernels take
+            # an LSE only as long as the query.
+            query, out = query[: lse.shape[0]], out[: lse.shape[0]]
         for group in plan.groups:
             arm = group.arm
             heads = self._heads_of(arm, layer, query.device)
@@ -271,12 +292,13 @@ class LayerCalibrator:
                    group.query_lens, heads[0], heads[1], self.scale, prof.beta, prof.threshold, self.window,
                    group.max_query_len, group.max_seq_len, lse=lse)
         if plan.rule_groups:
-            self._apply_rules(plan, layer, query, out, key_cache, value_cache)
+            self._apply_rules(plan, layer, query, out, key_cache, value_cache, lse)
         return plan
 
     def _apply_rules(self, plan: StepPlan, layer: int, query: torch.Tensor, out: torch.Tensor,
-                     key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-        """The groups of non-``act`` rules, each on the native output of its own rows and heads."""
+                     key_cache: torch.Tensor, value_cache: torch.Tensor, lse: torch.Tensor | None) -> None:
+        """The groups of non-``act`` rules, each on the native output of its own rows and heads
+        (``first_token`` with the native row LSE where given)."""
         for group in plan.rule_groups:
             arm = group.arm
             heads = self._heads_of(arm, layer, query.device)
@@ -295,7 +317,7 @@ class LayerCalibrator:
             first_token_paged(query, out, key_cache, value_cache, group.block_table, group.seq_lens,
                               group.query_start, group.query_lens, heads[0], heads[1], gammas, scale=self.scale,
                               window=self.window, max_query_len=group.max_query_len,
-                              max_seq_len=group.max_seq_len)
+                              max_seq_len=group.max_seq_len, lse=lse)
 
     def _apply_spans(self, group: SeqGroup, heads: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor,
                      out: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:

@@ -131,7 +131,7 @@ class ACTImplMixin:
             tables = graph_tables()
             if tables is not None:  # full decode graphs: their kernel compiled before vLLM captures one
                 self.act.warm_graph_kernel(query, kv_cache, attn_metadata, output, tables)
-        lse = getattr(self, "act_native_lse", None)  # the row LSE the native call returned (FLASH_ATTN prefill)
+        lse = getattr(self, "act_native_lse", None)  # the row LSE the native call returned (FLASH_ATTN)
         if lse is not None:
             self.act_native_lse = None
         self.act.apply(query, kv_cache, attn_metadata, output, lse=lse)

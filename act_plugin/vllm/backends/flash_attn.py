@@ -1,14 +1,18 @@
 """FLASH_ATTN with ACT (CUDA). Its KV layout is unit-tested on CPU (tests/test_kv_layout.py).
 
-Prefill steps with calibrated rows take the row log-sum-exp from the native call itself:
-vLLM 0.32's ``FlashAttentionImpl.forward`` runs attention through the module-level kernel
-object ``_FA4_DENSE_ATTENTION_KERNEL`` (``flash_attn_varlen_func`` for FA 2/3/4), writing the
-output in place and discarding the return value. For such steps the impl below has that one
-call also return ``softmax_lse`` (``return_softmax_lse=True``: ``[heads, tokens]``, natural
-log, documented by vllm_flash_attn's interface), and the ACT layer hands it to the prefill
-kernels transposed (``[tokens, heads]`` view), which then skip their own K-only LSE pass.
-No attention is run twice; decode-only steps and steps without calibrated prefill rows call
-the native forward untouched.
+Steps whose kernels read the row log-sum-exp take it from the native call itself: vLLM
+0.32's ``FlashAttentionImpl.forward`` runs attention through the module-level kernel object
+``_FA4_DENSE_ATTENTION_KERNEL`` (``flash_attn_varlen_func`` for FA 2/3/4; prefill and decode
+alike), writing the output in place and discarding the return value. For such steps the impl
+below has that one call also return ``softmax_lse`` (``return_softmax_lse=True``: ``[heads,
+tokens]``, natural log, documented by vllm_flash_attn's interface), and the ACT layer hands
+it transposed (``[tokens, heads]`` view) to ACT's prefill kernels and to ``first_token``
+(prefill and decode rows), which then skip their own K-only LSE pass. Which steps those are
+is the calibrator's call (:meth:`~act_plugin.vllm.layer_calibrator.LayerCalibrator.
+wants_native_lse`: calibrated ACT prefill rows, or ``first_token`` rows, in this layer).
+No attention is run twice; other steps call the native forward untouched. A decode step that
+ACT's whole-layer kernel computes skips this forward altogether, and with it the LSE: that
+path declines every step with ``first_token`` rows, and ACT decode rows read no LSE.
 """
 
 from __future__ import annotations
@@ -61,24 +65,25 @@ def native_lse(module: Any = fa_module, attr: str = KERNEL_ATTR) -> Iterator[_LS
         setattr(module, attr, kernel)
 
 
-def wants_native_lse(impl: Any, metadata: Any) -> bool:
-    """A step with calibrated prefill rows in this layer, on a path that runs one plain
-    attention call (no DCP)."""
+def wants_native_lse(impl: Any, metadata: Any, device: torch.device) -> bool:
+    """A step whose kernels in this layer read the row LSE (ACT prefill rows, ``first_token``
+    rows: the calibrator decides), on a path that runs one plain attention call (no DCP)."""
     plan = getattr(metadata, PLAN_ATTR, None)
     act = getattr(impl, "act", None)
-    if plan is None or act is None or act.layer_index is None or getattr(impl, "dcp_world_size", 1) > 1:
+    if plan is None or act is None or getattr(impl, "dcp_world_size", 1) > 1:
         return False
-    return any(g.max_query_len > 1 for g in plan.groups) and act.layer_index in act.head_source.calibrated_layers()
+    return act.wants_native_lse(plan, device)
 
 
 class FlashAttentionImplWithLSE(FlashAttentionImpl):
-    """The native impl, handing ACT the row LSE of calibrated prefill steps (``act_native_lse``)."""
+    """The native impl, handing ACT the row LSE of the steps that read it (``act_native_lse``)."""
 
     act_native_lse: Any = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if attn_metadata is None or not wants_native_lse(self, attn_metadata):
+        self.act_native_lse = None  # never one of an earlier step (e.g. a graph capture that did not consume it)
+        if attn_metadata is None or not wants_native_lse(self, attn_metadata, query.device):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         with native_lse() as capture:
