@@ -33,6 +33,10 @@ again, its records are the baseline's (delta 0), and the start-up message, ``rep
 start-up). Refused unless the arm is a control: no task of the eval has a profile, or a
 profile calibrates nothing.
 
+A ``spans`` arm (or a per-task arm's ``spans`` profile) runs on span-marked tasks only
+(``boolq_spans``): each request carries its document's spans (:mod:`act_plugin.eval.prompt_spans`),
+and a task whose documents mark none is refused, naming the arm and the task.
+
 Paths: calibrated arms and profiles files given as paths are read relative to the eval
 config's folder (then the current directory); ``data_dir`` and ``output_dir`` are relative to
 the current directory.
@@ -62,6 +66,7 @@ from act_plugin.eval.arms import (
     calibrated_arm,
     check_baseline,
 )
+from act_plugin.eval.prompt_spans import task_marks_spans
 
 __all__ = ["EvalConfig", "PerTaskArm", "load_eval_config", "BASELINE", "ALL"]
 
@@ -400,8 +405,6 @@ def _check_spans_tasks(name: str, act: ACTConfig | PerTaskArm, tasks: list[str])
     """A ``spans`` profile emphasises each document's spans, which the eval sends with every
     request (:mod:`act_plugin.eval.prompt_spans`): a task whose documents mark none would have
     every request refused by the engine, so it is refused here, before any engine starts."""
-    from act_plugin.eval.prompt_spans import task_marks_spans
-
     for task in tasks:
         profile = act.profile(task) if isinstance(act, PerTaskArm) else act
         if profile is not None and profile.rule == "spans" and not task_marks_spans(task):
