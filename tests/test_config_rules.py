@@ -87,10 +87,14 @@ def test_rule_profiles_pass_the_engine_control_and_eval_paths():
     assert ACTEngineConfig.from_any(eng.to_dict()) == eng  # what runtime control sends to the workers
     ev = load_eval_config({"model": "smollm2-135m", "tasks": ["sst2"], "arms": {"baseline": None, "zt": FIRST}})
     assert ev.arms["zt"].rule == "first_token"
-    # a spans arm parses as a rule profile, then is refused: the eval sends no per-document spans
-    with pytest.raises(ACTConfigError, match="arm 'pasta' uses the 'spans' rule"):
-        load_eval_config({"model": "smollm2-135m", "tasks": ["sst2"],
-                          "arms": {"baseline": None, "pasta": {"rule": "spans", "heads": "1:*"}}})
+    # a spans arm parses as a rule profile: accepted on a span-marked task, refused on a task
+    # whose documents mark no spans (the eval sends each document's spans with its requests)
+    pasta = {"rule": "spans", "heads": "1:*"}
+    ev = load_eval_config({"model": "smollm2-135m", "tasks": ["boolq_spans"],
+                           "arms": {"baseline": None, "pasta": pasta}})
+    assert ev.arms["pasta"].rule == "spans"
+    with pytest.raises(ACTConfigError, match="arm 'pasta' uses the 'spans' rule.*task 'sst2'.*marks none"):
+        load_eval_config({"model": "smollm2-135m", "tasks": ["sst2"], "arms": {"baseline": None, "pasta": pasta}})
     with pytest.raises(ACTConfigError, match="'beta' is a setting of rule 'act'"):
         load_eval_config({"model": "smollm2-135m", "tasks": ["sst2"],
                           "arms": {"baseline": None, "zt": {**FIRST, "beta": 0.2}}})

@@ -295,13 +295,31 @@ def test_cli_check_prints_what_a_per_task_arm_calibrates(tmp_path: Path, capsys,
     assert "arm 'per_task': UNCALIBRATED (no profile) on cb" in out and "dbpedia" in out and ": OK" in out
 
 
-def test_a_spans_arm_is_refused_before_any_engine_starts():
-    """The eval passes no per-document spans: a spans arm (plain or per task) is refused by
-    name; first_token arms are accepted."""
-    spans = {"rule": "spans", "alpha": 0.01, "heads": {"2": [0]}}
-    with pytest.raises(ACTConfigError, match=r"arm 'emph' uses the 'spans' rule.*act_spans"):
-        cfg(arms={"baseline": None, "emph": spans})
-    with pytest.raises(ACTConfigError, match=r"arm 'pt' \(task 'sst2'\) uses the 'spans' rule"):
-        cfg(tasks=["sst2"], arms={"baseline": None, "pt": {"profiles": {"sst2": spans}}})
+SPANS = {"rule": "spans", "alpha": 0.01, "heads": {"2": [0]}}
+
+
+def test_a_spans_arm_on_a_task_without_spans_is_refused_before_any_engine_starts():
+    """A spans arm needs span-marked documents: refused by arm, task and setting on any task
+    whose documents mark none (plain arm, and a per-task arm's spans profile); first_token arms
+    and spans arms on span-marked tasks are accepted."""
+    with pytest.raises(ACTConfigError, match=r"arm 'emph' uses the 'spans' rule.*task 'sst2' \(setting 'tasks'\) "
+                                             r"marks none: a spans profile needs span-marked tasks such as "
+                                             r"boolq_spans"):
+        cfg(tasks=["boolq_spans", "sst2"], arms={"baseline": None, "emph": SPANS})
+    with pytest.raises(ACTConfigError, match=r"arm 'emph' .*task 'lm_eval:boolq'"):
+        cfg(tasks=["boolq_spans", "lm_eval:boolq"], arms={"baseline": None, "emph": SPANS})
+    with pytest.raises(ACTConfigError, match=r"arm 'pt' \(its profile for task 'sst2'\) uses the 'spans' rule"):
+        cfg(tasks=["sst2"], arms={"baseline": None, "pt": {"profiles": {"sst2": SPANS}}})
     ok = cfg(arms={"baseline": None, "zt": {"rule": "first_token", "scale": 1.5, "heads": {"2": [0]}}})
     assert "zt" in ok.calibrated_arms
+    plain = cfg(tasks=["boolq_spans"], arms={"baseline": None, "emph": SPANS})
+    assert plain.act_for("emph", "boolq_spans").rule == "spans"
+
+
+def test_a_per_task_spans_profile_is_checked_on_its_own_task_only():
+    """A per-task arm may run spans on boolq_spans and act on sst2; a spans profile for a task
+    outside the eval is ignored like any other."""
+    arm = {"profiles": {"boolq_spans": SPANS, "sst2": {"beta": 0.4, "heads": "1:0"}, "mr": SPANS}}
+    pt = cfg(tasks=["boolq_spans", "sst2"], arms={"baseline": None, "pt": arm})
+    assert pt.act_for("pt", "boolq_spans").rule == "spans" and pt.act_for("pt", "sst2").rule == "act"
+    assert pt.profiles_outside("pt") == ["mr"]

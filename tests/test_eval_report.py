@@ -130,7 +130,7 @@ def test_assembly_with_a_per_task_arm_reuses_the_baseline_on_a_task_without_a_pr
     report = (tmp_path / "report.md").read_text()
     assert "| mr (**uncalibrated: no profile for this task**) | acc | 12 |" in report
     assert "| sst2 | acc | 12 |" in report
-    assert "| sst2 | `per_task.sst2` | 0.4 | 0.1 | `2-5:0,4; 7:1` (9 heads in 5 layers) |" in report
+    assert "| sst2 | `per_task.sst2` | beta 0.4, tau 0.1 | `2-5:0,4; 7:1` (9 heads in 5 layers) |" in report
     assert "| mr | **uncalibrated (no profile)**" in report
     assert "per-task profiles: 1 of 2 tasks calibrated" in report and "**uncalibrated (no profile): mr**" in report
     assert "Uncalibrated in per_task (no profile for the task): mr." in report

@@ -311,7 +311,8 @@ def test_per_task_arm_runs_each_task_with_its_profile_and_reuses_the_baseline_wi
     assert saved.arms["per_task"].tasks["cb"].calibrated is False
     report = (out / "report.md").read_text()
     assert "| cb (**uncalibrated: no profile for this task**) |" in report
-    assert "### per_task: profile per task" in report and "| sst2 | `per_task.sst2` | 0.4 | 0.1 | `1:0`" in report
+    assert "### per_task: profile per task" in report
+    assert "| sst2 | `per_task.sst2` | beta 0.4, tau 0.1 | `1:0`" in report
     assert "| cb | **uncalibrated (no profile)**" in report and "Uncalibrated in per_task (no profile" in report
     assert "**uncalibrated (no profile): cb**" in report  # the arms table
     assert (out / "deltas.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,6 +9,8 @@
   :mod:`~act_plugin.eval.assemble` (typed results and statistics), :mod:`~act_plugin.eval.outputs`;
 * :mod:`act_plugin.eval.model` -- the lm-eval model ``act-vllm`` (``ActVLLM``; imports vLLM and lm-eval);
 * :mod:`act_plugin.eval.scoring` -- next-token scoring, one prefill per context (pure);
+* :mod:`act_plugin.eval.prompt_spans` -- a ``spans`` arm's per-document ``act_spans``, shifted
+  into the prompt lm-eval sends (pure);
 * :mod:`act_plugin.stats` -- paired bootstrap CIs, McNemar's exact test, its power and the
   minimum detectable effect (shared with the search; ``act_plugin.eval.stats`` re-exports it);
 * :mod:`act_plugin.eval.results` -- ``results.json`` as a typed model (``EvalResults``, schema v2);

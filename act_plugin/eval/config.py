@@ -33,6 +33,10 @@ again, its records are the baseline's (delta 0), and the start-up message, ``rep
 start-up). Refused unless the arm is a control: no task of the eval has a profile, or a
 profile calibrates nothing.
 
+A ``spans`` arm (or a per-task arm's ``spans`` profile) runs on span-marked tasks only
+(``boolq_spans``): each request carries its document's spans (:mod:`act_plugin.eval.prompt_spans`),
+and a task whose documents mark none is refused, naming the arm and the task.
+
 Paths: calibrated arms and profiles files given as paths are read relative to the eval
 config's folder (then the current directory); ``data_dir`` and ``output_dir`` are relative to
 the current directory.
@@ -62,6 +66,7 @@ from act_plugin.eval.arms import (
     calibrated_arm,
     check_baseline,
 )
+from act_plugin.eval.prompt_spans import task_marks_spans
 
 __all__ = ["EvalConfig", "PerTaskArm", "load_eval_config", "BASELINE", "ALL"]
 
@@ -151,7 +156,7 @@ class EvalConfig(BaseModel):
         if BASELINE in self.controls:
             raise ACTConfigError("'baseline' is the reference, not a control arm: remove it from the controls")
         for name, act in self.calibrated_arms.items():
-            _refuse_spans_arm(name, act)
+            _check_spans_tasks(name, act, self.tasks)
             if isinstance(act, PerTaskArm):
                 self._check_per_task(name, act)
             elif act.is_identity and name not in self.controls:
@@ -396,16 +401,16 @@ def load_eval_config(source: str | Path | Mapping[str, Any], **overrides: Any) -
         raise ACTConfigError(f"{where}: {explain_validation(e, EvalConfig, 'eval config')}") from None
 
 
-def _refuse_spans_arm(name: str, act: ACTConfig | PerTaskArm) -> None:
-    """The eval sends each document's prompt with the arm's profile name only: a ``spans``
-    profile needs the document's spans with every request (``act_spans``), which the eval does
-    not pass yet, so the engine would refuse every request. Refused here, before any engine starts."""
-    profiles = act.profiles.items() if isinstance(act, PerTaskArm) else [(None, act)]
-    for task, prof in profiles:
-        if prof.rule == "spans":
-            where = f"arm '{name}'" + (f" (task '{task}')" if task is not None else "")
+def _check_spans_tasks(name: str, act: ACTConfig | PerTaskArm, tasks: list[str]) -> None:
+    """A ``spans`` profile emphasises each document's spans, which the eval sends with every
+    request (:mod:`act_plugin.eval.prompt_spans`): a task whose documents mark none would have
+    every request refused by the engine, so it is refused here, before any engine starts."""
+    for task in tasks:
+        profile = act.profile(task) if isinstance(act, PerTaskArm) else act
+        if profile is not None and profile.rule == "spans" and not task_marks_spans(task):
+            where = f"arm '{name}'" + (f" (its profile for task '{task}')" if isinstance(act, PerTaskArm) else "")
             raise ACTConfigError(
-                f"{where} uses the 'spans' rule, which needs each document's spans (act_spans) with its request; "
-                f"the eval does not pass them yet. Evaluate spans on the transformers path (act_plugin.hf, "
-                f"ACTHandle.set_emphasis), or give the arm an 'act' or 'first_token' profile"
+                f"{where} uses the 'spans' rule, which emphasises each document's marked spans, but task '{task}' "
+                f"(setting 'tasks') marks none: a spans profile needs span-marked tasks such as boolq_spans. "
+                f"Run this arm on span-marked tasks only, or give it an 'act' or 'first_token' profile"
             )

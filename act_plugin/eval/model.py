@@ -10,6 +10,9 @@ Importing this module imports vLLM and lm-eval and registers the model with lm-e
   (``act=``, put into ``additional_config={"act": ...}``) and CPU-friendly defaults;
 * ``_model_generate``: every request it sends carries the current arm as
   ``SamplingParams.extra_args={"act": <arm>}``;
+* ``loglikelihood``: under a ``spans`` arm, each request also carries its document's spans
+  (``act_spans``, shifted into the context lm-eval built: :mod:`act_plugin.eval.prompt_spans`)
+  and its prompt text, from which the engine maps them to tokens;
 * ``_loglikelihood_tokens``: **next-token scoring** of single-token continuations
   (:mod:`act_plugin.eval.scoring`).
 
@@ -40,10 +43,12 @@ from vllm import SamplingParams
 
 from act_plugin.config import REQUEST_DEFAULT, REQUEST_OFF, ACTConfigError, ACTEngineConfig, engine_config_from_setting
 from act_plugin.config.vocabulary import Surface
+from act_plugin.eval.prompt_spans import PromptSpansError, SpanPrompts, context_spans, span_prompts
 from act_plugin.eval.scoring import ContextRequest, score_next_tokens, split_single_token
 from act_plugin.models import resolve_pretrained
 from act_plugin.vllm.compat import import_lm_eval_vllm
 from act_plugin.vllm.env import apply_cpu_defaults
+from act_plugin.vllm.request_spans import SPANS_KEY
 
 __all__ = ["ActVLLM"]
 
@@ -92,6 +97,9 @@ class ActVLLM(VLLM):
             self.act_config = engine_config_from_setting(kwargs["additional_config"]["act"], Surface.ENGINE)
         self.next_token = _as_bool(next_token, "next_token")
         self._arm: str | None = None
+        # a spans arm's current loglikelihood call: context -> act_spans, then prompt ids -> (text, act_spans)
+        self._context_spans: dict[str, list[list[int]]] | None = None
+        self._span_prompts: SpanPrompts | None = None
         self.set_arm(act_profile)  # validated before paying for an engine start
         super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
         if self.next_token and self.data_parallel_size <= 1:
@@ -132,6 +140,14 @@ class ActVLLM(VLLM):
             )
         self._arm = key
 
+    @property
+    def marks_spans(self) -> bool:
+        """Whether the current arm runs a ``spans`` profile (its requests carry their document's spans)."""
+        if self.act_config is None or self._arm == "off":
+            return False
+        profile = self.act_config.resolve_request(self._arm)  # None: the engine's default profile
+        return profile is not None and self.act_config.profiles[profile].rule == "spans"
+
     @contextlib.contextmanager
     def using_arm(self, arm: str | None) -> Iterator[None]:
         previous = self._arm
@@ -164,9 +180,46 @@ class ActVLLM(VLLM):
             sampling_params = [self._with_arm(p) for p in sampling_params]
         else:
             sampling_params = [self._with_arm(sampling_params)] * len(requests)
+        if self._span_prompts is not None:
+            return self._generate_with_spans(requests, sampling_params)
         return super()._model_generate(requests=requests, generate=True, sampling_params=sampling_params)
 
+    def _generate_with_spans(self, requests: list[list[int]], sampling_params: list[SamplingParams]):
+        """The engine call of a spans arm: each prompt with its text (the engine maps character
+        spans to tokens with it) and ``act_spans``."""
+        from vllm.inputs import TokensPrompt
+
+        assert self._span_prompts is not None
+        if self.data_parallel_size > 1:
+            raise ACTConfigError("a 'spans' arm sends each prompt's text and spans, which lm-eval's Ray data "
+                                 "parallelism (data_parallel_size) does not pass; use the eval's data_parallel")
+        prompts, params = [], []
+        for ids, p in zip(requests, sampling_params, strict=True):
+            found = self._span_prompts.get(tuple(int(t) for t in ids))
+            if found is None:
+                raise PromptSpansError(
+                    f"a prompt of {len(ids)} tokens is no request's text as tokenized (cut to the model's "
+                    f"{self.max_length} tokens?): its document's spans cannot be placed; refusing to send it without")
+            text, spans = found
+            prompts.append(TokensPrompt(prompt_token_ids=list(ids), prompt=text))
+            p = p.clone()
+            p.extra_args = {**(p.extra_args or {}), SPANS_KEY: spans}
+            params.append(p)
+        return self.model.generate(prompts, sampling_params=params, use_tqdm=self.batch_size == "auto",
+                                   lora_request=self.lora_request)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        if not self.marks_spans:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._context_spans = context_spans(requests)  # needs lm-eval's Instances: their documents
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._context_spans = self._span_prompts = None
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
+        if self._context_spans is not None:
+            self._span_prompts = span_prompts(requests, self._context_spans)
         if not self.next_token:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm)
         single, rest = split_single_token(requests)

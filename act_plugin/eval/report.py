@@ -110,6 +110,16 @@ def _heads_count(heads_map: dict[str, Any]) -> str:
     return f"{n_heads} heads in {n_layers} layers" + (f" (+{all_layers} layers 'all')" if all_layers else "")
 
 
+def _rule_settings(act: dict) -> str:
+    """A profile's rule and its settings (``act``: the profile's dict; the act rule's is written
+    without its rule name, as before rules existed)."""
+    rule = act.get("rule", "act")
+    if rule == "act":
+        return f"beta {act['beta']}, tau {act['threshold']}"
+    settings = ", ".join(f"{k} {v}" for k, v in act.items() if k not in ("rule", "heads", "source"))
+    return f"rule {rule}" + (f", {settings}" if settings else "")
+
+
 def _uncalibrated(info: dict) -> list[str]:
     return [t for t, x in (info.get("tasks") or {}).items() if not x["calibrated"]]
 
@@ -126,7 +136,7 @@ def _arm_description(info: dict) -> str:
     elif act is None:
         return "none (baseline)"
     else:
-        desc = f"beta {act['beta']}, tau {act['threshold']}, {_heads_count(act.get('heads', {}))}, " \
+        desc = f"{_rule_settings(act)}, {_heads_count(act.get('heads', {}))}, " \
                f"hash `{info['act_hash']}`"
         if act.get("source"):
             desc += f"; source: {act['source']}"
@@ -149,15 +159,15 @@ def _engine_description(arm: str, info: dict) -> str:
 
 def _profiles_table(arm: str, info: dict) -> list[str]:
     """A per-task arm's profile per task (or that the task ran uncalibrated)."""
-    lines = ["", f"### {arm}: profile per task", "", "| task | engine profile | beta | tau | heads | hash |",
-             "|---|---|---:|---:|---|---|"]
+    lines = ["", f"### {arm}: profile per task", "", "| task | engine profile | rule settings | heads | hash |",
+             "|---|---|---|---|---|"]
     for t, x in (info["tasks"] or {}).items():
         act = x["act"]
         if act is None:
-            lines.append(f"| {t} | **uncalibrated (no profile)**: not run, the baseline's records | | | | |")
+            lines.append(f"| {t} | **uncalibrated (no profile)**: not run, the baseline's records | | | |")
             continue
         heads = act.get("heads", {})
-        lines.append(f"| {t} | `{x['profile']}` | {act['beta']} | {act['threshold']} | "
+        lines.append(f"| {t} | `{x['profile']}` | {_rule_settings(act)} | "
                      f"`{heads_spec(heads)}` ({_heads_count(heads)}) | `{x['act_hash']}` |")
     return lines
 
