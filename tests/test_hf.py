@@ -16,8 +16,7 @@ from functools import partial
 import pytest
 import torch
 
-from act_plugin import ACTConfig, ACTConfigError
-from act_plugin import core
+from act_plugin import ACTConfig, ACTConfigError, core
 from act_plugin.hf import act_enabled, disable_act, enable_act, get_act_handle
 
 transformers = pytest.importorskip("transformers")

@@ -43,7 +43,7 @@ def engine(smollm2_path, loop):
     eng = loop.run_until_complete(make())
     yield eng
 
-    async def close():
+    async def close(eng):
         # Shut down inside the loop and wait out its tasks (the output handler): a task
         # left pending is destroyed later by the garbage collector, wherever that runs; on
         # Python 3.11 its logged traceback then parses source inside a running ast.parse and
@@ -54,7 +54,7 @@ def engine(smollm2_path, loop):
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    loop.run_until_complete(close())
+    loop.run_until_complete(close(eng))
     loop.run_until_complete(loop.shutdown_asyncgens())
     del eng
     gc.collect()  # AsyncLLM.__del__ runs now, not at interpreter exit when vLLM's modules are gone

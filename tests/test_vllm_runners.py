@@ -16,6 +16,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality  # noqa: E402
 
 from act_plugin.config import ACTEngineConfig  # noqa: E402
+from act_plugin.config.vocabulary import normalize_request_value  # noqa: E402
 from act_plugin.vllm import register  # noqa: E402
 from act_plugin.vllm.plan import build_step_plan  # noqa: E402
 from act_plugin.vllm.router import (  # noqa: E402
@@ -24,7 +25,6 @@ from act_plugin.vllm.router import (  # noqa: E402
     ACTRequestRouter,
     ACTRequestRouterV2,
 )
-from act_plugin.config.vocabulary import normalize_request_value  # noqa: E402
 from act_plugin.vllm.worker_state import WorkerState, worker_state  # noqa: E402
 
 PROFILES = {"a": {"beta": 0.4, "heads": "2-27:0,4"}, "b": {"beta": 0.2, "heads": {"3": [1]}}}
@@ -32,10 +32,9 @@ PROFILES = {"a": {"beta": 0.4, "heads": "2-27:0,4"}, "b": {"beta": 0.2, "heads":
 
 def _engine_config(smollm2_path, additional_config, use_v2: bool, monkeypatch):
     """A real VllmConfig built through vLLM's EngineArgs, with the runner choice forced."""
+    import vllm.config.vllm as vllm_config_module
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
-
-    import vllm.config.vllm as vllm_config_module
 
     monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: use_v2))
     # What a CUDA machine has; MRV2's config validation checks it (nothing here runs Triton).

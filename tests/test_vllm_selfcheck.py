@@ -7,11 +7,7 @@ which the ACT maths does not model), built here with transformers and SmolLM2's 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-
-from act_plugin.vllm.env import apply_cpu_defaults, cpu_engine_kwargs
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")

@@ -106,8 +106,8 @@ def _lm_eval_model(value: Any, monkeypatch: pytest.MonkeyPatch, as_model_arg: bo
 
 def _request(value: Any) -> str:
     pytest.importorskip("vllm")
-    from act_plugin.vllm.router import validate_request
     from act_plugin.vllm.frontend_state import frontend_state
+    from act_plugin.vllm.router import validate_request
     from act_plugin.vllm.worker_state import WorkerState
 
     engine_cfg = ACTEngineConfig.from_any({"profiles": {"a": PROFILE_A, "b": PROFILE_B}, "default": "b"})
