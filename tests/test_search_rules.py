@@ -50,11 +50,15 @@ def test_default_rules_record_the_config_as_before():
     ({"first_token": {"gammas": [2]}}, r"first_token: a grid is given but 'rules' does not name first_token"),
     ({"rules": ["act", "first_token"]}, r"needs method 'fast' with fast.verify 'hf'"),
     ({**RULES, "validation_per_task": 0}, r"validation_per_task must be > 0"),
-    ({**RULES, "data_parallel": 2}, r"set data_parallel: 1 or rules: \[act\]"),
 ])
 def test_rule_config_errors_name_the_key(change, match):
     with pytest.raises(SearchConfigError, match=match):
         load_search_config({**BASE, **change})
+
+
+def test_first_token_rule_is_scored_by_data_parallel_replicas_too():
+    """A search over rules accepts data_parallel (the replicas score first_token sets too)."""
+    assert load_search_config({**BASE, **RULES, "data_parallel": 2}).data_parallel == 2
 
 
 # ----------------------------------------------------------------------------- HF path

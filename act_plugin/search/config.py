@@ -257,9 +257,6 @@ class SearchConfig(BaseModel):
         if self.validation_per_task == 0:
             raise SearchConfigError("rules: first_token sets are chosen against ACT's on the validation part; "
                                     "validation_per_task must be > 0")
-        if self.data_parallel > 1:
-            raise SearchConfigError("rules: first_token candidates are scored in one process (the data-parallel "
-                                    "replicas score ACT head sets only); set data_parallel: 1 or rules: [act]")
         return self
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ import numpy as np
 
 from act_plugin.search.scoring import CalibrationSet, per_sample
 from act_plugin.search.split import SearchData
-from act_plugin.search.store import SearchStore
+from act_plugin.search.store import SearchStore, first_token_rows
 
 __all__ = ["SEARCH", "val_part", "Evaluator"]
 
@@ -61,25 +61,27 @@ class Evaluator:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + sec
         return self.store.add_set(self.backends[part].name, part, heads, m.tolist(), sec, cost, first_token)
 
-    def prefetch(self, jobs: list[tuple[str, list, str]], progress: Callable[[int], None] | None = None) -> None:
-        """Compute the ``(part, heads, phase)`` evaluations the store lacks side by side, when the
-        backends are data-parallel replicas (:mod:`act_plugin.search.replicas`); each result is
-        stored as it arrives, so an interrupted run keeps it. One backend: nothing here, the
-        evaluations run one by one as :meth:`margins` asks for them. ACT head sets only: the
-        first_token candidates (transformers path) run in the parent process."""
+    def prefetch(self, jobs: list[tuple], progress: Callable[[int], None] | None = None) -> None:
+        """Compute the ``(part, heads, phase)`` or ``(part, heads, phase, first_token)``
+        evaluations the store lacks side by side, when the backends are data-parallel replicas
+        (:mod:`act_plugin.search.replicas`); each result is stored as it arrives, so an
+        interrupted run keeps it, and :meth:`margins` then reads it from the store. One
+        backend: nothing here, the evaluations run one by one as :meth:`margins` asks for them."""
         pool = getattr(next(iter(self.backends.values()), None), "pool", None)
         if pool is None:
             return
         todo, seen = [], set()
-        for part, heads, phase in jobs:
-            key = (part, tuple(sorted(map(tuple, heads))))
-            if key not in seen and self.store.get_set(self.backends[part].name, part, heads) is None:
+        for part, heads, phase, *rest in jobs:
+            first_token = dict(rest[0]) if rest and rest[0] else None
+            heads = [[a, b] for a, b in sorted((int(a), int(b)) for a, b in heads)]
+            key = (part, tuple(map(tuple, heads)), tuple(map(tuple, first_token_rows(first_token))))
+            if key not in seen and self.store.get_set(self.backends[part].name, part, heads, first_token) is None:
                 seen.add(key)
-                todo.append((part, [list(h) for h in key[1]], phase))
+                todo.append((part, heads, phase, first_token))
         t = time.perf_counter()
-        for i, lp, sec, cost in pool.evaluate_many([(part, heads) for part, heads, _ in todo]):
-            part, heads, phase = todo[i]
-            self._record(part, heads, lp, sec, cost, phase)
+        for i, lp, sec, cost in pool.evaluate_many([(part, heads, ft) for part, heads, _, ft in todo]):
+            part, heads, phase, first_token = todo[i]
+            self._record(part, heads, lp, sec, cost, phase, first_token)
             if progress:
                 progress(1)
         if todo:
@@ -87,8 +89,11 @@ class Evaluator:
 
     def validation_correct(self, heads, phase: str, tasks: list[str] | None = None,
                            first_token: dict | None = None) -> dict[str, np.ndarray]:
-        return {t: self.margins(val_part(t), heads, phase, first_token) > 0
-                for t in (tasks or list(self.data.validation))}
+        """Per task, which validation prompts ``heads`` (and ``first_token``) answer correctly;
+        with replicas the tasks' evaluations are made side by side."""
+        tasks = tasks or list(self.data.validation)
+        self.prefetch([(val_part(t), heads, phase, first_token) for t in tasks])
+        return {t: self.margins(val_part(t), heads, phase, first_token) > 0 for t in tasks}
 
     def close(self) -> None:
         seen = set()

@@ -1,11 +1,16 @@
 """``first_token`` sets (ZeroTuning, arXiv 2505.11739) proposed by a search over rules.
 
-With ``rules: [act, first_token]`` the search, after ACT's steps and on the same parts:
+With ``rules: [act, first_token]`` the search, on the same parts:
 
-1. **ranks** every (layer, head, gamma) of the grid (``first_token.gammas`` x the candidate
+1. **ranks** (:func:`rank_first_token`, right after ACT's ranking pass and in the same
+   process, whose transformers model a data-parallel search releases before its replicas
+   start) every (layer, head, gamma) of the grid (``first_token.gammas`` x the candidate
    heads of ``first_token.layers``) by its first-order effect on the search-part objective:
    one backward per batch, a gate per (head, gamma) at 0
    (:func:`~act_plugin.search.hf_first_token.first_token_gradients`), as ACT's fast method;
+
+then, after ACT's steps (:func:`search_first_token`):
+
 2. **scores exactly** on the search part the ``top_k`` best singles, plus with ``uniform``
    one candidate per gamma that scales every candidate head (the paper's main form: one
    gamma over a block of layers, all heads); candidates that gain are kept, best first;
@@ -35,7 +40,8 @@ from act_plugin.search.scoring import objective_gain
 from act_plugin.search.select import Selection, select_forward
 from act_plugin.search.steps import Prepared, Verification
 
-__all__ = ["Unit", "FirstTokenSearch", "search_first_token", "unit_scales", "unit_label", "first_token_config"]
+__all__ = ["Unit", "FirstTokenRanking", "FirstTokenSearch", "rank_first_token", "search_first_token", "unit_scales",
+           "unit_label", "first_token_config"]
 
 Head = tuple[int, int]
 Unit = tuple[FTItem, ...]
@@ -59,6 +65,13 @@ def unit_label(unit: Iterable[Iterable]) -> str:
     layers = sorted({int(x[0]) for x in items})
     gammas = sorted({float(x[2]) for x in items})
     return f"{len(items)} heads of layers {layers[0]}-{layers[-1]} x{'/'.join(f'{g:g}' for g in gammas)}"
+
+
+@dataclass
+class FirstTokenRanking:
+    heads: list[Head]  # candidate heads of the rule
+    estimates: dict[FTItem, float]  # first-order gain of each (layer, head, gamma)
+    seconds: float
 
 
 @dataclass
@@ -111,17 +124,23 @@ def _units(prep: Prepared, heads: list[Head], est: dict[FTItem, float]) -> tuple
     return units, reasons
 
 
-def search_first_token(prep: Prepared, ev: Evaluator, hf: Any, ver: Verification, progress: bool
-                       ) -> FirstTokenSearch:
-    """Rank, score and select first_token sets (see the module docs)."""
+def rank_first_token(prep: Prepared, hf: Any, progress: bool) -> FirstTokenRanking:
+    """The first-order estimate of every (layer, head, gamma) of the grid (step 1 of the module docs)."""
+    heads = _candidate_heads(prep)
+    est, seconds = _rank(prep, hf, heads, progress)
+    return FirstTokenRanking(heads, est, seconds)
+
+
+def search_first_token(prep: Prepared, ev: Evaluator, ranked: FirstTokenRanking, ver: Verification,
+                       progress: bool) -> FirstTokenSearch:
+    """Score and select first_token sets from ``ranked`` (see the module docs)."""
     from tqdm import tqdm
 
     cfg = prep.cfg
-    heads = _candidate_heads(prep)
-    est, seconds = _rank(prep, hf, heads, progress)
-    units, reasons = _units(prep, heads, est)
+    units, reasons = _units(prep, ranked.heads, ranked.estimates)
     for be in ev.backends.values():  # one baseline pass caches every restart layer still missing
         be.plan_cache({min(x[0] for x in u) for u in units})
+    _score_side_by_side(prep, ev, units, progress)
     tasks = prep.data.search.tasks
     singles, gains, task_gains = {}, {}, {}
     with tqdm(total=len(units), desc="first_token exact scores", unit="set", disable=not progress,
@@ -131,9 +150,21 @@ def search_first_token(prep: Prepared, ev: Evaluator, hf: Any, ver: Verification
             gains[u], task_gains[u] = objective_gain(cfg.score, singles[u], ver.baseline, tasks, cfg.clip)
             bar.update(1)
     kept = sorted((u for u in units if gains[u] > 0), key=lambda u: (-gains[u], u))
-    res = FirstTokenSearch(heads, est, seconds, units, reasons, singles, gains, task_gains, kept)
+    res = FirstTokenSearch(ranked.heads, ranked.estimates, ranked.seconds, units, reasons, singles, gains,
+                           task_gains, kept)
     _select(prep, ev, ver, res)
     return res
+
+
+def _score_side_by_side(prep: Prepared, ev: Evaluator, units: list[Unit], progress: bool) -> None:
+    """With data-parallel replicas: every unit's exact score, computed side by side first (the
+    loop of :func:`search_first_token` then reads them from the store); one backend: nothing."""
+    from tqdm import tqdm
+
+    jobs: list[tuple] = [(SEARCH, [], "first_token_verify", unit_scales([u])) for u in units]
+    with tqdm(total=len(jobs), desc=f"first_token exact scores ({prep.cfg.data_parallel} replicas)",
+              unit="evaluation", disable=not progress or prep.cfg.data_parallel == 1, dynamic_ncols=True) as bar:
+        ev.prefetch(jobs, bar.update)
 
 
 def _select(prep: Prepared, ev: Evaluator, ver: Verification, res: FirstTokenSearch) -> None:

@@ -4,9 +4,12 @@ Started by :class:`act_plugin.search.replicas.ReplicaPool` with its placement in
 environment. It rebuilds the search's inputs from the config (:func:`~act_plugin.search.steps.prepare`,
 with a throw-away partial-results folder: the parent keeps the real one), refuses to serve if
 its settings hash differs from the parent's, opens the exact-score backend one process opens,
-and answers one ``{"part", "heads"}`` line on stdin with one ``{"lp", "seconds", "cost"}`` line
-on stdout until stdin ends. Its stdout carries only these lines: whatever else the process
-prints goes to its log (stderr).
+and answers one job line on stdin with one ``{"lp", "seconds", "cost"}`` line on stdout until
+stdin ends. A job is ``{"part", "heads"}`` (the ACT heads, ``[[layer, head], ...]``) with, when
+given, ``"first_token": [[layer, head, gamma], ...]`` (heads scaled by the first_token rule in
+the same forward) and ``"plan_cache": [layer, ...]`` (layers whose inputs the part's backend
+keeps: :meth:`~act_plugin.search.hf_backend.HFSearchBackend.plan_cache`). Its stdout carries
+only these lines: whatever else the process prints goes to its log (stderr).
 """
 
 from __future__ import annotations
@@ -71,16 +74,25 @@ def serve(spec: dict[str, Any], jobs: TextIO, answers: TextIO) -> None:
         ev, backends = _open(spec, state_dir)
         _send(answers, {"ready": True, "seconds": time.perf_counter() - t})
         for line in jobs:
-            job = json.loads(line)
-            be = ev.backends[job["part"]]
-            heads = [(int(a), int(b)) for a, b in job["heads"]]
-            t = time.perf_counter()
-            lp = be.evaluate(heads)
-            _send(answers, {"lp": lp.tolist(), "seconds": time.perf_counter() - t, "cost": be.cost_fraction(heads)})
+            _send(answers, _answer(ev, json.loads(line)))
     finally:
         if backends is not None:
             close_backends(ev, backends)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _answer(ev: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """One job's answer, computed with the calls :meth:`~act_plugin.search.evaluator.Evaluator.margins`
+    makes in one process."""
+    be = ev.backends[job["part"]]
+    if job.get("plan_cache"):
+        be.plan_cache(job["plan_cache"])
+    heads = [(int(a), int(b)) for a, b in job["heads"]]
+    first_token = {(int(a), int(b)): float(g) for a, b, g in job.get("first_token") or []}
+    t = time.perf_counter()
+    lp = be.evaluate(heads, first_token=first_token) if first_token else be.evaluate(heads)
+    return {"lp": lp.tolist(), "seconds": time.perf_counter() - t,
+            "cost": be.cost_fraction(heads + list(first_token))}
 
 
 def _send(answers: TextIO, msg: dict) -> None:

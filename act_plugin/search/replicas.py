@@ -5,8 +5,10 @@ placement (:mod:`act_plugin.vllm.placement`: a block of cores and 1/N of the KV 
 its own GPUs on CUDA) that rebuilds the search's inputs from the same config, checks that its
 settings hash is the parent's, and opens the exact-score backend one process would open (one
 vLLM engine, or the transformers model with ``fast.verify: hf``). It then serves evaluations:
-the parent sends one ``(part, heads)`` at a time on its stdin and reads the answer
-log-probabilities back (JSON floats: exact) from its stdout.
+the parent sends one ``(part, heads, first_token)`` at a time on its stdin and reads the answer
+log-probabilities back (JSON floats: exact) from its stdout. ``first_token`` (a search over
+rules, transformers path) holds the heads scaled by the first_token rule in the same forward,
+as ``[layer, head, gamma]`` rows (JSON has no tuple keys; a gamma is a float, exact in JSON).
 
 Sharded by candidate, not by prompt: one evaluation -- a head set on every prompt of one
 part -- is made whole by one replica, with the same prompts in the same batch as one process
@@ -14,8 +16,11 @@ sends, so the margins are the ones N = 1 computes (the vLLM engine's arithmetic 
 depend on how many cores it has; see the README for what was measured) and the parent
 derives them with the same code. :meth:`ReplicaPool.evaluate_many` hands the next
 evaluation to whichever replica is free (the verify step: every candidate alone, on every
-part); one evaluation at a time (the greedy combination, whose steps depend on each other)
-goes to a free replica too.
+part; the first_token candidates alone; a selection step's validation parts); one evaluation
+at a time (the greedy combination, whose steps depend on each other) goes to a free replica too.
+Layers whose inputs a transformers replica should keep (``plan_cache``: the restart layers of
+the first_token candidates, known only after the parent's ranking of them) travel with every
+job of the part, so each replica plans the same cache one process plans.
 
 Resuming is the search store's: the parent appends each result to the partial-results file
 as it arrives (:meth:`act_plugin.search.evaluator.Evaluator.prefetch`), so a killed run loses
@@ -32,13 +37,14 @@ import queue
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from act_plugin.atomic_files import atomic_write_json
+from act_plugin.search.store import first_token_rows
 
 __all__ = ["ReplicaPool", "ReplicaPart", "REPLICA_MODULE"]
 
@@ -65,6 +71,7 @@ class ReplicaPool:
         self.procs: list[subprocess.Popen] = []
         self.placement = envs
         self._closed = False
+        self._plans: dict[str, set[int]] = {}  # part -> layers whose inputs the replicas keep
         for k, env in enumerate(envs):
             spec_file = atomic_write_json(folder / f"replica-{k}-of-{self.n}.spec.json", {**spec, "replica": k})
             with open(self.log(k), "w") as log:  # the child keeps its own handle
@@ -93,8 +100,8 @@ class ReplicaPool:
                 job = self._jobs.get()
                 if job is _STOP:
                     return
-                i, part, heads = job
-                proc.stdin.write(json.dumps({"part": part, "heads": heads}) + "\n")
+                i, msg = job
+                proc.stdin.write(json.dumps(msg) + "\n")
                 proc.stdin.flush()
                 reply = self._read(k)
                 self._results.put((i, reply, None))
@@ -123,22 +130,36 @@ class ReplicaPool:
                             "are kept in the partial-results file)")
 
     # ------------------------------------------------------------------ evaluations
-    def evaluate_many(self, jobs: list[tuple[str, list]]) -> Iterator[tuple[int, np.ndarray, float, float]]:
-        """``(index, answer log-probabilities, seconds, cost fraction)`` of each ``(part, heads)``
-        job, in the order they finish, each made whole by one free replica."""
+    def plan_cache(self, part: str, layers: Iterable[int]) -> None:
+        """Layers whose inputs every replica's backend of ``part`` keeps (sent with its jobs)."""
+        self._plans.setdefault(part, set()).update(int(x) for x in layers)
+
+    def _message(self, part: str, heads: Iterable, first_token: Mapping | None) -> dict[str, Any]:
+        msg: dict[str, Any] = {"part": part, "heads": [list(map(int, h)) for h in heads]}
+        if first_token:
+            msg["first_token"] = first_token_rows(first_token)
+        if self._plans.get(part):
+            msg["plan_cache"] = sorted(self._plans[part])
+        return msg
+
+    def evaluate_many(self, jobs: list[tuple[str, list, Mapping | None]]
+                      ) -> Iterator[tuple[int, np.ndarray, float, float]]:
+        """``(index, answer log-probabilities, seconds, cost fraction)`` of each ``(part, heads,
+        first_token)`` job (``first_token``: (layer, head) -> gamma, or None), in the order they
+        finish, each made whole by one free replica."""
         if self._closed:
             raise ReplicaError("data_parallel: the search replicas were already closed")
-        for i, (part, heads) in enumerate(jobs):
-            self._jobs.put((i, part, [list(map(int, h)) for h in heads]))
+        for i, (part, heads, first_token) in enumerate(jobs):
+            self._jobs.put((i, self._message(part, heads, first_token)))
         for _ in jobs:
             i, reply, err = self._results.get()
             if err is not None:
                 raise err
             yield i, np.asarray(reply["lp"], dtype=np.float64), float(reply["seconds"]), float(reply["cost"])
 
-    def evaluate(self, part: str, heads: Iterable) -> tuple[np.ndarray, float]:
+    def evaluate(self, part: str, heads: Iterable, first_token: Mapping | None = None) -> tuple[np.ndarray, float]:
         """One evaluation (log-probabilities, cost fraction), by a free replica."""
-        for _, lp, _, cost in self.evaluate_many([(part, list(heads))]):
+        for _, lp, _, cost in self.evaluate_many([(part, list(heads), first_token)]):
             return lp, cost
         raise AssertionError("unreachable: one job gives one result")  # pragma: no cover
 
@@ -180,15 +201,26 @@ class ReplicaPart:
         self.pool = pool
         self.part = part
         self.name = pool.name
-        self._cost: dict[tuple, float] = {}
+        self._cost: dict[tuple, float] = {}  # every head an evaluation changed -> its cost fraction
 
-    def evaluate(self, heads: Iterable) -> np.ndarray:
-        key = tuple(sorted((int(a), int(b)) for a, b in heads))
-        lp, self._cost[key] = self.pool.evaluate(self.part, [list(h) for h in key])
+    @staticmethod
+    def _key(heads: Iterable) -> tuple:
+        return tuple(sorted((int(a), int(b)) for a, b in heads))
+
+    def evaluate(self, heads: Iterable, first_token: Mapping | None = None) -> np.ndarray:
+        """``heads`` under ACT and the heads of ``first_token`` ((layer, head) -> gamma) under
+        the first_token rule, in one forward (the backend one process would call)."""
+        act = self._key(heads)
+        lp, cost = self.pool.evaluate(self.part, [list(h) for h in act], first_token)
+        self._cost[self._key([*act, *(first_token or {})])] = cost
         return lp
 
     def cost_fraction(self, heads: Iterable) -> float:
-        return self._cost.get(tuple(sorted((int(a), int(b)) for a, b in heads)), 1.0)
+        """The cost the replica reported for the evaluation of ``heads`` (ACT and first_token heads)."""
+        return self._cost.get(self._key(heads), 1.0)
+
+    def plan_cache(self, layers: Iterable[int]) -> None:
+        self.pool.plan_cache(self.part, layers)
 
     def close(self) -> None:
         self.pool.close()

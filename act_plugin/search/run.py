@@ -36,7 +36,7 @@ from act_plugin.search.analysis import ranking_agreement
 from act_plugin.search.backends import close_backends, open_exact_backends, open_ranking_backend
 from act_plugin.search.config import SearchConfig
 from act_plugin.search.evaluator import Evaluator
-from act_plugin.search.first_token import FirstTokenSearch, first_token_config, search_first_token
+from act_plugin.search.first_token import FirstTokenSearch, first_token_config, rank_first_token, search_first_token
 from act_plugin.search.outputs import act_config, log, write_outputs
 from act_plugin.search.report import build_report
 from act_plugin.search.rules_compare import compare_rules, rules_section
@@ -132,6 +132,8 @@ def _search(prep: Prepared, t0: float, progress: bool, quiet: bool, on_candidate
         if prep.cfg.method == "fast":
             ranking = rank(prep, backends.hf, progress)
             log(f"ranking pass: {ranking.seconds:.1f}s for {len(prep.candidates)} heads", quiet)
+        # first_token's ranking pass too runs here, before a data-parallel search releases the model
+        ft_ranking = rank_first_token(prep, backends.hf, progress) if "first_token" in prep.cfg.rules else None
         open_exact_backends(prep, ev, backends, ranking, llm)
         ver = verify(prep, ev, ranking, progress, on_candidate)
         log(f"{len(ver.kept)} of {len(ver.singles)} exactly scored heads gain alone on the search part", quiet)
@@ -139,8 +141,8 @@ def _search(prep: Prepared, t0: float, progress: bool, quiet: bool, on_candidate
         log(f"shared set: {len(comb.shared.heads)} heads ({comb.note or comb.shared.note}); per-task sets: "
             + (", ".join(f"{t} {len(s.heads)}" for t, s in comb.per_task.items()) or "not asked"), quiet)
         ft, rules = None, None
-        if "first_token" in prep.cfg.rules:
-            ft = search_first_token(prep, ev, backends.hf, ver, progress)
+        if ft_ranking is not None:
+            ft = search_first_token(prep, ev, ft_ranking, ver, progress)
             rules = rules_section(prep, ft, compare_rules(prep, ev, ver, comb, ft))
             log(f"first_token: {len(ft.kept)} of {len(ft.units)} exactly scored candidates gain; chosen per task: "
                 + ", ".join(f"{t} {r['chosen']}" for t, r in rules["comparison"]["per_task"].items())

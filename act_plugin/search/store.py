@@ -33,7 +33,7 @@ from typing import Any
 from act_plugin.atomic_files import append_line_durable, atomic_write_text
 from act_plugin.search.config import SearchConfigError
 
-__all__ = ["SearchStore", "SearchStoreError", "settings_hash", "model_fingerprint", "maths_version"]
+__all__ = ["SearchStore", "SearchStoreError", "settings_hash", "model_fingerprint", "maths_version", "first_token_rows"]
 
 _MATHS_FILES = ("core.py", "search/scoring.py", "search/hf_backend.py")
 
@@ -74,7 +74,7 @@ def _heads(heads: Iterable) -> list[list[int]]:
     return [[a, b] for a, b in sorted((int(a), int(b)) for a, b in heads)]
 
 
-def _first_token(scales: Mapping | Iterable | None) -> list[list]:
+def first_token_rows(scales: Mapping | Iterable | None) -> list[list]:
     """``[[layer, head, gamma], ...]`` sorted, from ``{(layer, head): gamma}`` or triples."""
     items = scales.items() if isinstance(scales, Mapping) else ((x[:2], x[2]) for x in (scales or []))
     return [[a, b, g] for (a, b), g in sorted(((int(h[0]), int(h[1])), float(g)) for h, g in items)]
@@ -82,7 +82,7 @@ def _first_token(scales: Mapping | Iterable | None) -> list[list]:
 
 def _set_key(backend: str, part: str, heads: Iterable, first_token: Mapping | Iterable | None = None) -> str:
     key = f"{backend}|{part}|" + ";".join(f"{a}.{b}" for a, b in _heads(heads))
-    ft = _first_token(first_token)
+    ft = first_token_rows(first_token)
     return key + ("|ft:" + ";".join(f"{a}.{b}={g!r}" for a, b, g in ft) if ft else "")
 
 
@@ -173,7 +173,7 @@ class SearchStore:
         rec = {"kind": "set", "backend": backend, "part": part, "heads": _heads(heads),
                "margins": [float(x) for x in margins], "seconds": seconds, "cost_fraction": cost}
         if first_token:
-            rec["first_token"] = _first_token(first_token)
+            rec["first_token"] = first_token_rows(first_token)
         self.sets[_set_key(backend, part, heads, first_token)] = rec
         self._append(rec)
         return rec
