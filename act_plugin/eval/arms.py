@@ -219,7 +219,8 @@ def check_comparisons(pairs: list[tuple[str, str]], arms: Iterable[str]) -> None
         key = frozenset((treatment, reference))
         if key in seen:
             first = seen[key]
-            how = "twice" if first == (treatment, reference) else f"after [{first[0]}, {first[1]}] (the same pair " \
-                                                                   f"mirrored: its deltas are the same with the sign flipped)"
+            how = "twice" if first == (treatment, reference) else (
+                f"after [{first[0]}, {first[1]}] (the same pair mirrored: its deltas are the same with the sign "
+                f"flipped)")
             raise ACTConfigError(f"{shown} is listed {how}; give each pair once")
         seen[key] = (treatment, reference)
