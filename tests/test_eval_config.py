@@ -323,3 +323,36 @@ def test_a_per_task_spans_profile_is_checked_on_its_own_task_only():
     pt = cfg(tasks=["boolq_spans", "sst2"], arms={"baseline": None, "pt": arm})
     assert pt.act_for("pt", "boolq_spans").rule == "spans" and pt.act_for("pt", "sst2").rule == "act"
     assert pt.profiles_outside("pt") == ["mr"]
+
+
+# ------------------------------------------------------------------------ comparisons of two calibrated arms
+THREE_ARMS = {"baseline": None, "act": {"beta": 0.4, "heads": "2-5:0"},
+              "rules": {"profiles": {"sst2": {"rule": "first_token", "scale": 2.0, "heads": "2:0"}}}}
+
+
+def test_comparisons_name_pairs_of_calibrated_arms():
+    assert cfg().comparisons == []
+    c = cfg(arms=THREE_ARMS, comparisons=[["rules", "act"]])
+    assert c.comparisons == [("rules", "act")]
+    again = load_eval_config(c.to_dict())  # config.yaml of the run reads back the same
+    assert again.comparisons == c.comparisons and again.to_dict()["comparisons"] == [["rules", "act"]]
+    assert cfg(arms=THREE_ARMS, comparisons=None).comparisons == []
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([["rules", "actt"]], r"comparisons: \[rules, actt\]: arm 'actt' is not among the arms \['baseline', 'act', "
+                          r"'rules'\]"),
+    ([["baseline", "act"]], r"comparisons: \[baseline, act\]: every arm is compared with 'baseline' already"),
+    ([["rules", "baseline"]], r"comparisons: \[rules, baseline\]: every arm is compared with 'baseline' already"),
+    ([["act", "act"]], r"comparisons: \[act, act\]: compares arm 'act' with itself"),
+    ([["rules", "act"], ["rules", "act"]], r"comparisons: \[rules, act\] is listed twice"),
+    ([["rules", "act"], ["act", "rules"]], r"comparisons: \[act, rules\] is listed after \[rules, act\] \(the same "
+                                           r"pair mirrored"),
+    ("rules", r"comparisons: must be a list of \[treatment, reference\] pairs of arm names.*got 'rules'"),
+    ([["rules"]], r"comparisons: each entry must be a \[treatment, reference\] pair of two arm names.*got \['rules'\]"),
+    ([["rules", "act", "baseline"]], r"comparisons: each entry must be a \[treatment, reference\] pair"),
+    ([["rules", 3]], r"comparisons: each entry must be a \[treatment, reference\] pair.*got \['rules', 3\]"),
+])
+def test_bad_comparisons_are_refused_naming_the_key_and_the_arm(pairs, message):
+    with pytest.raises(ACTConfigError, match=message):
+        cfg(arms=THREE_ARMS, comparisons=pairs)

@@ -31,7 +31,7 @@ from act_plugin.config.vocabulary import Kind, Surface, interpret
 from act_plugin.tasks import get_task
 
 __all__ = ["BASELINE", "ARM_OPTIONS", "ARM_NAME", "RESERVED_ARM_NAMES", "PerTaskArm", "check_baseline",
-           "calibrated_arm"]
+           "calibrated_arm", "comparison_pairs", "check_comparisons"]
 
 BASELINE = "baseline"
 # Keys of an arm mapping that are options of the arm, not of its ACT config.
@@ -180,3 +180,47 @@ def _task_name(profile: str) -> str:
         return get_task(profile).name
     except ACTConfigError:
         return profile
+
+
+def comparison_pairs(value: Any) -> list[tuple[str, str]]:
+    """The ``comparisons`` setting as (treatment, reference) pairs of arm names (shape only;
+    :func:`check_comparisons` judges the names against the arms). Messages go out under the
+    key's name (pydantic's location)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ACTConfigError(f"must be a list of [treatment, reference] pairs of arm names "
+                             f"(e.g. [[rules, act]]), got {value!r}")
+    pairs = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(a, str) for a in pair):
+            raise ACTConfigError(f"each entry must be a [treatment, reference] pair of two arm names "
+                                 f"(e.g. [rules, act]), got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def check_comparisons(pairs: list[tuple[str, str]], arms: Iterable[str]) -> None:
+    """Refuse a ``comparisons`` pair naming an unknown arm, the baseline (every arm is
+    compared with it already), one arm twice, or a pair given before (in either order: the
+    mirrored pair only flips the sign of every delta)."""
+    arms = list(arms)
+    seen: dict[frozenset[str], tuple[str, str]] = {}
+    for treatment, reference in pairs:
+        shown = f"comparisons: [{treatment}, {reference}]"
+        for name in (treatment, reference):
+            if name == BASELINE:
+                raise ACTConfigError(f"{shown}: every arm is compared with '{BASELINE}' already (its '<arm> vs "
+                                     f"baseline' section); name two calibrated arms")
+            if name not in arms:
+                raise ACTConfigError(f"{shown}: arm '{name}' is not among the arms {arms}")
+        if treatment == reference:
+            raise ACTConfigError(f"{shown}: compares arm '{treatment}' with itself; name two different arms")
+        key = frozenset((treatment, reference))
+        if key in seen:
+            first = seen[key]
+            how = "twice" if first == (treatment, reference) else (
+                f"after [{first[0]}, {first[1]}] (the same pair mirrored: its deltas are the same with the sign "
+                f"flipped)")
+            raise ACTConfigError(f"{shown} is listed {how}; give each pair once")
+        seen[key] = (treatment, reference)

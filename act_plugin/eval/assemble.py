@@ -1,7 +1,8 @@
 """The typed results of an eval run (:class:`act_plugin.eval.results.EvalResults`) from its
 finished pieces: per task the paired comparisons of every arm with the baseline (bootstrap CI,
 McNemar's exact test, the minimum detectable effect at the observed discordance), per arm the
-summary over tasks and the engine read-back, and the warnings the report repeats.
+summary over tasks and the engine read-back, the same statistics for each pair of calibrated
+arms the config's ``comparisons`` name, and the warnings the report repeats.
 
 Everything here is recomputed from the per-sample files and ``run_state.json``, so changing a
 statistics setting never needs a model.
@@ -29,6 +30,10 @@ from act_plugin.eval.results import (
     EngineArm,
     EvalResults,
     ModelInfo,
+    PairComparison,
+    PairedStats,
+    PairSummary,
+    PairTaskResult,
     Scoring,
     Settings,
     TaskResult,
@@ -86,25 +91,27 @@ def _paired_matrices(cfg: EvalConfig, pieces: _Pieces, task: str, seeds: list[in
     return mats
 
 
-def _comparison(cfg: EvalConfig, task: str, arm: str, base: np.ndarray, treat: np.ndarray,
-                warnings: list[str]) -> ComparisonResult:
-    """One arm against the baseline on one task; an unresolved delta adds a warning."""
-    c = compare(base, treat, cfg.bootstrap_resamples, cfg.confidence, cfg.stats_seed)
+def _paired_stats(cfg: EvalConfig, label: str, reference: np.ndarray, treatment: np.ndarray,
+                  warnings: list[str]) -> dict[str, Any]:
+    """``treatment`` against ``reference`` on one task (``label`` names them in the warning an
+    unresolved delta adds): :class:`act_plugin.eval.results.PairedStats`' fields."""
+    c = compare(reference, treatment, cfg.bootstrap_resamples, cfg.confidence, cfg.stats_seed)
     discordant = c.docs_better + c.docs_worse
     res = resolution(c.n, discordant, c.delta, MDE_ALPHA, MDE_POWER)
     if res.note is not None:
-        warnings.append(f"{task}, {arm}: {res.note}: not resolved at this n (use more documents, e.g. limit: all)")
+        warnings.append(f"{label}: {res.note}: not resolved at this n (use more documents, e.g. limit: all)")
     fields = {k: (_f(v) if isinstance(v, float) else v) for k, v in c.to_dict().items()}
-    return ComparisonResult(**fields, discordant_rate=discordant / c.n if c.n else 0.0, mde=res.mde,
-                            resolved=res.resolved, calibrated=cfg.runs(arm, task))
+    return {**fields, "discordant_rate": discordant / c.n if c.n else 0.0, "mde": res.mde, "resolved": res.resolved}
 
 
 def _task_result(cfg: EvalConfig, pieces: _Pieces, task: str, lm_task: str, seeds: list[int],
-                 warnings: list[str]) -> TaskResult:
-    mats = _paired_matrices(cfg, pieces, task, seeds)
+                 mats: dict[str, np.ndarray], warnings: list[str]) -> TaskResult:
     arms = list(cfg.arms)
-    comparisons = {arm: _comparison(cfg, task, arm, mats[BASELINE], mats[arm], warnings)
-                   for arm in arms if arm != BASELINE}
+    comparisons = {
+        arm: ComparisonResult(**_paired_stats(cfg, f"{task}, {arm}", mats[BASELINE], mats[arm], warnings),
+                              calibrated=cfg.runs(arm, task))
+        for arm in arms if arm != BASELINE
+    }
     return TaskResult(
         lm_eval_task=lm_task, metric=primary_metric(task), n=int(mats[BASELINE].shape[0]),
         num_fewshot=cfg.num_fewshot, seeds=seeds,
@@ -116,26 +123,49 @@ def _task_result(cfg: EvalConfig, pieces: _Pieces, task: str, lm_task: str, seed
     )
 
 
-def _arm_summary(cfg: EvalConfig, pieces: _Pieces, arm: str, tasks_out: dict[str, TaskResult],
-                 seeds: list[int]) -> ArmSummary:
-    """An arm's mean delta over tasks with a task-stratified bootstrap CI."""
-    tasks = list(tasks_out)
-    pairs = [(correctness_matrix(pieces.records[(BASELINE, t)], seeds)[1],
-              correctness_matrix(pieces.records[(arm, t)], seeds)[1]) for t in tasks]
+def _mean_over_tasks(cfg: EvalConfig, mats: dict[str, dict[str, np.ndarray]], reference: str, treatment: str,
+                     comps: dict[str, PairedStats], label: str) -> dict[str, Any]:
+    """``treatment``'s mean delta over tasks against ``reference`` with a task-stratified
+    bootstrap CI, and its flips: :class:`act_plugin.eval.results.MeanOverTasks`' fields."""
+    tasks = list(comps)
+    pairs = [(mats[t][reference], mats[t][treatment]) for t in tasks]
     lo, hi = macro_bootstrap_ci(pairs, cfg.bootstrap_resamples, cfg.confidence, cfg.stats_seed)
-    comps = [tasks_out[t].comparisons[arm] for t in tasks]
     # A delta is None only for a task with no scored documents (NaN written as null)
-    empty = [t for t, c in zip(tasks, comps) if c.delta is None]
+    empty = [t for t, c in comps.items() if c.delta is None]
     if empty:
-        raise ACTConfigError(f"eval: no documents were scored for task(s) {', '.join(empty)} (arm {arm!r}); "
+        raise ACTConfigError(f"eval: no documents were scored for task(s) {', '.join(empty)} ({label}); "
                              f"check the task's split in the data folder and the config's limit")
-    deltas = cast(list[float], [c.delta for c in comps])
-    return ArmSummary(
+    deltas = cast(list[float], [c.delta for c in comps.values()])
+    return dict(
         mean_delta=_f(float(np.mean(deltas))), ci_low=_f(lo), ci_high=_f(hi),
         tasks_up=sum(d > 0 for d in deltas), tasks_down=sum(d < 0 for d in deltas),
-        improved=sum(c.improved for c in comps), worsened=sum(c.worsened for c in comps),
-        uncalibrated_tasks=cfg.uncalibrated_tasks(arm),
+        improved=sum(c.improved for c in comps.values()), worsened=sum(c.worsened for c in comps.values()),
     )
+
+
+def _arm_summary(cfg: EvalConfig, mats: dict[str, dict[str, np.ndarray]], arm: str,
+                 tasks_out: dict[str, TaskResult]) -> ArmSummary:
+    """An arm's mean delta over tasks against the baseline."""
+    comps: dict[str, PairedStats] = {t: r.comparisons[arm] for t, r in tasks_out.items()}
+    return ArmSummary(**_mean_over_tasks(cfg, mats, BASELINE, arm, comps, f"arm {arm!r}"),
+                      uncalibrated_tasks=cfg.uncalibrated_tasks(arm))
+
+
+def _pair_comparison(cfg: EvalConfig, mats: dict[str, dict[str, np.ndarray]], treatment: str, reference: str,
+                     warnings: list[str]) -> PairComparison:
+    """A ``comparisons`` pair: per task the treatment arm against the reference arm on the same
+    documents (an arm without a profile for a task stands there as the baseline's records),
+    and the mean over tasks -- the statistics of the comparisons with the baseline."""
+    label = f"{treatment} vs {reference}"
+    tasks = {
+        t: PairTaskResult(**_paired_stats(cfg, f"{t}, {label}", m[reference], m[treatment], warnings),
+                          treatment_calibrated=cfg.runs(treatment, t), reference_calibrated=cfg.runs(reference, t))
+        for t, m in mats.items()
+    }
+    summary = PairSummary(**_mean_over_tasks(cfg, mats, reference, treatment, dict(tasks), label),
+                          treatment_uncalibrated_tasks=cfg.uncalibrated_tasks(treatment),
+                          reference_uncalibrated_tasks=cfg.uncalibrated_tasks(reference))
+    return PairComparison(treatment=treatment, reference=reference, tasks=tasks, summary=summary)
 
 
 def _arm_result(cfg: EvalConfig, pieces: _Pieces, arm: str, tasks: list[str], warnings: list[str]) -> ArmResult:
@@ -195,8 +225,11 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
     """The typed results of a run from its finished pieces (per-sample files + run state)."""
     pieces = _load_pieces(cfg, state, list(lm_tasks))
     warnings: list[str] = []
-    tasks_out = {task: _task_result(cfg, pieces, task, lm_task, seeds, warnings) for task, lm_task in lm_tasks.items()}
-    summary = {arm: _arm_summary(cfg, pieces, arm, tasks_out, seeds) for arm in cfg.arms if arm != BASELINE}
+    mats = {task: _paired_matrices(cfg, pieces, task, seeds) for task in lm_tasks}
+    tasks_out = {task: _task_result(cfg, pieces, task, lm_task, seeds, mats[task], warnings)
+                 for task, lm_task in lm_tasks.items()}
+    summary = {arm: _arm_summary(cfg, mats, arm, tasks_out) for arm in cfg.arms if arm != BASELINE}
+    pairs = [_pair_comparison(cfg, mats, treatment, reference, warnings) for treatment, reference in cfg.comparisons]
     arms_out = {arm: _arm_result(cfg, pieces, arm, list(lm_tasks), warnings) for arm in cfg.arms}
     return EvalResults(
         name=cfg.name, description=cfg.description,
@@ -208,5 +241,5 @@ def assemble(cfg: EvalConfig, state: RunState, model_path: str, data_dir: Path, 
                           data_dir_source=data_how, bootstrap_resamples=cfg.bootstrap_resamples,
                           confidence=cfg.confidence, stats_seed=cfg.stats_seed, mde_alpha=MDE_ALPHA,
                           mde_power=MDE_POWER),
-        arms=arms_out, tasks=tasks_out, summary=summary, warnings=warnings,
+        arms=arms_out, tasks=tasks_out, summary=summary, comparisons=pairs, warnings=warnings,
     )

@@ -59,13 +59,19 @@ def run(args: argparse.Namespace) -> int:
         total = len(cfg.pieces)
         again = ""
         if len(result.reused) == total:
-            again = " (nothing re-run: delete the folder or pass another -o to run again)"
+            again = (" (nothing re-run: results.json and report.md rewritten from the samples, with the config's "
+                     "comparisons; delete the folder or pass another -o to run again)")
         print(f"resumed: {len(result.reused)} finished (arm, task) pieces reused of {total}{again}", file=sys.stderr)
     for arm, s in r.summary.items():
         uncal = f"; uncalibrated (no profile): {', '.join(s.uncalibrated_tasks)}" if s.uncalibrated_tasks else ""
         print(f"{arm} vs baseline: mean delta {_pts(s.mean_delta)} points "
               f"[{_pts(s.ci_low)}, {_pts(s.ci_high)}] over {len(r.tasks)} tasks "
               f"({s.improved} flips up, {s.worsened} down{uncal})")
+    for pair in r.comparisons:
+        mean = pair.summary
+        print(f"{pair.treatment} vs {pair.reference}: mean delta {_pts(mean.mean_delta)} points "
+              f"[{_pts(mean.ci_low)}, {_pts(mean.ci_high)}] over {len(r.tasks)} tasks "
+              f"({mean.improved} flips up, {mean.worsened} down)")
     for w in r.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"report: {result.output_dir / 'report.md'}")

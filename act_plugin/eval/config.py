@@ -37,6 +37,15 @@ A ``spans`` arm (or a per-task arm's ``spans`` profile) runs on span-marked task
 (``boolq_spans``): each request carries its document's spans (:mod:`act_plugin.eval.prompt_spans`),
 and a task whose documents mark none is refused, naming the arm and the task.
 
+Every calibrated arm is compared with the baseline. Two calibrated arms are compared with each
+other on the same documents when named in ``comparisons`` (treatment first, then reference)::
+
+    comparisons: [[rules, act]]    # "## rules vs act" in report.md: rules minus act
+
+A per-task arm without a profile for a task stands there as the baseline's records, so on that
+task the pair compares the other arm with the baseline (the row says so). Comparisons only
+change what is reported: rerunning a finished run with new ones re-uses every piece.
+
 Paths: calibrated arms and profiles files given as paths are read relative to the eval
 config's folder (then the current directory); ``data_dir`` and ``output_dir`` are relative to
 the current directory.
@@ -65,6 +74,8 @@ from act_plugin.eval.arms import (
     PerTaskArm,
     calibrated_arm,
     check_baseline,
+    check_comparisons,
+    comparison_pairs,
 )
 from act_plugin.eval.prompt_spans import task_marks_spans
 
@@ -90,6 +101,12 @@ class EvalConfig(BaseModel):
         default_factory=list,
         description="arms that are deliberate controls (set by 'control: true' on an arm); only these may "
                     "calibrate nothing (no heads or beta 1)",
+    )
+    comparisons: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="[treatment, reference] pairs of calibrated arms compared with each other on the same documents "
+                    "(every arm is compared with the baseline anyway); reported only: they change no number of the "
+                    "run, so adding one to a finished run re-uses every piece",
     )
     tasks: list[str] = Field(..., description="project tasks (sst2, arc_easy, ...), suites, or lm_eval:<task>")
     num_fewshot: int = Field(0, ge=0, description="in-context examples per prompt (k)")
@@ -166,6 +183,7 @@ class EvalConfig(BaseModel):
                     f"('control: true' on the arm)"
                 )
         self._check_profile_names()
+        check_comparisons(self.comparisons, self.arms)
         return self
 
     def _check_per_task(self, name: str, arm: PerTaskArm) -> None:
@@ -227,6 +245,11 @@ class EvalConfig(BaseModel):
         if len(arms) < 2:
             raise ACTConfigError("arms: add at least one calibrated arm besides 'baseline'")
         return arms
+
+    @field_validator("comparisons", mode="before")
+    @classmethod
+    def _comparisons(cls, v: Any) -> Any:
+        return comparison_pairs(v)
 
     @field_validator("tasks", mode="before")
     @classmethod

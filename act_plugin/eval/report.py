@@ -220,32 +220,74 @@ def _mde_cell(c: dict) -> str:
     return cell + ("" if c["resolved"] else " (!)")
 
 
-def _comparison_section(results: dict, arm: str) -> list[str]:
-    """One calibrated arm against the baseline: a row per task and the mean over tasks."""
+def _table_head(results: dict, title: str, reference: str, treatment: str) -> list[str]:
     conf = int(round(100 * results["settings"]["confidence"]))
-    lines = [
-        "", f"## {arm} vs baseline", "",
-        f"| task | metric | n | baseline | {arm} | delta (points) | {conf}% CI | + / - | McNemar p (exact / mid-p) "
-        f"| MDE |",
+    return [
+        "", f"## {title}", "",
+        f"| task | metric | n | {reference} | {treatment} | delta (points) | {conf}% CI | + / - "
+        f"| McNemar p (exact / mid-p) | MDE |",
         "|---|---|---:|---:|---:|---:|---|---:|---|---:|",
     ]
+
+
+def _row(task: str, metric: str, c: dict) -> str:
+    return (f"| {task} | {metric} | {c['n']} | {_pct(c['base_acc'])} | {_pct(c['treat_acc'])} | "
+            f"{_pct(c['delta'], True)} | [{_pct(c['ci_low'], True)}, {_pct(c['ci_high'], True)}] | "
+            f"{c['improved']} / {c['worsened']} | {_p(c['p_value'])} / {_p(c['p_value_midp'])} | {_mde_cell(c)} |")
+
+
+def _mean_row(s: dict) -> str:
+    return (f"| **mean over tasks** | | | | | **{_pct(s['mean_delta'], True)}** | "
+            f"[{_pct(s['ci_low'], True)}, {_pct(s['ci_high'], True)}] | {s['improved']} / {s['worsened']} | | |")
+
+
+def _comparison_section(results: dict, arm: str) -> list[str]:
+    """One calibrated arm against the baseline: a row per task and the mean over tasks."""
+    lines = _table_head(results, f"{arm} vs baseline", "baseline", arm)
     for t, info in results["tasks"].items():
         c = info["comparisons"][arm]
         task = t if c.get("calibrated", True) else f"{t} (**uncalibrated: no profile for this task**)"
-        lines.append(
-            f"| {task} | {info['metric']} | {c['n']} | {_pct(c['base_acc'])} | {_pct(c['treat_acc'])} | "
-            f"{_pct(c['delta'], True)} | [{_pct(c['ci_low'], True)}, {_pct(c['ci_high'], True)}] | "
-            f"{c['improved']} / {c['worsened']} | {_p(c['p_value'])} / {_p(c['p_value_midp'])} | {_mde_cell(c)} |"
-        )
+        lines.append(_row(task, info["metric"], c))
     s = results["summary"][arm]
-    lines.append(
-        f"| **mean over tasks** | | | | | **{_pct(s['mean_delta'], True)}** | "
-        f"[{_pct(s['ci_low'], True)}, {_pct(s['ci_high'], True)}] | {s['improved']} / {s['worsened']} | | |"
-    )
+    lines.append(_mean_row(s))
     if s.get("uncalibrated_tasks"):
         lines += ["", f"Uncalibrated in {arm} (no profile for the task): {', '.join(s['uncalibrated_tasks'])}. "
                   f"Not run: the baseline's records stand for them, so their delta is 0 by construction; "
                   f"they count in the mean (the per-task arm as deployed runs them uncalibrated)."]
+    return lines
+
+
+def _pair_task_label(task: str, pair: dict, c: dict) -> str:
+    """The task, marked where an arm of the pair has no profile for it (its records are the baseline's)."""
+    missing = [pair[k] for k in ("treatment", "reference") if not c[f"{k}_calibrated"]]
+    if not missing:
+        return task
+    if len(missing) == 2:
+        return f"{task} (**uncalibrated in both: no profile for this task**)"
+    return f"{task} (**{missing[0]} uncalibrated: no profile for this task**)"
+
+
+def _pair_section(results: dict, pair: dict) -> list[str]:
+    """Two calibrated arms of the config's ``comparisons``: the treatment against the reference
+    on the same documents, a row per task and the mean over tasks."""
+    treatment, reference = pair["treatment"], pair["reference"]
+    lines = _table_head(results, f"{treatment} vs {reference}", reference, treatment)
+    for t, c in pair["tasks"].items():
+        lines.append(_row(_pair_task_label(t, pair, c), results["tasks"][t]["metric"], c))
+    s = pair["summary"]
+    lines.append(_mean_row(s))
+    lines += ["", f"Delta = {treatment} minus {reference} on the same documents; + / - = documents {reference} got "
+              f"wrong and {treatment} right / {reference} right and {treatment} wrong."]
+    both = [t for t, c in pair["tasks"].items() if not (c["treatment_calibrated"] or c["reference_calibrated"])]
+    for role in ("treatment", "reference"):
+        arm = pair[role]
+        own = [t for t in s[f"{role}_uncalibrated_tasks"] if t not in both]
+        if own:
+            lines.append(f"Uncalibrated in {arm} (no profile for the task): {', '.join(own)}: the baseline's records "
+                         f"stand for {arm} there, so those rows compare the other arm with the baseline.")
+    if both:
+        lines.append(f"Uncalibrated in both (no profile for the task): {', '.join(both)}: both are the baseline's "
+                     f"records, delta 0 by construction. Every row counts in the mean.")
     return lines
 
 
@@ -258,7 +300,8 @@ def _how_to_read(results: dict) -> list[str]:
         "",
         "## How to read and recompute",
         "",
-        "- Accuracies in percent; delta = calibrated minus baseline on the same documents, in points; "
+        "- Accuracies in percent; delta = calibrated minus baseline on the same documents, in points "
+        "(in an `A vs B` section of two calibrated arms: A minus B, with B in the baseline's place throughout); "
         f"CI = {conf}% percentile paired bootstrap over documents ({st['bootstrap_resamples']} resamples); "
         "the mean row is the unweighted mean over tasks with a task-stratified bootstrap.",
         "- `+ / -` = documents flipped from wrong to right / right to wrong (per seed). p = McNemar's exact "
@@ -279,11 +322,14 @@ def _how_to_read(results: dict) -> list[str]:
 
 def write_report(path: Path, results: EvalResults | dict) -> Path:
     """``report.md``: the run's settings, arms, warnings, one comparison table per calibrated
-    arm and how to read and recompute every number."""
+    arm (against the baseline), one per pair of arms the config's ``comparisons`` name, and
+    how to read and recompute every number."""
     results = as_dict(results)
     lines = _header(results) + _arms_section(results)
     for arm, info in results["arms"].items():
         if not info["baseline"]:
             lines += _comparison_section(results, arm)
+    for pair in results.get("comparisons") or []:
+        lines += _pair_section(results, pair)
     lines += _how_to_read(results)
     return atomic_write_text(path, "\n".join(lines))

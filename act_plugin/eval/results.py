@@ -4,8 +4,9 @@ The JSON schema generated from :class:`EvalResults` is committed at
 ``docs/eval_results.schema.json`` (``python -m act_plugin.eval.results > docs/eval_results.schema.json``;
 a test checks it is current). Keys are only ever added within a schema version.
 
-Accuracies and deltas are fractions (0.1 = 10 points). ``comparisons`` are an arm minus the
-baseline over the same documents (see :mod:`act_plugin.stats`). Floats that cannot be
+Accuracies and deltas are fractions (0.1 = 10 points). ``tasks.*.comparisons`` are an arm minus
+the baseline over the same documents, top-level ``comparisons`` one calibrated arm minus another
+(see :mod:`act_plugin.stats`). Floats that cannot be
 computed (NaN) are written as ``null``.
 
 Changes from v1: each arm records what the engine was told and what it read back
@@ -21,6 +22,10 @@ so its records are the baseline's and the delta is 0); ``summary.*.uncalibrated_
 The minimum detectable effect (``mde``) is computed from the exact power of McNemar's test
 (:mod:`act_plugin.stats`) instead of a normal approximation: same keys, and ``null`` now also
 when no effect is resolvable at the n (e.g. too few discordant documents).
+``comparisons``: the config's pairs of calibrated arms (``[treatment, reference]``), each with
+per-task statistics (``tasks``: the same keys as ``tasks.*.comparisons``, the reference in the
+baseline's place, plus whether each arm was calibrated on the task) and the mean over tasks
+(``summary``); empty when the config names none.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "EvalResults", "ArmResult", "ArmTaskResult", "EngineArm", "TaskResult",
-           "ComparisonResult", "ArmSummary", "json_schema"]
+           "PairedStats", "ComparisonResult", "MeanOverTasks", "ArmSummary", "PairTaskResult", "PairSummary",
+           "PairComparison", "json_schema"]
 
 SCHEMA: Final = "act-plugin/eval-results"
 SCHEMA_VERSION: Final = 2
@@ -119,17 +125,21 @@ class ArmResult(_Model):
         None, description="per-task arm: task -> its profile and whether it was calibrated (null: other arms)")
 
 
-class ComparisonResult(_Model):
+class PairedStats(_Model):
+    """Two arms' per-document correctness compared on the same documents: the treatment (an arm)
+    against the reference (the baseline in ``tasks.*.comparisons``; the pair's reference arm in
+    ``comparisons``)."""
+
     n: int
     seeds: int
-    base_acc: float | None
-    treat_acc: float | None
-    delta: float | None
+    base_acc: float | None = Field(description="the reference's accuracy (the baseline's in tasks.*.comparisons)")
+    treat_acc: float | None = Field(description="the treatment's accuracy")
+    delta: float | None = Field(description="treatment minus reference")
     ci_low: float | None
     ci_high: float | None
     confidence: float
-    improved: int = Field(description="(document, seed) pairs: baseline wrong -> arm right")
-    worsened: int = Field(description="(document, seed) pairs: baseline right -> arm wrong")
+    improved: int = Field(description="(document, seed) pairs: reference wrong -> treatment right")
+    worsened: int = Field(description="(document, seed) pairs: reference right -> treatment wrong")
     both_correct: int
     both_wrong: int
     docs_better: int
@@ -145,8 +155,22 @@ class ComparisonResult(_Model):
     resolved: bool = Field(description="false when the delta is not 0 and this n cannot resolve it: |delta| < mde, "
                                        "no mde, or too few discordant documents for the exact test to reach "
                                        "p < settings.mde_alpha (the warnings say which)")
+
+
+class ComparisonResult(PairedStats):
+    """An arm (the treatment) against the baseline (the reference) on one task."""
+
     calibrated: bool = Field(True, description="false: a per-task arm with no profile for this task ran it "
                                                "uncalibrated; its records are the baseline's (not re-run), delta 0")
+
+
+class PairTaskResult(PairedStats):
+    """One task of a ``comparisons`` pair: the treatment arm against the reference arm."""
+
+    treatment_calibrated: bool = Field(description="false: the treatment (a per-task arm) has no profile for this "
+                                                   "task; the baseline's records stand for it")
+    reference_calibrated: bool = Field(description="false: the reference (a per-task arm) has no profile for this "
+                                                   "task; the baseline's records stand for it")
 
 
 class TaskResult(_Model):
@@ -163,7 +187,10 @@ class TaskResult(_Model):
     comparisons: dict[str, ComparisonResult] = Field(description="arm (not the baseline) -> comparison")
 
 
-class ArmSummary(_Model):
+class MeanOverTasks(_Model):
+    """A treatment's mean delta over tasks against its reference (unweighted; task-stratified
+    bootstrap CI) and its flips."""
+
     mean_delta: float | None
     ci_low: float | None
     ci_high: float | None
@@ -171,9 +198,28 @@ class ArmSummary(_Model):
     tasks_down: int
     improved: int
     worsened: int
+
+
+class ArmSummary(MeanOverTasks):
     uncalibrated_tasks: list[str] = Field(
         default_factory=list, description="tasks the arm ran uncalibrated (a per-task arm without a profile for "
                                           "them): delta 0, included in the mean")
+
+
+class PairSummary(MeanOverTasks):
+    treatment_uncalibrated_tasks: list[str] = Field(
+        description="tasks the treatment ran uncalibrated (the baseline's records), included in the mean")
+    reference_uncalibrated_tasks: list[str] = Field(
+        description="tasks the reference ran uncalibrated (the baseline's records), included in the mean")
+
+
+class PairComparison(_Model):
+    """A ``comparisons`` pair of the config: the treatment arm minus the reference arm."""
+
+    treatment: str
+    reference: str
+    tasks: dict[str, PairTaskResult] = Field(description="task -> the pair's comparison on it")
+    summary: PairSummary = Field(description="the mean over tasks")
 
 
 class Files(_Model):
@@ -202,6 +248,9 @@ class EvalResults(_Model):
     arms: dict[str, ArmResult]
     tasks: dict[str, TaskResult]
     summary: dict[str, ArmSummary] = Field(description="arm (not the baseline) -> mean over tasks")
+    comparisons: list[PairComparison] = Field(
+        default_factory=list, description="the config's 'comparisons': two calibrated arms compared with each other, "
+                                          "in the config's order (empty: none asked)")
     warnings: list[str] = Field(default_factory=list)
     files: Files = Field(default_factory=Files)
 

@@ -40,8 +40,9 @@ def _digest(obj: Any) -> str:
 
 
 def run_inputs(cfg: EvalConfig, model_path: str, data_dir: Path, versions: dict[str, str]) -> dict[str, Any]:
-    """Everything that changes a number of the run (not labels, output folder or statistics
-    settings, which are recomputed from the per-sample files)."""
+    """Everything that changes a number of the run (not labels, output folder, statistics
+    settings or ``comparisons``, which are recomputed from the per-sample files: adding a
+    comparison to a finished run re-uses every piece)."""
     return {
         "model": model_path, "engine": dict(cfg.engine), "share_engine": cfg.share_engine,
         "tasks": list(cfg.tasks), "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "seeds": cfg.run_seeds,
