@@ -203,3 +203,14 @@ def test_mde_and_resolution_reach_results_and_report(tmp_path):
     assert "| none resolvable (!) |" in report.split("| sst5 |")[1].splitlines()[0]
     assert f"| {100 * sst2.mde:.1f} pt (!) |" in report.split("| sst2 |")[1].splitlines()[0]
     assert f"| {100 * mr.mde:.1f} pt |" in report.split("| mr |")[1].splitlines()[0]
+
+
+def test_first_token_settings_are_grouped_by_gamma():
+    from act_plugin.eval.report import _heads_count, _rule_settings
+
+    every = {f"{layer}:all": 2.0 for layer in range(2, 28)}
+    assert _rule_settings({"rule": "first_token", "scale": every, "name": "sst5", "model": "m"}) \
+        == "rule first_token, scale x2 on 2-27:*"
+    assert _rule_settings({"rule": "first_token", "scale": {"15:3,8": 2.0, "16:1": 0.5, "17:all": 2.0}}) \
+        == "rule first_token, scale x2 on 15:3,8; 17:*; x0.5 on 16:1"
+    assert _heads_count({"2": "all", "3": [1, 2]}) == "2 heads in 1 layers + all heads of 1 layers"

@@ -145,7 +145,7 @@ def test_a_spans_arm_runs_on_boolq_spans_and_resumes(share_engine, spans_engine,
     assert run.results.arms["emph"].engine.calibration["rule"] == "spans"
     assert run.results.arms["pt"].tasks[TASK].engine.request == "pt.boolq_spans"
     report = (out / "report.md").read_text()
-    assert "rule spans, alpha 0.01, 0 heads in 8 layers (+8 layers 'all')" in report  # the arms table
+    assert "rule spans, alpha 0.01, all heads of 8 layers" in report  # the arms table
     assert "| boolq_spans | `pt.boolq_spans` | rule spans, alpha 0.1 |" in report
     # the same command again reuses every piece, and changes nothing
     before = _numbers(out)

@@ -107,7 +107,25 @@ def _heads_count(heads_map: dict[str, Any]) -> str:
     n_layers = len(heads_map)
     n_heads = sum(len(v) if isinstance(v, list) else 0 for v in heads_map.values())
     all_layers = sum(1 for v in heads_map.values() if v == "all")
-    return f"{n_heads} heads in {n_layers} layers" + (f" (+{all_layers} layers 'all')" if all_layers else "")
+    if all_layers == n_layers and n_layers:
+        return f"all heads of {n_layers} layers"
+    listed = f"{n_heads} heads in {n_layers - all_layers} layers"
+    return listed + (f" + all heads of {all_layers} layers" if all_layers else "")
+
+
+def _scale_text(scale: Any) -> str:
+    """first_token's gamma: a number, or its per-head mapping grouped by gamma ('x2 on 2-27:*')."""
+    if not isinstance(scale, dict):
+        return str(scale)
+    by_gamma: dict[float, dict[str, Any]] = {}
+    for key, gamma in scale.items():  # canonical keys: one per layer and gamma ('12:all', '15:3,8')
+        layer, heads = str(key).split(":", 1)
+        by_gamma.setdefault(float(gamma), {})[layer] = "all" if heads == "all" else [int(h) for h in heads.split(",")]
+    return "; ".join(f"x{g:g} on {heads_spec(heads)}" for g, heads in by_gamma.items())
+
+
+# profile keys that describe where a profile came from, not what it does
+_PROFILE_METADATA = ("rule", "heads", "source", "name", "model")
 
 
 def _rule_settings(act: dict) -> str:
@@ -116,7 +134,8 @@ def _rule_settings(act: dict) -> str:
     rule = act.get("rule", "act")
     if rule == "act":
         return f"beta {act['beta']}, tau {act['threshold']}"
-    settings = ", ".join(f"{k} {v}" for k, v in act.items() if k not in ("rule", "heads", "source"))
+    settings = ", ".join(f"{k} {_scale_text(v) if k == 'scale' else v}" for k, v in act.items()
+                         if k not in _PROFILE_METADATA and v is not None)
     return f"rule {rule}" + (f", {settings}" if settings else "")
 
 
