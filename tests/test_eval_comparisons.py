@@ -124,6 +124,7 @@ def test_adding_comparisons_to_a_finished_run_reuses_every_piece(fake_engine, sh
     state_before = json.loads((out / runner.STATE_FILE).read_text())
     samples_before = {p.name: p.read_bytes() for p in out.glob("samples_*.jsonl")}
     numbers_before = _numbers(out)
+    chart_height_before = _png_height(out / "deltas.png")
 
     fake_engine.calls, fake_engine.seen, started = 0, [], len(fake_engine.started)
     second = runner.run_eval(paired, output_dir=out, progress=False)
@@ -142,3 +143,11 @@ def test_adding_comparisons_to_a_finished_run_reuses_every_piece(fake_engine, sh
     assert EvalResults.from_json((out / "results.json").read_text()).comparisons == second.results.comparisons
     assert "## rules vs act" in (out / "report.md").read_text()
     assert "comparisons" in (out / "config.yaml").read_text()
+    # the chart gets a second panel for the pair, as tall as the first
+    assert _png_height(out / "deltas.png") == pytest.approx(2 * chart_height_before, rel=0.05)
+
+
+def _png_height(path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[20:24], "big")  # IHDR: width at 16-19, height at 20-23
