@@ -34,36 +34,44 @@ def _time(fn, repeats: int, min_time: float = 0.2) -> float:
     return best
 
 
+def _native_inputs(p):
+    """What vLLM's CPU attention call reads, from a test problem: the step's rows contiguous from
+    row 0 (its kernel wants them so), their start offsets, vLLM's own K/V views of the raw cache
+    (the problem holds cpu_attn_split views of it), and the int32 sequence lengths."""
+    G = p.block_table.shape[0]
+    qsl = torch.zeros(G + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(p.query_lens.long(), 0).to(torch.int32)
+    T = int(qsl[-1])
+    q = p.query[int(p.query_start[0]) : int(p.query_start[0]) + T].contiguous()
+    nb, hkv, bs, d = p.key_cache.shape
+    k_view, v_view = p.raw_cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    return q, qsl, k_view, v_view, p.seq_lens.to(torch.int32)
+
+
+def _native_attention(ops, p, q, out, qsl, k_view, v_view, seq_lens, meta) -> None:
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=k_view, value_cache=v_view, output=out, query_start_loc=qsl, seq_lens=seq_lens,
+        scale=p.scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=p.block_table,
+        softcap=0.0, scheduler_metadata=meta, s_aux=None,
+    )
+
+
+def _metadata(ops, p, q, qsl, seq_lens, num_heads: int, num_kv_heads: int):
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=p.block_table.shape[0], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=q.shape[-1],
+        seq_lens=seq_lens, dtype=q.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec",
+        enable_kv_split=False,
+    )
+
+
 def _native_call(p, num_heads: int):
     """A closure running vLLM's CPU attention kernel on the problem's cache (all heads)."""
     from vllm import _custom_ops as ops
 
-    G = p.block_table.shape[0]
-    # vLLM's kernel wants the step's rows contiguous from row 0
-    ql = p.query_lens.long()
-    qsl = torch.zeros(G + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(ql, 0).to(torch.int32)
-    T = int(qsl[-1])
-    q = p.query[int(p.query_start[0]) : int(p.query_start[0]) + T].contiguous()
+    q, qsl, k_view, v_view, seq_lens = _native_inputs(p)
     out = torch.empty_like(q)
-    kv = p.key_cache  # cpu_attn_split views of the raw cache: recover vLLM's own views
-    nb, hkv, bs, d = kv.shape
-    raw = p.raw_cache
-    k_view, v_view = raw.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
-    seq_lens = p.seq_lens.to(torch.int32)
-    meta = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=G, num_heads=num_heads, num_kv_heads=hkv, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
-        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False,
-    )
-
-    def run():
-        ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=k_view, value_cache=v_view, output=out, query_start_loc=qsl, seq_lens=seq_lens,
-            scale=p.scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=p.block_table,
-            softcap=0.0, scheduler_metadata=meta, s_aux=None,
-        )
-
-    return run
+    meta = _metadata(ops, p, q, qsl, seq_lens, num_heads, k_view.shape[1])
+    return lambda: _native_attention(ops, p, q, out, qsl, k_view, v_view, seq_lens, meta)
 
 
 def _native_without(p, num_heads: int, calibrated: list[int]):
@@ -73,36 +81,21 @@ def _native_without(p, num_heads: int, calibrated: list[int]):
     would cost if a whole-head ACT kernel computed the calibrated heads itself."""
     from vllm import _custom_ops as ops
 
-    G = p.block_table.shape[0]
-    ql = p.query_lens.long()
-    qsl = torch.zeros(G + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(ql, 0).to(torch.int32)
-    T = int(qsl[-1])
-    q = p.query[int(p.query_start[0]) : int(p.query_start[0]) + T].contiguous()
+    q, qsl, k_view, v_view, seq_lens = _native_inputs(p)
     out = torch.empty_like(q)
-    nb, hkv, bs, d = p.key_cache.shape
-    k_view, v_view = p.raw_cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
-    seq_lens = p.seq_lens.to(torch.int32)
+    hkv = k_view.shape[1]
     qpg = num_heads // hkv
     calls = []
     for g in range(hkv):
         rest = [h for h in range(g * qpg, (g + 1) * qpg) if h not in calibrated]
-        if not rest:
-            continue
-        meta = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=G, num_heads=len(rest), num_kv_heads=1, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
-            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False,
-        )
-        calls.append((g, rest, meta))
+        if rest:
+            calls.append((g, rest, _metadata(ops, p, q, qsl, seq_lens, len(rest), 1)))
 
     def run():
         for g, rest, meta in calls:
-            sub_out = torch.empty(T, len(rest), d, dtype=q.dtype)
-            ops.cpu_attention_with_kv_cache(
-                query=q[:, rest], key_cache=k_view[:, g : g + 1], value_cache=v_view[:, g : g + 1], output=sub_out,
-                query_start_loc=qsl, seq_lens=seq_lens, scale=p.scale, causal=True, alibi_slopes=None,
-                sliding_window=-1, block_table=p.block_table, softcap=0.0, scheduler_metadata=meta, s_aux=None,
-            )
+            sub_out = torch.empty(q.shape[0], len(rest), q.shape[-1], dtype=q.dtype)
+            _native_attention(ops, p, q[:, rest], sub_out, qsl, k_view[:, g : g + 1], v_view[:, g : g + 1],
+                              seq_lens, meta)
             out[:, rest] = sub_out
 
     return run
