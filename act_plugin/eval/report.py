@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from act_plugin.atomic_files import atomic_write_text
+from act_plugin.config.heads import parse_heads
 from act_plugin.eval.chart import as_dict, write_chart
 from act_plugin.eval.results import SCHEMA, SCHEMA_VERSION, EvalResults
 from act_plugin.stats import describe_mde
@@ -118,9 +119,9 @@ def _scale_text(scale: Any) -> str:
     if not isinstance(scale, dict):
         return str(scale)
     by_gamma: dict[float, dict[str, Any]] = {}
-    for key, gamma in scale.items():  # canonical keys: one per layer and gamma ('12:all', '15:3,8')
-        layer, heads = str(key).split(":", 1)
-        by_gamma.setdefault(float(gamma), {})[layer] = "all" if heads == "all" else [int(h) for h in heads.split(",")]
+    for key, gamma in scale.items():  # head specs ('12:all', '15:3,8'), as the config reads them
+        for layer, heads in parse_heads(key).items():
+            by_gamma.setdefault(float(gamma), {})[str(layer)] = heads
     return "; ".join(f"x{g:g} on {heads_spec(heads)}" for g, heads in by_gamma.items())
 
 
