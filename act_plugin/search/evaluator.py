@@ -17,7 +17,7 @@ import numpy as np
 
 from act_plugin.search.scoring import CalibrationSet, per_sample
 from act_plugin.search.split import SearchData
-from act_plugin.search.store import SearchStore, first_token_rows
+from act_plugin.search.store import SearchStore, first_token_rows, head_rows
 
 __all__ = ["SEARCH", "val_part", "Evaluator"]
 
@@ -73,7 +73,7 @@ class Evaluator:
         todo, seen = [], set()
         for part, heads, phase, *rest in jobs:
             first_token = dict(rest[0]) if rest and rest[0] else None
-            heads = [[a, b] for a, b in sorted((int(a), int(b)) for a, b in heads)]
+            heads = head_rows(heads)
             key = (part, tuple(map(tuple, heads)), tuple(map(tuple, first_token_rows(first_token))))
             if key not in seen and self.store.get_set(self.backends[part].name, part, heads, first_token) is None:
                 seen.add(key)

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from act_plugin.atomic_files import atomic_write_json
-from act_plugin.search.store import first_token_rows
+from act_plugin.search.store import first_token_rows, head_rows
 
 __all__ = ["ReplicaPool", "ReplicaPart", "REPLICA_MODULE"]
 
@@ -205,7 +205,7 @@ class ReplicaPart:
 
     @staticmethod
     def _key(heads: Iterable) -> tuple:
-        return tuple(sorted((int(a), int(b)) for a, b in heads))
+        return tuple(map(tuple, head_rows(heads)))
 
     def evaluate(self, heads: Iterable, first_token: Mapping | None = None) -> np.ndarray:
         """``heads`` under ACT and the heads of ``first_token`` ((layer, head) -> gamma) under

@@ -33,7 +33,8 @@ from typing import Any
 from act_plugin.atomic_files import append_line_durable, atomic_write_text
 from act_plugin.search.config import SearchConfigError
 
-__all__ = ["SearchStore", "SearchStoreError", "settings_hash", "model_fingerprint", "maths_version", "first_token_rows"]
+__all__ = ["SearchStore", "SearchStoreError", "settings_hash", "model_fingerprint", "maths_version", "head_rows",
+           "first_token_rows"]
 
 _MATHS_FILES = ("core.py", "search/scoring.py", "search/hf_backend.py")
 
@@ -70,7 +71,8 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def _heads(heads: Iterable) -> list[list[int]]:
+def head_rows(heads: Iterable) -> list[list[int]]:
+    """``[[layer, head], ...]`` sorted: a head set as the store keys and records it."""
     return [[a, b] for a, b in sorted((int(a), int(b)) for a, b in heads)]
 
 
@@ -81,7 +83,7 @@ def first_token_rows(scales: Mapping | Iterable | None) -> list[list]:
 
 
 def _set_key(backend: str, part: str, heads: Iterable, first_token: Mapping | Iterable | None = None) -> str:
-    key = f"{backend}|{part}|" + ";".join(f"{a}.{b}" for a, b in _heads(heads))
+    key = f"{backend}|{part}|" + ";".join(f"{a}.{b}" for a, b in head_rows(heads))
     ft = first_token_rows(first_token)
     return key + ("|ft:" + ";".join(f"{a}.{b}={g!r}" for a, b, g in ft) if ft else "")
 
@@ -170,7 +172,7 @@ class SearchStore:
 
     def add_set(self, backend: str, part: str, heads: Iterable, margins: list[float], seconds: float,
                 cost: float, first_token: Mapping | None = None) -> dict:
-        rec = {"kind": "set", "backend": backend, "part": part, "heads": _heads(heads),
+        rec = {"kind": "set", "backend": backend, "part": part, "heads": head_rows(heads),
                "margins": [float(x) for x in margins], "seconds": seconds, "cost_fraction": cost}
         if first_token:
             rec["first_token"] = first_token_rows(first_token)
