@@ -119,6 +119,20 @@ def test_only_calibrated_rows_and_heads_change():
     assert not torch.equal(got[3:, [1, 4]], p.output[3:, [1, 4]])
 
 
+@pytest.mark.parametrize("scenario", ["decode", "prefill", "mixed_window"])
+def test_rows_with_scores_hundreds_apart(scenario):
+    """Scores spread over hundreds within a row: each row's max must be the max over all its
+    keys (those past the last 16-key stride, and key 11, a sink here, in the second 8-lane
+    accumulator), or exp(s - max) overflows for the key it missed. Prompt lengths are not
+    multiples of 16. (Both faults, planted one at a time, fail this test.)"""
+    seq_lens, query_lens, window = SCENARIOS[scenario]
+    p = make_problem(seq_lens, query_lens, window=window, sink_positions=(0, 11), sink_strength=1.5,
+                     query_gain=200.0, seed=13)
+    got = _run(p, 0.4, 0.1)
+    assert torch.isfinite(got).all()
+    _check(p, got, 0.4, 0.1, torch.float32)
+
+
 @pytest.mark.parametrize("window", [None, 37])
 @pytest.mark.parametrize("seq_len, query_len", [(300, 300), (333, 301)])
 def test_prompt_longer_than_one_row_block(seq_len, query_len, window):

@@ -122,13 +122,15 @@ def make_problem(
     sink_positions: tuple[int, ...] = (0, 3),
     sink_strength: float = 4.0,
     extra_rows: int = 2,
+    query_gain: float = 1.0,
     seed: int = 0,
 ) -> PagedProblem:
     """A group of ``len(seq_lens)`` sequences; sequence g has ``seq_lens[g]`` keys, the last
     ``query_lens[g]`` of which are this step's rows. Keys at ``sink_positions`` share a
     direction with every query (strength ``sink_strength``: large values give rows whose
     non-sink mass vanishes). The flat query has ``extra_rows`` rows of other requests at
-    the front, which must stay untouched; blocks are shuffled, block tables padded."""
+    the front, which must stay untouched; blocks are shuffled, block tables padded.
+    ``query_gain`` multiplies the queries (large gains: scores hundreds apart within a row)."""
     gen = torch.Generator().manual_seed(seed)
     H, Hkv, D, bs = num_heads, num_kv_heads, head_size, block_size
     # The generator is drawn in this order: table, sink direction, keys/values, cache, queries.
@@ -145,7 +147,7 @@ def make_problem(
     T = extra_rows + sum(query_lens)
     query = torch.randn(T, H, D, generator=gen)
     query += 1.5 * u * D**0.25  # every query leans towards the sink direction
-    query = query.to(dtype)
+    query = (query * query_gain).to(dtype)
     output = torch.randn(T, H, D, generator=gen).to(dtype)  # rows of other requests: arbitrary
     starts = []
     r = extra_rows
