@@ -67,12 +67,13 @@ def _profiling(worker, on: bool) -> dict:
     return set_profiling(on)
 
 
-def _whole_layer_s(snapshot: dict) -> float:
-    return snapshot.get("decode_whole_layer", {}).get("seconds", 0.0)
+def _whole_layer_s(snapshot: dict, kind: str) -> float:
+    """Seconds of calibrated layers computed whole by ACT's kernel in steps of this kind."""
+    return snapshot.get(f"{kind}_whole_layer", {}).get("seconds", 0.0)
 
 
-def _whole_layer_calls(snapshot: dict) -> int:
-    return int(snapshot.get("decode_whole_layer", {}).get("calls", 0))
+def _whole_layer_calls(snapshot: dict, kind: str) -> int:
+    return int(snapshot.get(f"{kind}_whole_layer", {}).get("calls", 0))
 
 
 @dataclass
@@ -170,9 +171,10 @@ def _measure(runners: dict, arms: dict[str, tuple[str, dict | None]], prompts, d
             out[name]["calib_decode_s"] = min(per_kind(t.calib, "decode")[0] for t in ts)
             out[name]["calib_decode_step_ms"] = 1e3 * min(
                 per_kind(t.calib, "decode")[0] / max(per_kind(t.calib, "decode")[1], 1) for t in ts)
-            # decode steps whose rows all run ACT: calibrated layers' whole attention (fused)
-            out[name]["whole_layer_decode_s"] = min(_whole_layer_s(t.calib) for t in ts)
-            out[name]["whole_layer_decode_calls"] = max(_whole_layer_calls(t.calib) for t in ts)
+            # steps whose rows all run ACT: calibrated layers' whole attention (fused)
+            for kind in ("prefill", "decode"):
+                out[name][f"whole_layer_{kind}_s"] = min(_whole_layer_s(t.calib, kind) for t in ts)
+                out[name][f"whole_layer_{kind}_calls"] = max(_whole_layer_calls(t.calib, kind) for t in ts)
     return out
 
 
@@ -223,7 +225,7 @@ def _curve(runner: StepRunner, tokenizer, args, act_extra: dict) -> list[dict]:
                     seconds, steps = per_kind(t.calib, kind)
                     if steps:
                         calib_step = min(calib_step, seconds / steps)
-                        whole_step = min(whole_step, _whole_layer_s(t.calib) / steps)
+                        whole_step = min(whole_step, _whole_layer_s(t.calib, kind) / steps)
                     name, peaks = llm.collective_rpc(_scratch_peak, args=(True,))[0]
                     peak = max(peak, peaks.get(kind, -1))
         rows.append({"kind": kind, "seqs": n_seqs, "prompt_len": plen, "off_ms": best["off"] * 1e3,
@@ -341,10 +343,14 @@ def _print_summary(args: argparse.Namespace, act: dict, results: dict) -> dict:
           f"   (host time inside the worker, best of {args.repeats}; {a['calib_decode_step_ms']:.2f} ms per decode step)")
     print(f"{'  share of act':18s}{share['prefill'] * 100:14.1f}%{share['decode'] * 100:14.1f}%"
           f"   (act / act-without-calibration = {1 - share['prefill']:.3f}, {1 - share['decode']:.3f})")
-    whole = a["whole_layer_decode_s"]
-    print(f"{'whole-layer decode':18s}{'':15s}{whole * 1e3:12.1f} ms   (calibrated layers' attention, calibration "
-          f"included, computed in one pass in place of the native kernel: {whole / max(a['decode_s'], 1e-9) * 100:.1f}% "
-          f"of decode; {a['whole_layer_decode_calls']} layer calls)")
+    for kind in ("prefill", "decode"):
+        whole, spent = a[f"whole_layer_{kind}_s"], a[f"{kind}_s"]
+        print(f"{'whole-layer ' + kind:18s}{whole * 1e3 if kind == 'prefill' else 0:12.1f} ms"
+              f"{whole * 1e3 if kind == 'decode' else 0:12.1f} ms   (calibrated layers' attention, calibration included, "
+              f"computed in place of the native kernel: {whole / max(spent, 1e-9) * 100:.1f}% of {kind}; "
+              f"{a[f'whole_layer_{kind}_calls']} layer calls)")
+    print("  (in steps whose rows all run ACT the calibration is inside the whole-layer time, not in 'calibration "
+          "time': its cost there is act / off)")
     return ratios
 
 
@@ -359,9 +365,9 @@ def _print_curve(curve: list[dict]) -> None:
         print(f"{what:26s}{r['off_ms']:10.2f}{r['act_ms']:10.2f}{r['calib_ms']:10.2f}{r['share'] * 100:7.1f}%"
               f"{r['on_minus_off'] * 100:7.1f}%{r['whole_layer_ms']:10.2f}{mem:>14s}  {r['load']}")
     print("calib ms: the calibration's own time per calibrated step (plan + separate-pass kernel), accounted in "
-          "the worker; share: of the act step; on-off: 1 - off/act from the two end-to-end timings; whole ms: "
-          "calibrated layers' attention computed in one fused pass in place of the native kernel (decode steps "
-          "whose rows all run ACT), calibration included")
+          "the worker; share: of the act step; on-off: 1 - off/act from the two end-to-end timings (the "
+          "calibration's cost where layers are computed whole); whole ms: calibrated layers' attention computed "
+          "in place of the native kernel (steps whose rows all run ACT), calibration included")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
 
 For each setting (decode: G sequences of L keys; prefill: G prompts of P tokens) it times,
 per layer: vLLM's ``cpu_attention_with_kv_cache`` over all heads (what the step pays
-anyway), the fused ACT kernel (``ACT_KERNEL=cpu``) and the torch reference, and prints the
-fused kernel's cost as a share of the native call. Shapes and the cache layout are
-vLLM's CPU_ATTN ones (block 128, keys stored transposed per tile). Records ``uptime``.
+anyway), the fused ACT kernel's separate pass after it (``ACT_KERNEL=cpu``; steps with rows
+of ACT-off requests), the whole-layer kernel that computes every head in place of the native
+call (steps whose rows all run ACT: ``decode_attention`` for decode, ``layer_attention`` for
+prefill) and the torch reference, and prints each calibrated layer's cost against the
+native call. Shapes and the cache layout are vLLM's CPU_ATTN ones (block 128, keys stored
+transposed per tile). Records ``uptime``.
 """
 
 from __future__ import annotations
@@ -74,31 +77,15 @@ def _native_call(p, num_heads: int):
     return lambda: _native_attention(ops, p, q, out, qsl, k_view, v_view, seq_lens, meta)
 
 
-def _native_without(p, num_heads: int, calibrated: list[int]):
-    """A closure running vLLM's CPU attention on every head *except* the calibrated ones: one
-    call per KV head over its other query heads, on that KV head's slice of the cache (the
-    native kernel honours the cache's strides), each output copied back. What the native call
-    would cost if a whole-head ACT kernel computed the calibrated heads itself."""
-    from vllm import _custom_ops as ops
-
-    q, qsl, k_view, v_view, seq_lens = _native_inputs(p)
-    out = torch.empty_like(q)
-    hkv = k_view.shape[1]
-    qpg = num_heads // hkv
-    calls = []
-    for g in range(hkv):
-        rest = [h for h in range(g * qpg, (g + 1) * qpg) if h not in calibrated]
-        if rest:
-            calls.append((g, rest, _metadata(ops, p, q, qsl, seq_lens, len(rest), 1)))
-
-    def run():
-        for g, rest, meta in calls:
-            sub_out = torch.empty(q.shape[0], len(rest), q.shape[-1], dtype=q.dtype)
-            _native_attention(ops, p, q[:, rest], sub_out, qsl, k_view[:, g : g + 1], v_view[:, g : g + 1],
-                              seq_lens, meta)
-            out[:, rest] = sub_out
-
-    return run
+def _whole_layer(p, out, kind: str, bind_decode, bind_layer):
+    """A closure running ACT's whole-layer kernel on the problem (every head, ACT on its heads)."""
+    if kind == "decode":
+        decode = bind_decode(p.query, out, p.key_cache, p.value_cache)
+        return lambda: decode(p.query, out, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start,
+                              p.heads, p.scale, 0.4, 0.1, p.window, p.max_seq_len)
+    layer = bind_layer(p.query, out, p.key_cache, p.value_cache)
+    return lambda: layer(p.query, out, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start,
+                         p.query_lens, p.heads, p.scale, 0.4, 0.1, p.window, p.max_seq_len)
 
 
 def main() -> None:
@@ -108,14 +95,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny settings (CI)")
-    ap.add_argument("--split-native", action="store_true",
-                    help="prefill: also time the native call without the calibrated heads (one call per KV head)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
-    from act_plugin.kernels import calibrate_paged, calibrate_paged_reference, cpu
+    from act_plugin.kernels import (
+        bind_decode_attention,
+        bind_layer_attention,
+        calibrate_paged,
+        calibrate_paged_reference,
+        cpu,
+    )
     from act_plugin.kernels.testing import make_problem
 
     if cpu.load() is None:
@@ -128,7 +119,9 @@ def main() -> None:
         settings = [("decode", 4, [64] * 4, [1] * 4), ("prefill", 2, [64] * 2, [64] * 2)]
     print(f"uptime: {open('/proc/loadavg').read().split()[:3]}, torch threads {torch.get_num_threads()}, "
           f"{args.dtype}, SmolLM2 layer shape ({H} heads, {Hkv} KV, D {D}, block {bs}), {len(heads)} calibrated")
-    print(f"{'setting':28s}{'native ms':>11s}{'fused ms':>10s}{'fused/native':>14s}{'reference ms':>14s}")
+    print(f"{'setting':22s}{'native ms':>11s}{'+pass ms':>10s}{'(n+p)/n':>9s}{'whole ms':>10s}{'whole/n':>9s}"
+          f"{'reference ms':>14s}")
+    os.environ["ACT_KERNEL"] = "cpu"
     for kind, G, sl, ql in settings:
         p = make_problem(sl, ql, num_heads=H, num_kv_heads=Hkv, head_size=D, block_size=bs, layout="cpu_attn",
                          dtype=dtype, heads=heads, extra_rows=0, sink_strength=1.0, seed=1)
@@ -137,18 +130,17 @@ def main() -> None:
         a = list(p.args())
         a[1] = out
         kw = p.kwargs(0.4, 0.1)
-        os.environ["ACT_KERNEL"] = "cpu"
         t_native = _time(native, args.repeats)
-        t_fused = _time(lambda: calibrate_paged(*a, **kw), args.repeats)
+        t_pass = _time(lambda: calibrate_paged(*a, **kw), args.repeats)
+        t_whole = _time(_whole_layer(p, out, kind, bind_decode_attention, bind_layer_attention), args.repeats)
         t_ref = float("nan")
         if not args.no_reference and not (kind == "prefill" and sl[0] * G > 4096):
             t_ref = _time(lambda: calibrate_paged_reference(*a, **kw), args.repeats)
-        name = f"{kind} {G} x {sl[0]}"
-        print(f"{name:28s}{t_native * 1e3:11.3f}{t_fused * 1e3:10.3f}{t_fused / t_native:14.3f}{t_ref * 1e3:14.3f}")
-        if args.split_native and kind == "prefill":
-            t_split = _time(_native_without(p, H, [int(h) for h in heads]), args.repeats)
-            print(f"{'':28s}native without the calibrated heads {t_split * 1e3:.3f} ms: saves "
-                  f"{(t_native - t_split) * 1e3:.3f} ms of the fused pass's {t_fused * 1e3:.3f}")
+        n = t_native
+        print(f"{f'{kind} {G} x {sl[0]}':22s}{n * 1e3:11.3f}{t_pass * 1e3:10.3f}{(n + t_pass) / n:9.3f}"
+              f"{t_whole * 1e3:10.3f}{t_whole / n:9.3f}{t_ref * 1e3:14.3f}")
+    print("native: vLLM's CPU attention, all heads; +pass: ACT's separate pass after it; whole: ACT's kernel "
+          "computing every head in place of the native call (calibration included)")
     print(f"uptime after: {open('/proc/loadavg').read().split()[:3]}")
 
 

@@ -286,3 +286,92 @@ def test_whole_layer_decode_is_unavailable_where_it_cannot_run(monkeypatch):
     assert kernels.bind_decode_attention(p.query, p.output, p.key_cache, p.value_cache) is None
     monkeypatch.setenv("ACT_KERNEL", "cpu")
     assert kernels.bind_decode_attention(p.query, p.output.double(), p.key_cache, p.value_cache) is None
+
+
+# ----------------------------------------------------------------------------- whole-layer prefill (CPU)
+def _layer_attention(p, heads: list[int], beta: float, threshold: float) -> torch.Tensor:
+    """The step's rows computed by the CPU whole-layer kernel alone (every head, any rows)."""
+    layer = kernels.bind_layer_attention(p.query, p.output, p.key_cache, p.value_cache)
+    assert layer is not None
+    out = p.output.clone()
+    first = int(p.query_start.min())
+    out[first:] = 0  # every head of every row of the step must be written
+    layer(p.query, out, p.key_cache, p.value_cache, p.block_table, p.seq_lens, p.query_start, p.query_lens,
+          torch.tensor(heads, dtype=torch.long), p.scale, beta, threshold, p.window, p.max_seq_len)
+    return out
+
+
+LAYER_SCENARIOS = {
+    **SCENARIOS,
+    # several 60-row blocks and several row chunks per head, a window cutting into panels,
+    # rows after cached keys, a decode row in the same call
+    "long_prompts": ([333, 260, 90], [301, 260, 1], 37),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scenario", list(LAYER_SCENARIOS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_layer_prefill_matches_native_and_core(layout, scenario, dtype):
+    """Every head of prefill and decode rows: uncalibrated heads equal plain attention (the
+    native result within rounding), calibrated heads equal core's ACT; rows of other requests
+    are not touched."""
+    seq_lens, query_lens, window = LAYER_SCENARIOS[scenario]
+    p = make_problem(seq_lens, query_lens, num_heads=6, num_kv_heads=2, layout=layout, dtype=dtype, heads=[1, 4],
+                     window=window, sink_strength=1.5, seed=zlib.crc32(f"L{layout}{scenario}".encode()) % 1000)
+    got = _layer_attention(p, [1, 4], 0.4, 0.1)
+    exp = p.expected(0.4, 0.1)
+    err = (got.to(torch.float32) - exp).abs().max().item()
+    assert err <= TOL[dtype] * exp.abs().max().item(), f"max error {err:.3g}"
+    first = int(p.query_start.min())
+    assert torch.equal(got[:first], p.output[:first])  # rows of other requests
+    if int(p.query_lens.sum()):
+        assert not torch.equal(got[first:, [1, 4]], p.output[first:, [1, 4]])  # the sinks were calibrated
+
+
+@pytest.mark.parametrize("ratio,heads", [(1, [0]), (4, [1, 2, 7]), (3, [])])
+@pytest.mark.parametrize("head_size", [32, 40, 128])  # 40: a head size that is not a multiple of 32
+def test_whole_layer_prefill_gqa_head_sizes_and_no_heads(ratio, heads, head_size):
+    """GQA ratios, head sizes the 32-wide output tile does not divide, and no calibrated head
+    (then every head is plain attention: the native result within float rounding)."""
+    p = make_problem([70, 131], [70, 50], num_heads=2 * ratio, num_kv_heads=2, head_size=head_size,
+                     heads=heads or [0], sink_strength=2.0, seed=ratio + head_size)
+    got = _layer_attention(p, heads, 0.4, 0.1)
+    exp = p.expected(0.4, 0.1) if heads else p.output
+    assert (got - exp).abs().max().item() <= 2e-4 * exp.abs().max().item()
+
+
+@pytest.mark.parametrize("strength", [3.0, 6.0, 12.0])
+def test_whole_layer_prefill_rows_whose_nonsink_mass_vanishes(strength):
+    """Strong sinks: rows whose non-sink mass is below the recompute cut are recomputed in
+    full (checked against core, as the separate pass is)."""
+    p = make_problem([70, 40], [70, 12], sink_positions=(0, 2, 5), sink_strength=strength, seed=7)
+    got = _layer_attention(p, [0, 2], 0.4, 0.1)
+    exp = p.expected(0.4, 0.1)
+    assert (got - exp).abs().max().item() <= 2e-4 * exp.abs().max().item()
+
+
+def test_whole_layer_prefill_leaves_vanishing_rows_plain():
+    """Rows whose non-sink mass is below float32 resolution keep plain attention (core agrees)."""
+    p = make_problem([30], [30], sink_positions=(4,), sink_strength=40.0, heads=[0], seed=3)
+    got = _layer_attention(p, [0], 0.4, 0.1)
+    assert (got - p.output).abs().max().item() <= 1e-5 * p.output.abs().max().item()
+    assert torch.allclose(p.expected(0.4, 0.1), p.output, atol=1e-5)
+
+
+def test_whole_layer_prefill_equals_native_plus_separate_pass():
+    """The whole-layer kernel and the native kernel followed by the separate calibration pass
+    give the same step (float32: within rounding)."""
+    p = make_problem([333, 90], [301, 90], num_heads=6, num_kv_heads=3, heads=[0, 4], window=None,
+                     sink_strength=1.5, seed=21)
+    separate = _run(p, 0.4, 0.1)
+    whole = _layer_attention(p, [0, 4], 0.4, 0.1)
+    assert (whole - separate).abs().max().item() <= 1e-5 * separate.abs().max().item()
+
+
+def test_whole_layer_prefill_is_unavailable_where_it_cannot_run(monkeypatch):
+    p = make_problem([20], [20], seed=1)
+    monkeypatch.setenv("ACT_KERNEL", "reference")
+    assert kernels.bind_layer_attention(p.query, p.output, p.key_cache, p.value_cache) is None
+    monkeypatch.setenv("ACT_KERNEL", "cpu")
+    assert kernels.bind_layer_attention(p.query, p.output.double(), p.key_cache, p.value_cache) is None

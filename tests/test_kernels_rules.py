@@ -112,7 +112,7 @@ def test_calibrator_runs_act_and_first_token_groups_side_by_side(query_lens):
     step = types.SimpleNamespace(act_plan=StepPlan(groups=[_group(p, act_arm, [0, 2])], covers_step=True,
                                                    rule_groups=[_group(p, zt_arm, [1])]))
     out = p.output.clone()
-    assert not cal.decode_whole_layer(p.query, p.raw_cache, step, out)  # declined: first_token rows in the step
+    assert not cal.whole_layer(p.query, p.raw_cache, step, out)  # declined: first_token rows in the step
     assert torch.equal(out, p.output)
     cal.apply(p.query, p.raw_cache, step, out)
     r1 = slice(int(p.query_start[1]), int(p.query_start[1] + p.query_lens[1]))

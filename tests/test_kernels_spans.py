@@ -159,7 +159,7 @@ def test_calibrator_mixes_spans_with_act_first_token_and_off_rows(query_lens):
         groups=[_group(p, arms["act"], [0])], covers_step=False,
         rule_groups=[_group(p, arms["emph"], [1, 3], per_seq), _group(p, arms["zt"], [2])]))
     out = p.output.clone()
-    assert not cal.decode_whole_layer(p.query, p.raw_cache, step, out)
+    assert not cal.whole_layer(p.query, p.raw_cache, step, out)
     cal.apply(p.query, p.raw_cache, step, out)
     for g, name in ((0, "act"), (1, "emph"), (2, "zt"), (3, "emph")):
         assert torch.equal(out[_rows(p, g)], alone[name][_rows(p, g)]), (g, name)

@@ -113,22 +113,39 @@ def test_whole_layer_decode_computes_every_head_when_every_row_is_calibrated():
     out = p.output.clone()
     rows = p.query_start.long()
     out[rows] = 0.0  # the native kernel did not run: every head must be written
-    assert _calibrator(state).decode_whole_layer(p.query, p.raw_cache, _step(p, prof, covers_step=True), out)
+    assert _calibrator(state).whole_layer(p.query, p.raw_cache, _step(p, prof, covers_step=True), out)
     assert _close(out, p.expected(prof.beta, prof.threshold))  # ACT on 0 and 3, plain attention on 1 and 2
     assert not torch.equal(out[rows][:, [0, 3]], p.output[rows][:, [0, 3]])
 
 
-@pytest.mark.parametrize("case", ["rows_without_act", "prefill_rows", "no_heads_in_layer"])
-def test_whole_layer_decode_declines_and_writes_nothing(case):
+def test_whole_layer_computes_prefill_and_decode_rows_when_every_row_is_calibrated():
+    """A step with prefill rows (one of them after cached keys) and a decode row, every row
+    calibrated: the CPU kernel's whole-layer prefill writes every head of every row."""
+    state, prof = _state([0, 3])
+    p = _problem([0, 3], seed=8, query_lens=(1, 9, 5))
+    first = int(p.query_start.min())  # rows before it belong to other requests
+    out = p.output.clone()
+    out[first:] = 0.0  # the native kernel did not run: every head must be written
+    assert _calibrator(state).whole_layer(p.query, p.raw_cache, _step(p, prof, covers_step=True), out)
+    assert _close(out, p.expected(prof.beta, prof.threshold))  # ACT on 0 and 3, plain attention on 1 and 2
+    assert torch.equal(out[:first], p.output[:first])
+    assert not torch.equal(out[first:][:, [0, 3]], p.output[first:][:, [0, 3]])  # calibrated
+
+
+@pytest.mark.parametrize("case", ["rows_without_act", "prefill_rows_reference_kernel", "no_heads_in_layer"])
+def test_whole_layer_declines_and_writes_nothing(case, monkeypatch):
     """The native kernel keeps the step where ACT may not compute all of it: rows of other
-    arms (ACT off) in the step, prefill rows, or no arm of the step calibrating this layer."""
+    arms (ACT off) in the step, prefill rows without a whole-layer prefill kernel (here the
+    torch reference: ``ACT_KERNEL=reference``), or no arm of the step calibrating this layer."""
     state, prof = _state([0, 3])
     if case == "no_heads_in_layer":
         other = ACTConfig.from_any({"heads": {LAYER + 1: [1]}, "beta": 0.3, "threshold": 0.1})
         state.configure(ACTEngineConfig.from_any({"profiles": {"act": prof.to_dict(), "other": other.to_dict()}}))
         prof = other
-    p = _problem([0, 3], seed=6, query_lens=(1, 1, 5) if case == "prefill_rows" else (1, 1, 1))
+    if case == "prefill_rows_reference_kernel":
+        monkeypatch.setenv("ACT_KERNEL", "reference")
+    p = _problem([0, 3], seed=6, query_lens=(1, 1, 5) if case.startswith("prefill") else (1, 1, 1))
     out = p.output.clone()
     step = _step(p, prof, covers_step=case != "rows_without_act")
-    assert not _calibrator(state).decode_whole_layer(p.query, p.raw_cache, step, out)
+    assert not _calibrator(state).whole_layer(p.query, p.raw_cache, step, out)
     assert torch.equal(out, p.output)

@@ -76,13 +76,14 @@ def test_a_backend_that_writes_the_cache_in_forward_keeps_its_kernel(monkeypatch
     (None, None, True), ("causal", False, False), ("causal", torch.ones(2, dtype=torch.bool), False),
     ("mm_prefix_query_range_tensor", torch.zeros(1), False), ("mm_prefix_range_tensor", torch.zeros(1), False),
     ("rswa_prefix_lens", torch.zeros(1), False), ("use_cascade", True, False),
+    ("dynamic_causal", torch.ones(2, dtype=torch.bool), False),
 ])
 def test_only_plain_causal_decode_metadata_takes_the_fused_kernel(field, value, plain):
     metadata = SimpleNamespace(causal=True, mm_prefix_query_range_tensor=None, rswa_prefix_lens=None)
     if field is not None:
         setattr(metadata, field, value)
-    assert backends.plain_decode_metadata(SimpleNamespace(), metadata) is plain
-    assert backends.plain_decode_metadata(SimpleNamespace(chunk_lookback=64), SimpleNamespace()) is False
+    assert backends.plain_causal_metadata(SimpleNamespace(), metadata) is plain
+    assert backends.plain_causal_metadata(SimpleNamespace(chunk_lookback=64), SimpleNamespace()) is False
 
 
 # ----------------------------------------------------------------------------- FLASH_ATTN's native LSE

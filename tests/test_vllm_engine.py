@@ -163,6 +163,23 @@ def test_parity_with_hf_reference(engine, token_prompts, hf_model, profile):
         assert out["tokens"] == ref_tokens, f"{label}: greedy tokens differ from the HF reference"
 
 
+def test_steps_of_act_rows_only_compute_calibrated_layers_whole(engine, token_prompts):
+    """The parity above runs through the whole-layer kernels: in steps whose rows all run an
+    ACT arm, calibrated layers skip the native kernel for prefill steps and decode steps alike,
+    and no separate calibration pass runs."""
+    # The engine's first step with metadata runs the native kernel once more (CPU_ATTN's layout
+    # check, before which ACT never replaces it): not part of what is measured here.
+    _run(engine, token_prompts[:1], "a", max_tokens=1)
+    engine.collective_rpc("act_profiling", args=(True,))
+    try:
+        _run(engine, token_prompts, "a", max_tokens=4)
+    finally:
+        snap = engine.collective_rpc("act_profiling", args=(False,))[0]
+    assert snap.get("prefill_whole_layer", {}).get("calls", 0) >= 26, snap  # layers 2-27, at least one step
+    assert snap.get("decode_whole_layer", {}).get("calls", 0) >= 26, snap
+    assert "prefill" not in snap and "decode" not in snap, snap  # no separate pass ran a kernel
+
+
 def test_parity_check_fails_on_a_shifted_token():
     """The parity check itself: a reference top-k token the engine puts elsewhere fails it,
     even when every token of the engine's own top-k matches."""

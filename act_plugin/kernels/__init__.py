@@ -39,8 +39,8 @@ from act_plugin.kernels.reference import calibrate_paged_reference
 from act_plugin.kernels.row_arms import RowArms
 
 __all__ = [
-    "DecodeAttention", "DecodeRows", "PagedKernel", "RowArms", "bind_decode_attention", "bind_decode_rows",
-    "bind_paged", "calibrate_paged", "calibrate_paged_reference", "kernel_name",
+    "DecodeAttention", "DecodeRows", "LayerAttention", "PagedKernel", "RowArms", "bind_decode_attention",
+    "bind_decode_rows", "bind_layer_attention", "bind_paged", "calibrate_paged", "calibrate_paged_reference", "kernel_name",
 ]
 
 KERNEL_ENV = "ACT_KERNEL"
@@ -237,6 +237,37 @@ def bind_decode_attention(
            window or 0, max_seq_len)
 
     return run_decode
+
+
+# A bound whole-layer kernel for any rows: (query, output, key_cache, value_cache, block_table,
+# seq_lens, query_start, query_lens, heads, scale, beta, threshold, window, max_seq_len).
+LayerAttention = Callable[..., None]
+
+
+def bind_layer_attention(
+    query: torch.Tensor, output: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> LayerAttention | None:
+    """The CPU kernel's whole-layer attention for tensors like these, or None where there is
+    none (not the CPU kernel: CUDA tensors, ``ACT_KERNEL=reference``; mixed or other dtypes).
+
+    Like :func:`bind_decode_attention` it computes every query head of the given rows over the
+    paged cache with ACT on ``heads``, for prefill rows too: each calibrated head's scores are
+    computed once, for its output and its column statistics together, where a separate pass
+    after the native kernel computes them a second time. Heads not in ``heads`` get plain
+    attention, equal to the native kernel's within float rounding (not bit for bit).
+    """
+    if kernel_name(query.device) != "cpu" or not _fused_dtypes(query, output, key_cache, value_cache):
+        return None
+    op = cpu.layer_attention_op()
+    if op is None:
+        return None
+
+    def run_layer(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, scale,
+                  beta, threshold, window, max_seq_len) -> None:
+        op(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, scale, beta,
+           threshold, window or 0, _CPU_CUT.get(output.dtype, 1.0 / 16), max_seq_len, _CPU_BLOCK_ELEMS)
+
+    return run_layer
 
 
 # A bound per-row decode kernel: (query, output, key_cache, value_cache, block_table,

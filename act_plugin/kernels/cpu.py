@@ -85,6 +85,7 @@ def load():
                 module = build()
                 _state["op"] = module.calibrate_paged
                 _state["decode_attention"] = module.decode_attention
+                _state["layer_attention"] = module.layer_attention
             except Exception as exc:  # noqa: BLE001 -- any build/load failure means: use the reference
                 _state["op"] = None
                 _state["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -100,6 +101,12 @@ def decode_attention_op():
     """The module's ``decode_attention`` (every head of a decode step's rows in one pass, ACT
     on the given heads) or None when the kernel is unavailable."""
     return _state.get("decode_attention") if load() is not None else None
+
+
+def layer_attention_op():
+    """The module's ``layer_attention`` (every head of a step's prefill and decode rows, ACT on
+    the given heads, each calibrated head's scores computed once) or None when unavailable."""
+    return _state.get("layer_attention") if load() is not None else None
 
 
 def scratch_peak_bytes(reset: bool = False) -> dict[str, int]:

@@ -8,12 +8,14 @@ step, so it does no work that does not change between steps. Uncalibrated heads 
 keep the native result bit for bit (but see the whole-layer decode below). Nothing here
 reads from the device or logs per step.
 
-Decode steps whose every row runs an ACT arm skip the native kernel in calibrated layers
-(backends that allow it: CPU_ATTN, FLASH_ATTN, TRITON_ATTN, FLASHINFER): :meth:`LayerCalibrator.decode_whole_layer`
-computes every head of the layer in one pass over the cache with ACT on the configured heads
-(:func:`act_plugin.kernels.bind_decode_attention`), so calibrating does not read the cache
-a second time. The uncalibrated heads of such a layer then equal the native result within
-float rounding, not bit for bit; rows of ACT-off requests never take this path.
+Steps whose every row runs an ACT arm skip the native kernel in calibrated layers:
+:meth:`LayerCalibrator.whole_layer` computes every head of the layer with ACT on the configured
+heads in the same pass. Decode steps do so on the backends that allow it (CPU_ATTN, FLASH_ATTN,
+TRITON_ATTN, FLASHINFER; :func:`act_plugin.kernels.bind_decode_attention`: the cache is read
+once), steps with prefill rows on CPU_ATTN (:func:`act_plugin.kernels.bind_layer_attention`:
+each calibrated head's scores are computed once, for its output and its column statistics).
+The uncalibrated heads of such a layer then equal the native result within float rounding, not
+bit for bit; rows of ACT-off requests never take this path.
 
 Arms of the ``first_token`` and ``spans`` rules (the plan's ``rule_groups``) run after the ACT
 groups, on the native output (:func:`act_plugin.kernels.first_token.first_token_paged`,
@@ -43,9 +45,11 @@ from act_plugin.config import ACTConfig
 from act_plugin.kernels import (
     DecodeAttention,
     DecodeRows,
+    LayerAttention,
     PagedKernel,
     bind_decode_attention,
     bind_decode_rows,
+    bind_layer_attention,
     bind_paged,
 )
 from act_plugin.kernels.cache_layout import KVSplit
@@ -86,6 +90,7 @@ class BoundKernels:
     value_cache: torch.Tensor
     paged: PagedKernel
     decode: DecodeAttention | None  # the whole-layer decode kernel; None: none for these tensors
+    layer: LayerAttention | None  # the whole-layer kernel for steps with prefill rows (CPU); None: none
     rows: DecodeRows | None  # the per-row decode kernel (CUDA graphs); None: none for these tensors
 
 
@@ -172,19 +177,22 @@ class LayerCalibrator:
             key_cache=key_cache, value_cache=value_cache,
             paged=bind_paged(query, output, key_cache, value_cache),
             decode=bind_decode_attention(query, output, key_cache, value_cache),
+            layer=bind_layer_attention(query, output, key_cache, value_cache),
             rows=bind_decode_rows(query, output, key_cache, value_cache),
         )
         return bound
 
-    def decode_whole_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> bool:
-        """Compute this layer's whole attention for a decode step whose rows all run ACT arms,
-        in one pass with ACT on each arm's heads; False (nothing written) where that does not
-        apply, and the caller runs the native kernel and :meth:`apply` instead."""
+    def whole_layer(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor) -> bool:
+        """Compute this layer's whole attention for a step whose rows all run ACT arms, with
+        ACT on each arm's heads in the same pass; False (nothing written) where that does not
+        apply (and the caller runs the native kernel and :meth:`apply` instead): rows of other
+        rules in the step, no arm with heads in this layer, or no whole-layer kernel for these
+        tensors (steps with prefill rows: the CPU kernel only)."""
         layer = self.layer_index
         if metadata is None or layer is None:
             return False
         plan = getattr(metadata, PLAN_ATTR, None)
-        if plan is None or not plan.covers_step or not plan.groups or not plan.is_decode_only or plan.rule_groups:
+        if plan is None or not plan.covers_step or not plan.groups or plan.rule_groups:
             return False
         if kv_cache.numel() == 0 or layer not in self.head_source.calibrated_layers():
             return False
@@ -193,8 +201,8 @@ class LayerCalibrator:
             return False  # no arm of this step calibrates this layer: the native result, bit for bit
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
         bound = self._bind(query, out, kv_cache)
-        decode = bound.decode
-        if decode is None:
+        decode_only = plan.is_decode_only
+        if (bound.decode if decode_only else bound.layer) is None:
             return False
         key_cache, value_cache = bound.key_cache, bound.value_cache
         start = time.perf_counter() if timer.enabled else 0.0
@@ -202,11 +210,17 @@ class LayerCalibrator:
             self._no_heads = torch.zeros(0, dtype=torch.long, device=query.device)
         for group, h in zip(plan.groups, heads):
             prof = group.arm.config
-            decode(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
-                   self._no_heads if h is None else h[0], self.scale, prof.beta, prof.threshold, self.window,
-                   group.max_seq_len)
+            calibrated = self._no_heads if h is None else h[0]
+            if decode_only:
+                bound.decode(query, out, key_cache, value_cache, group.block_table, group.seq_lens,  # type: ignore[misc]
+                             group.query_start, calibrated, self.scale, prof.beta, prof.threshold, self.window,
+                             group.max_seq_len)
+            else:
+                bound.layer(query, out, key_cache, value_cache, group.block_table, group.seq_lens,  # type: ignore[misc]
+                            group.query_start, group.query_lens, calibrated, self.scale, prof.beta, prof.threshold,
+                            self.window, group.max_seq_len)
         if timer.enabled:
-            timer.add("decode_whole_layer", time.perf_counter() - start)
+            timer.add("decode_whole_layer" if decode_only else "prefill_whole_layer", time.perf_counter() - start)
         return True
 
     def warm_graph_kernel(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
@@ -259,7 +273,8 @@ class LayerCalibrator:
 
     def _apply(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
                lse: torch.Tensor | None = None) -> StepPlan | None:
-        """The calibration; returns the step plan it ran (None: nothing to do)."""
+        """The calibration; returns the step plan it ran (None: no kernel ran, e.g. no arm of
+        the step has heads in this layer)."""
         layer = self.layer_index
         if metadata is None or layer is None or kv_cache.numel() == 0:
             return None  # profiling / dummy runs, and layers the start-up check found not calibratable
@@ -282,6 +297,7 @@ class LayerCalibrator:
             # padding rows past them (CUDA-graph sizes), which no group reads. The kernels take
             # an LSE only as long as the query.
             query, out = query[: lse.shape[0]], out[: lse.shape[0]]
+        ran = False
         for group in plan.groups:
             arm = group.arm
             heads = self._heads_of(arm, layer, query.device)
@@ -291,19 +307,22 @@ class LayerCalibrator:
             kernel(query, out, key_cache, value_cache, group.block_table, group.seq_lens, group.query_start,
                    group.query_lens, heads[0], heads[1], self.scale, prof.beta, prof.threshold, self.window,
                    group.max_query_len, group.max_seq_len, lse=lse)
+            ran = True
         if plan.rule_groups:
-            self._apply_rules(plan, layer, query, out, key_cache, value_cache, lse)
-        return plan
+            ran = self._apply_rules(plan, layer, query, out, key_cache, value_cache, lse) or ran
+        return plan if ran else None
 
     def _apply_rules(self, plan: StepPlan, layer: int, query: torch.Tensor, out: torch.Tensor,
-                     key_cache: torch.Tensor, value_cache: torch.Tensor, lse: torch.Tensor | None) -> None:
+                     key_cache: torch.Tensor, value_cache: torch.Tensor, lse: torch.Tensor | None) -> bool:
         """The groups of non-``act`` rules, each on the native output of its own rows and heads
-        (``first_token`` with the native row LSE where given)."""
+        (``first_token`` with the native row LSE where given); whether any kernel ran."""
+        ran = False
         for group in plan.rule_groups:
             arm = group.arm
             heads = self._heads_of(arm, layer, query.device)
             if heads is None:
                 continue
+            ran = True
             if arm.rule == "spans":
                 self._apply_spans(group, heads, query, out, key_cache, value_cache)
                 continue
@@ -318,6 +337,7 @@ class LayerCalibrator:
                               group.query_start, group.query_lens, heads[0], heads[1], gammas, scale=self.scale,
                               window=self.window, max_query_len=group.max_query_len,
                               max_seq_len=group.max_seq_len, lse=lse)
+        return ran
 
     def _apply_spans(self, group: SeqGroup, heads: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor,
                      out: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:

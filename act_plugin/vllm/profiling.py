@@ -7,9 +7,9 @@ wall time of
 * ``plan_decode`` / ``plan_prefill``: building the step plan in the wrapped metadata
   builder, once per step with calibrated rows (so its ``calls`` count those steps);
 * ``decode`` / ``prefill``: :meth:`LayerCalibrator.apply` in every calibrated layer,
-* ``decode_whole_layer``: :meth:`LayerCalibrator.decode_whole_layer`, the fused kernel that
-  computes a calibrated layer's whole attention in decode steps whose rows all run ACT (it
-  replaces the native kernel there, so this is attention time, calibration included),
+* ``decode_whole_layer`` / ``prefill_whole_layer``: :meth:`LayerCalibrator.whole_layer`, the
+  fused kernel that computes a calibrated layer's whole attention in steps whose rows all run
+  ACT (it replaces the native kernel there, so this is attention time, calibration included),
 
 by the kind of step (decode-only steps, steps with prefill rows),
 

@@ -33,6 +33,13 @@ class ACTWorkerExtension:
     def act_get_config(self) -> dict:
         return _state(self).engine_cfg.to_dict()
 
+    def act_profiling(self, on: bool) -> dict:
+        """Switch this worker's host-time accounting of the calibration on or off; returns
+        what it accumulated since the last switch (:mod:`act_plugin.vllm.profiling`)."""
+        from act_plugin.vllm.profiling import set_profiling
+
+        return set_profiling(bool(on))
+
     def act_status(self) -> dict:
         state = _state(self)
         status = state.status()

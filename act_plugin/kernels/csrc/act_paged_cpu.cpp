@@ -368,13 +368,16 @@ void pack_keys(const Args<T>& a, int64_t g, int64_t kvh, int64_t klo, int64_t L,
 // S[r, 16p + c] = sum_d Q[r, d] * key(16p + c)[d] for rows [0, R) and panels [p0, p1), into S
 // (row stride lds, column 0 = panel p0's first key). Register tiles of 6 rows x 16 keys: 12
 // accumulators (enough independent FMAs to cover their latency), each panel load feeding six.
+// Causal rows: row r needs only S's first cols0 + r columns, so a tile stops at the panel of
+// its last row's last key (entries past a row's keys are left unwritten: callers never read them).
 inline void qk_panels(const float* Q, int64_t R, int64_t D, const PackedKeys& K, int64_t p0, int64_t p1, float* S,
-                      int64_t lds) {
+                      int64_t lds, int64_t cols0) {
   constexpr int RB = 6;
   int64_t r = 0;
   for (; r + RB <= R; r += RB) {
     const float* q0 = Q + r * D;
-    for (int64_t p = p0; p < p1; ++p) {
+    const int64_t pe = std::min(p1, p0 + (cols0 + r + RB + kPanel - 1) / kPanel);
+    for (int64_t p = p0; p < pe; ++p) {
       const float* k = K.panel(p);
       v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {}, c40 = {}, c41 = {},
           c50 = {}, c51 = {};
@@ -412,7 +415,8 @@ inline void qk_panels(const float* Q, int64_t R, int64_t D, const PackedKeys& K,
   }
   for (; r < R; ++r) {
     const float* q = Q + r * D;
-    for (int64_t p = p0; p < p1; ++p) {
+    const int64_t pe = std::min(p1, p0 + (cols0 + r + 1 + kPanel - 1) / kPanel);
+    for (int64_t p = p0; p < pe; ++p) {
       const float* k = K.panel(p);
       v8f c0 = {}, c1 = {};
       for (int64_t d = 0; d < D; ++d) {
@@ -443,46 +447,100 @@ inline void row_scores_packed(const float* q, const PackedKeys& K, int64_t lo, i
   }
 }
 
+// Rows of one (sequence, head) in a prefill call: row i (0 .. ql-1) sits at position first + i
+// and sees keys [lo(i), first + i] (the window's band, or from klo).
+struct RowSpan {
+  int64_t first, klo, W;  // W <= 0: no window
+  int64_t lo(int64_t i) const { return W > 0 ? std::max<int64_t>(klo, first + i - W + 1) : klo; }
+  int64_t hi(int64_t i) const { return first + i + 1; }  // one past the row's last key
+};
+
+inline RowSpan row_span(int64_t L, int64_t ql, int64_t W) {
+  const int64_t first = L - ql;
+  return RowSpan{first, W > 0 ? std::max<int64_t>(0, first - W + 1) : 0, W};
+}
+
+// O[r, :] = sum_c S[r, c] * V[c, :] for rows [0, R) and columns [c0, c1) of S (row stride lds;
+// entries outside a row's keys are 0), V packed [keys][D] float32 from S's column 0. Tiles of
+// 6 rows x 32 values: 24 accumulators (AVX-512 has 32 vector registers, AVX2 16: there the
+// compiler spills, still correct), each V load feeding six rows.
+inline void pv_rows(const float* S, int64_t lds, int64_t R, const float* V, int64_t D, int64_t c0, int64_t c1,
+                    float* O) {
+  constexpr int RB = 6;
+  int64_t r = 0;
+  for (; r + RB <= R; r += RB) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+      v8f c[RB][4] = {};
+      for (int64_t j = c0; j < c1; ++j) {
+        const float* v = V + j * D + d0;
+        const v8f v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+#pragma GCC unroll 6
+        for (int t = 0; t < RB; ++t) {
+          const float s = S[(r + t) * lds + j];
+          c[t][0] += s * v0;
+          c[t][1] += s * v1;
+          c[t][2] += s * v2;
+          c[t][3] += s * v3;
+        }
+      }
+      for (int t = 0; t < RB; ++t)
+        for (int u = 0; u < 4; ++u) store8(O + (r + t) * D + d0 + 8 * u, c[t][u]);
+    }
+    for (; d0 < D; ++d0) {  // head sizes not a multiple of 32
+      for (int t = 0; t < RB; ++t) {
+        float acc = 0.0f;
+        for (int64_t j = c0; j < c1; ++j) acc += S[(r + t) * lds + j] * V[j * D + d0];
+        O[(r + t) * D + d0] = acc;
+      }
+    }
+  }
+  for (; r < R; ++r) {
+    float* o = O + r * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    for (int64_t j = c0; j < c1; ++j) {
+      const float s = S[r * lds + j];
+      const float* v = V + j * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += s * v[d];
+    }
+  }
+}
+
+// Where pass 1 writes the plain attention output of its rows (whole-layer prefill): V packed
+// [keys from klo][D] float32, and the output rows of head h.
 template <typename T>
-void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t block_elems) {
-  const int64_t D = a.D, L = a.seq_lens(g), row0 = a.query_start(g);
-  const int64_t h = a.heads(hs), kvh = a.kv_heads(hs);
-  const int64_t W = a.window;
-  const int64_t first = L - ql;  // position of this call's first row
-  if (L <= 0 || first < 0) return;
-  // keys any row can see
-  const int64_t klo = W > 0 ? std::max<int64_t>(0, first - W + 1) : 0;
-  const int64_t nk = L - klo;
+struct PlainOutput {
+  const float* V;
+  T* out;  // row i of the sequence at out + i * o_s0 (head offset included)
+};
 
-  // Keys of this (sequence, head) packed in panels (float32); queries as [ql, D], scaled.
-  PackedKeys K;
-  pack_keys(a, g, kvh, klo, L, K);
-  std::vector<float> Q(ql * D), lse(ql), col(nk, 0.0f);
-  for (int64_t i = 0; i < ql; ++i) load_row(a.q + (row0 + i) * a.q_s0 + h * a.q_s1, a.q_s2, D, a.scale, &Q[i * D]);
-
-  // Pass 1: row log-sum-exp and column sums, a block of rows at a time.
-  // Blocks of at most 60 rows (a multiple of the product's 6-row tile): under the causal
-  // mask each block multiplies only the panels up to its last row, so small blocks skip most
-  // of the masked upper triangle.
+// Pass 1 over rows [i0, i1) of one (sequence, head), a block of rows at a time (never the full
+// q x k matrix): each row's log-sum-exp into lse[i - i0], its probabilities added to the column
+// sums col[j - klo] (null: not wanted) and, with `plain`, its attention output P V.
+// Q: the rows' scaled queries [i1 - i0, D]. Blocks of at most 60 rows (a multiple of the
+// product's 6-row tile): under the causal mask each block multiplies only the panels up to its
+// last row, so small blocks skip most of the masked upper triangle.
+template <typename T>
+void rows_pass(const Args<T>& a, const RowSpan& rs, const PackedKeys& K, const float* Q, int64_t i0, int64_t i1,
+               int64_t block_elems, float* lse, float* col, const PlainOutput<T>* plain) {
+  const int64_t D = a.D, nrows = i1 - i0;
   const int64_t row_stride = K.panels * kPanel;
   const int64_t rows_per_block =
-      std::max<int64_t>(6, std::min<int64_t>({ql, int64_t{60}, block_elems / std::max<int64_t>(1, row_stride)}));
-  std::vector<float> S(rows_per_block * row_stride);
-  ScratchUse use(static_cast<int64_t>((K.data.size() + Q.size() + lse.size() + col.size() + S.size()) *
-                                      sizeof(float)));
-  for (int64_t r0 = 0; r0 < ql; r0 += rows_per_block) {
-    const int64_t r1 = std::min(ql, r0 + rows_per_block);
-    const int64_t kb = W > 0 ? std::max(klo, first + r0 - W + 1) : klo;  // first key of the block's band
-    const int64_t ke = first + r1;                                       // one past its last key
-    const int64_t p0 = (kb - klo) / kPanel, p1 = (ke - klo + kPanel - 1) / kPanel;
-    const int64_t kb0 = klo + p0 * kPanel;  // key of S's column 0
+      std::max<int64_t>(6, std::min<int64_t>({nrows, int64_t{60}, block_elems / std::max<int64_t>(1, row_stride)}));
+  std::vector<float> S(rows_per_block * row_stride), O(plain ? rows_per_block * D : 0), inv(rows_per_block);
+  ScratchUse use(static_cast<int64_t>((S.size() + O.size() + inv.size()) * sizeof(float)));
+  for (int64_t r0 = i0; r0 < i1; r0 += rows_per_block) {
+    const int64_t r1 = std::min(i1, r0 + rows_per_block);
+    const int64_t kb = rs.lo(r0), ke = rs.hi(r1 - 1);  // the block's band of keys
+    const int64_t p0 = (kb - rs.klo) / kPanel, p1 = (ke - rs.klo + kPanel - 1) / kPanel;
+    const int64_t kb0 = rs.klo + p0 * kPanel;  // key of S's column 0
     const int64_t lds = (p1 - p0) * kPanel;
-    qk_panels(&Q[r0 * D], r1 - r0, D, K, p0, p1, S.data(), lds);
+    qk_panels(Q + (r0 - i0) * D, r1 - r0, D, K, p0, p1, S.data(), lds, rs.hi(r0) - kb0);
     for (int64_t i = r0; i < r1; ++i) {
-      const int64_t pos = first + i;
-      const int64_t lo = W > 0 ? std::max<int64_t>(klo, pos - W + 1) : klo;
-      float* s = S.data() + (i - r0) * lds + (lo - kb0);
-      const int64_t n = pos + 1 - lo;
+      const int64_t lo = rs.lo(i), n = rs.hi(i) - lo;
+      float* row = S.data() + (i - r0) * lds;
+      float* s = row + (lo - kb0);
       const float m = row_max(s, n);
       float z = 0.0f;
 #pragma omp simd reduction(+ : z)
@@ -490,41 +548,71 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
         s[j] = exp_neg(s[j] - m);
         z += s[j];
       }
-      lse[i] = m + std::log(z);
-      const float inv = 1.0f / z;
-      float* c = col.data() + (lo - klo);
+      lse[i - i0] = m + std::log(z);
+      const float iv = 1.0f / z;
+      inv[i - r0] = iv;
+      if (col) {
+        float* c = col + (lo - rs.klo);
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) c[j] += s[j] * inv;
+        for (int64_t j = 0; j < n; ++j) c[j] += s[j] * iv;
+      }
+      if (plain) {  // the keys the row does not see weigh nothing in P V
+        for (int64_t j = 0; j < lo - kb0; ++j) row[j] = 0.0f;
+        for (int64_t j = rs.hi(i) - kb0; j < lds; ++j) row[j] = 0.0f;
+      }
+    }
+    if (!plain) continue;
+    // P V over the block's band, 6 rows at a time over the band of those rows only
+    for (int64_t r = r0; r < r1; r += 6) {
+      const int64_t re = std::min(r1, r + 6);
+      pv_rows(S.data() + (r - r0) * lds, lds, re - r, plain->V + (kb0 - rs.klo) * D, D, rs.lo(r) - kb0,
+              rs.hi(re - 1) - kb0, O.data() + (r - r0) * D);
+    }
+    for (int64_t i = r0; i < r1; ++i) {
+      float* o = O.data() + (i - r0) * D;
+      const float iv = inv[i - r0];
+      for (int64_t d = 0; d < D; ++d) o[d] *= iv;
+      store_row(o, D, plain->out + i * a.o_s0, a.o_s2);
     }
   }
+}
 
-  // Sinks: mean attention over the rows that see each key (spec section 1); position 0 never.
-  std::vector<int64_t> sinks;
-  std::vector<uint8_t> is_sink(nk, 0);
-  for (int64_t j = klo; j < L; ++j) {
+// The sinks of one (sequence, head) from its column sums: mean attention over the rows that see
+// each key above tau (spec section 1); position 0 never.
+inline void find_sinks(const RowSpan& rs, int64_t L, int64_t ql, float tau, const float* col,
+                       std::vector<int64_t>& sinks, std::vector<uint8_t>& is_sink) {
+  sinks.clear();
+  is_sink.assign(L - rs.klo, 0);
+  for (int64_t j = rs.klo; j < L; ++j) {
     // rows i in [0, ql) with first + i >= j and first + i <= j + W - 1
-    const int64_t i_lo = std::max<int64_t>(0, j - first);
-    const int64_t i_hi = W > 0 ? std::min<int64_t>(ql - 1, j + W - 1 - first) : ql - 1;
+    const int64_t i_lo = std::max<int64_t>(0, j - rs.first);
+    const int64_t i_hi = rs.W > 0 ? std::min<int64_t>(ql - 1, j + rs.W - 1 - rs.first) : ql - 1;
     const int64_t count = i_hi - i_lo + 1;
     if (j == 0 || count <= 0) continue;
-    if (col[j - klo] / static_cast<float>(count) > a.tau) {
+    if (col[j - rs.klo] / static_cast<float>(count) > tau) {
       sinks.push_back(j);
-      is_sink[j - klo] = 1;
+      is_sink[j - rs.klo] = 1;
     }
   }
-  if (sinks.empty()) return;
+}
 
-  // Pass 2: per row, P_S and o_S over the sink columns only.
+// Pass 2 of one (sequence g, head h): per row, P_S and o_S over the sink columns only (P_S from
+// the stored log-sum-exp), the output-space form on the row's output; rows whose non-sink mass
+// is below the cut are recomputed in full with N summed directly.
+template <typename T>
+void correct_rows(const Args<T>& a, int64_t g, int64_t h, int64_t kvh, int64_t ql, const RowSpan& rs,
+                  const PackedKeys& K, const float* Q, const float* lse, const std::vector<int64_t>& sinks,
+                  const std::vector<uint8_t>& is_sink) {
+  const int64_t D = a.D, row0 = a.query_start(g), nk = K.nk;
   const int64_t ns = static_cast<int64_t>(sinks.size());
   std::vector<float> KS(ns * D), VS(ns * D, 0.0f), o_s(D), acc(D), p(nk);
-  ScratchUse use2(static_cast<int64_t>((KS.size() + VS.size() + o_s.size() + acc.size() + p.size() + ns * 2 + nk / 4) * 4));
+  ScratchUse use(static_cast<int64_t>((KS.size() + VS.size() + o_s.size() + acc.size() + p.size() + ns * 2) * 4));
   for (int64_t k = 0; k < ns; ++k) {
-    for (int64_t d = 0; d < D; ++d) KS[k * D + d] = K.at(d, sinks[k] - klo);
+    for (int64_t d = 0; d < D; ++d) KS[k * D + d] = K.at(d, sinks[k] - rs.klo);
     add_value(a.V, a.table, g, kvh, sinks[k], 1.0f, D, &VS[k * D]);
   }
   for (int64_t i = 0; i < ql; ++i) {
-    const int64_t pos = first + i;
-    const int64_t lo = W > 0 ? std::max<int64_t>(0, pos - W + 1) : 0;
+    const int64_t lo = rs.lo(i), pos = rs.first + i;
     const float* q = &Q[i * D];
     float sink_mass = 0.0f;
     for (int64_t d = 0; d < D; ++d) o_s[d] = 0.0f;
@@ -550,17 +638,45 @@ void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t b
     }
     // Non-sink mass too small for the output form: the whole row, N summed directly.
     const int64_t n = pos + 1 - lo;
-    row_scores_packed(q, K, lo - klo, pos + 1 - klo, p.data());
+    row_scores_packed(q, K, lo - rs.klo, pos + 1 - rs.klo, p.data());
     float pm = 0.0f, nm = 0.0f;
     for (int64_t j = 0; j < n; ++j) {
       p[j] = exp_neg(p[j] - lse[i]);
-      if (is_sink[lo - klo + j]) pm += p[j]; else nm += p[j];
+      if (is_sink[lo - rs.klo + j]) pm += p[j]; else nm += p[j];
     }
     if (nm <= kNonSinkEps) continue;
-    full_row_output(a, g, kvh, lo, pos + 1, p.data(), &is_sink[lo - klo], 1.0f + (1.0f - a.beta) * pm / nm,
+    full_row_output(a, g, kvh, lo, pos + 1, p.data(), &is_sink[lo - rs.klo], 1.0f + (1.0f - a.beta) * pm / nm,
                     acc.data());
     store_row(acc.data(), D, orow, a.o_s2);
   }
+}
+
+template <typename T>
+void load_queries(const Args<T>& a, int64_t g, int64_t h, int64_t i0, int64_t i1, float* Q) {
+  const int64_t row0 = a.query_start(g);
+  for (int64_t i = i0; i < i1; ++i)
+    load_row(a.q + (row0 + i) * a.q_s0 + h * a.q_s1, a.q_s2, a.D, a.scale, Q + (i - i0) * a.D);
+}
+
+// The separate calibration pass of one (sequence, calibrated head) after the native kernel.
+template <typename T>
+void prefill_task(const Args<T>& a, int64_t g, int64_t hs, int64_t ql, int64_t block_elems) {
+  const int64_t D = a.D, L = a.seq_lens(g);
+  const int64_t h = a.heads(hs), kvh = a.kv_heads(hs);
+  if (L <= 0 || L - ql < 0) return;
+  const RowSpan rs = row_span(L, ql, a.window);
+  const int64_t nk = L - rs.klo;
+  // Keys of this (sequence, head) packed in panels (float32); queries as [ql, D], scaled.
+  PackedKeys K;
+  pack_keys(a, g, kvh, rs.klo, L, K);
+  std::vector<float> Q(ql * D), lse(ql), col(nk, 0.0f);
+  ScratchUse use(static_cast<int64_t>((K.data.size() + Q.size() + lse.size() + col.size()) * sizeof(float)));
+  load_queries(a, g, h, 0, ql, Q.data());
+  rows_pass<T>(a, rs, K, Q.data(), 0, ql, block_elems, lse.data(), col.data(), nullptr);
+  std::vector<int64_t> sinks;
+  std::vector<uint8_t> is_sink;
+  find_sinks(rs, L, ql, a.tau, col.data(), sinks, is_sink);
+  if (!sinks.empty()) correct_rows(a, g, h, kvh, ql, rs, K, Q.data(), lse.data(), sinks, is_sink);
 }
 
 // Decode rows of a layer whose step is calibrated throughout: attention of every query head
@@ -714,6 +830,208 @@ void decode_attention(const at::Tensor& query, const at::Tensor& output, const a
 #undef ACT_RUN
 }
 
+// Whole-layer prefill (steps whose every row runs an ACT arm, CPU_ATTN): every query head of
+// the layer computed here in place of the native kernel, so the calibrated heads' scores are
+// computed once, for their output and their column statistics together (a separate pass after
+// the native kernel computes Q K^T a second time). Per wave of prefill sequences:
+//   1. per (sequence, KV head): keys packed in panels and values as [keys][D], float32;
+//   2. per (sequence, head, chunk of rows of equal causal area): pass 1 with the plain output
+//      P V written, and for calibrated heads the rows' log-sum-exp and partial column sums;
+//   3. per (sequence, calibrated head): the column sums, the sinks, pass 2 on those rows.
+// Decode rows of the same call go through decode_group_task (all heads of a KV head at once).
+constexpr int64_t kWaveBytes = int64_t{64} << 20;  // packed keys and values held at once (at least one sequence)
+
+struct PackedKV {
+  PackedKeys K;
+  std::vector<float> V;  // [keys from klo][D]
+};
+
+template <typename T>
+void pack_values(const Args<T>& a, int64_t g, int64_t kvh, int64_t klo, int64_t L, std::vector<float>& V) {
+  V.resize((L - klo) * a.D);
+  for (int64_t j = klo; j < L; ++j) {
+    const T* v = a.V.base + a.table(g, j / a.V.block) * a.V.s_blk + kvh * a.V.s_head + (j % a.V.block) * a.V.s_tok;
+    float* dst = V.data() + (j - klo) * a.D;
+    for (int64_t d = 0; d < a.D; ++d) dst[d] = to_f(v[d * a.V.s_dim]);
+  }
+}
+
+// Row boundaries cutting rows [0, ql) into `chunks` pieces of about equal causal area.
+inline std::vector<int64_t> area_chunks(const RowSpan& rs, int64_t ql, int64_t chunks) {
+  std::vector<int64_t> cuts = {0};
+  double total = 0.0;
+  for (int64_t i = 0; i < ql; ++i) total += static_cast<double>(rs.hi(i) - rs.lo(i));
+  double acc = 0.0;
+  for (int64_t i = 0; i < ql && static_cast<int64_t>(cuts.size()) < chunks; ++i) {
+    acc += static_cast<double>(rs.hi(i) - rs.lo(i));
+    if (acc >= total * static_cast<double>(cuts.size()) / static_cast<double>(chunks) && i + 1 < ql) cuts.push_back(i + 1);
+  }
+  cuts.push_back(ql);
+  return cuts;
+}
+
+template <typename T>
+void prefill_wave(const Args<T>& a, const std::vector<int64_t>& seqs, int64_t H, int64_t Hkv,
+                  const uint8_t* calibrated, int64_t block_elems) {
+  const int64_t D = a.D, qpg = H / Hkv, NS = static_cast<int64_t>(seqs.size());
+  std::vector<RowSpan> spans;
+  int64_t packed = 0;
+  for (const int64_t g : seqs) {
+    spans.push_back(row_span(a.seq_lens(g), a.query_lens(g), a.window));
+    packed += (a.seq_lens(g) - spans.back().klo + kPanel) * D * 2 * Hkv;
+  }
+  std::vector<PackedKV> kv(NS * Hkv);
+  ScratchUse use(packed * static_cast<int64_t>(sizeof(float)));
+  at::parallel_for(0, NS * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / Hkv, kvh = t % Hkv, g = seqs[s], L = a.seq_lens(g);
+      pack_keys(a, g, kvh, spans[s].klo, L, kv[t].K);
+      pack_values(a, g, kvh, spans[s].klo, L, kv[t].V);
+    }
+  });
+  // Units of equal causal area; enough of them that at::parallel_for's even split of the
+  // range over the threads is an even split of the work.
+  struct Unit {
+    int64_t s, h, i0, i1, part;
+  };
+  std::vector<Unit> units;
+  const int64_t want = 8 * std::max<int64_t>(1, at::get_num_threads());
+  std::vector<int64_t> parts_of(NS * H, 0);  // (sequence, head) -> its number of units
+  for (int64_t s = 0; s < NS; ++s) {
+    const int64_t ql = a.query_lens(seqs[s]);
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((ql + 119) / 120, (want + NS * H - 1) / (NS * H)));
+    const std::vector<int64_t> cuts = area_chunks(spans[s], ql, chunks);
+    for (int64_t h = 0; h < H; ++h) {
+      for (size_t c = 0; c + 1 < cuts.size(); ++c) units.push_back(Unit{s, h, cuts[c], cuts[c + 1], static_cast<int64_t>(c)});
+      parts_of[s * H + h] = static_cast<int64_t>(cuts.size()) - 1;
+    }
+  }
+  // Calibrated heads: each row's log-sum-exp and each unit's column sums, kept for step 3.
+  std::vector<std::vector<float>> lse(NS * H), cols(units.size());
+  for (int64_t s = 0; s < NS; ++s)
+    for (int64_t h = 0; h < H; ++h)
+      if (calibrated[h]) lse[s * H + h].resize(a.query_lens(seqs[s]));
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> Q, own_lse;
+    for (int64_t u = begin; u < end; ++u) {
+      const Unit& w = units[u];
+      const int64_t g = seqs[w.s], kvh = w.h / qpg, n = w.i1 - w.i0;
+      const RowSpan& rs = spans[w.s];
+      const PackedKV& p = kv[w.s * Hkv + kvh];
+      Q.resize(n * D);
+      load_queries(a, g, w.h, w.i0, w.i1, Q.data());
+      const PlainOutput<T> plain{p.V.data(), a.out + a.query_start(g) * a.o_s0 + w.h * a.o_s1};
+      float* col = nullptr;
+      float* rows_lse;
+      if (calibrated[w.h]) {
+        cols[u].assign(p.K.nk, 0.0f);
+        col = cols[u].data();
+        rows_lse = lse[w.s * H + w.h].data() + w.i0;
+      } else {
+        own_lse.resize(n);
+        rows_lse = own_lse.data();
+      }
+      ScratchUse held(static_cast<int64_t>((Q.capacity() + own_lse.capacity() + (col ? p.K.nk : 0)) * sizeof(float)));
+      rows_pass<T>(a, rs, p.K, Q.data(), w.i0, w.i1, block_elems, rows_lse, col, &plain);
+    }
+  });
+  std::vector<int64_t> pairs;  // (sequence, calibrated head) as s * H + h
+  for (int64_t s = 0; s < NS; ++s)
+    for (int64_t h = 0; h < H; ++h)
+      if (calibrated[h]) pairs.push_back(s * H + h);
+  std::vector<int64_t> first_unit(NS * H, 0);
+  for (int64_t u = static_cast<int64_t>(units.size()) - 1; u >= 0; --u) first_unit[units[u].s * H + units[u].h] = u;
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> Q;
+    std::vector<int64_t> sinks;
+    std::vector<uint8_t> is_sink;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t sh = pairs[t], s = sh / H, h = sh % H, g = seqs[s], kvh = h / qpg;
+      const int64_t L = a.seq_lens(g), ql = a.query_lens(g);
+      const PackedKV& p = kv[s * Hkv + kvh];
+      std::vector<float>& col = cols[first_unit[sh]];
+      for (int64_t k = 1; k < parts_of[sh]; ++k) {
+        const std::vector<float>& part = cols[first_unit[sh] + k];
+#pragma omp simd
+        for (int64_t j = 0; j < p.K.nk; ++j) col[j] += part[j];
+      }
+      find_sinks(spans[s], L, ql, a.tau, col.data(), sinks, is_sink);
+      if (sinks.empty()) continue;
+      Q.resize(ql * D);
+      ScratchUse held(static_cast<int64_t>(Q.capacity() * sizeof(float)));
+      load_queries(a, g, h, 0, ql, Q.data());
+      correct_rows(a, g, h, kvh, ql, spans[s], p.K, Q.data(), lse[sh].data(), sinks, is_sink);
+    }
+  });
+}
+
+template <typename T>
+void run_layer(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
+               const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+               const at::Tensor& query_start, const at::Tensor& query_lens, const at::Tensor& heads, double scale,
+               double beta, double threshold, int64_t window, double recompute_below, int64_t max_seq_len,
+               int64_t block_elems) {
+  Args<T> a{query.data_ptr<T>(), query.stride(0), query.stride(1), query.stride(2),
+            output.data_ptr<T>(), output.stride(0), output.stride(1), output.stride(2),
+            Paged<T>(key_cache), Paged<T>(value_cache),
+            Index(block_table), Index(seq_lens), Index(query_start), Index(query_lens), Index(heads), Index(heads),
+            query.size(2), static_cast<float>(scale), static_cast<float>(beta), static_cast<float>(threshold),
+            static_cast<float>(recompute_below), window};
+  const int64_t H = query.size(1), Hkv = key_cache.size(1), qpg = H / Hkv, G = block_table.size(0);
+  std::vector<uint8_t> calibrated(H, 0);
+  for (int64_t k = 0; k < heads.size(0); ++k) calibrated[a.heads(k)] = 1;
+  std::vector<int64_t> decode_seqs, prefill_seqs;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t ql = a.query_lens(g);
+    if (ql == 1) decode_seqs.push_back(g);
+    else if (ql > 1 && a.seq_lens(g) >= ql) prefill_seqs.push_back(g);
+  }
+  g_scratch_peak.store(0);
+  if (!decode_seqs.empty()) {
+    const int64_t tasks = static_cast<int64_t>(decode_seqs.size()) * Hkv;
+    const int64_t work = std::max<int64_t>(1, max_seq_len) * a.D * 2 * qpg;
+    at::parallel_for(0, tasks, std::max<int64_t>(1, (int64_t{1} << 17) / work), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf;
+      for (int64_t t = begin; t < end; ++t)
+        decode_group_task(a, decode_seqs[t / Hkv], t % Hkv, qpg, calibrated.data(), buf);
+    });
+  }
+  for (size_t w0 = 0; w0 < prefill_seqs.size();) {
+    std::vector<int64_t> wave;
+    int64_t bytes = 0;
+    for (; w0 < prefill_seqs.size(); ++w0) {
+      const int64_t b = a.seq_lens(prefill_seqs[w0]) * a.D * 8 * Hkv;
+      if (!wave.empty() && bytes + b > kWaveBytes) break;
+      wave.push_back(prefill_seqs[w0]);
+      bytes += b;
+    }
+    prefill_wave(a, wave, H, Hkv, calibrated.data(), block_elems);
+  }
+  record_call_peak(prefill_seqs.empty() ? 0 : 1);
+}
+
+void layer_attention(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                     const at::Tensor& query_start, const at::Tensor& query_lens, const at::Tensor& heads,
+                     double scale, double beta, double threshold, int64_t window, double recompute_below,
+                     int64_t max_seq_len, int64_t block_elems) {
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(output.scalar_type() == dt && key_cache.scalar_type() == dt && value_cache.scalar_type() == dt,
+              "act_kernels.layer_attention: query, output and caches must share one dtype");
+  TORCH_CHECK(query.dim() == 3 && output.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4,
+              "act_kernels.layer_attention: query/output [T, H, D], caches [blocks, kv_heads, block, D]");
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "act_kernels.layer_attention: heads not a multiple of KV heads");
+  TORCH_CHECK(query.device().is_cpu(), "act_kernels.layer_attention is a CPU kernel");
+#define ACT_RUN(T)                                                                                                 \
+  run_layer<T>(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, scale, \
+               beta, threshold, window, recompute_below, max_seq_len, block_elems)
+  if (dt == at::kFloat) ACT_RUN(float);
+  else if (dt == at::kBFloat16) ACT_RUN(c10::BFloat16);
+  else if (dt == at::kHalf) ACT_RUN(c10::Half);
+  else TORCH_CHECK(false, "act_kernels.layer_attention: unsupported dtype ", dt);
+#undef ACT_RUN
+}
+
 std::vector<int64_t> scratch_peak_bytes(bool reset) {
   std::vector<int64_t> peaks = {g_kind_peak[0].load(), g_kind_peak[1].load()};
   if (reset) g_kind_peak[0].store(0), g_kind_peak[1].store(0);
@@ -736,4 +1054,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("calibrate_paged", &calibrate_paged, "ACT over the paged KV cache (see torch.ops.act_kernels.calibrate_paged)");
   m.def("decode_attention", &decode_attention,
         "decode attention of every head over the paged KV cache, ACT on the given heads (one pass)");
+  m.def("layer_attention", &layer_attention,
+        "attention of every head of a layer's prefill and decode rows over the paged KV cache, ACT on the given "
+        "heads (scores computed once)");
 }

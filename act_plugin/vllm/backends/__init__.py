@@ -9,8 +9,9 @@ builder, so such an engine runs vanilla vLLM. With ACT on it hands out:
   does per-step work, before the forward pass and outside any CUDA graph;
 * an ``Impl`` subclass with :class:`ACTImplMixin`: the native kernel computes every head, then
   a :class:`~act_plugin.vllm.layer_calibrator.LayerCalibrator` overwrites the configured heads
-  (or, for decode steps whose rows all run ACT arms, ACT's fused kernel computes the layer in
-  place of the native one where the backend allows it: ``whole_decode``).
+  (or, for steps whose rows all run ACT arms, ACT's fused kernel computes the layer in place
+  of the native one where the backend allows it: ``whole_decode``; decode steps on every such
+  backend, steps with prefill rows where the fused kernel has a whole-layer prefill: CPU_ATTN).
 
 CUDA graphs: the builder declares to vLLM full-graph support for single-token decode batches
 (``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``, or the native builder's own if lower)
@@ -79,7 +80,7 @@ class ACTImplMixin:
 
     act_kv_split: KVSplit  # set by act_impl()
     # Set by act_impl(): the backend lets ACT compute whole decode steps of calibrated layers
-    # in place of the native kernel (LayerCalibrator.decode_whole_layer).
+    # in place of the native kernel (LayerCalibrator.whole_layer).
     act_whole_decode_backend: bool = False
 
     def __init__(self, *args, **kwargs) -> None:
@@ -111,10 +112,9 @@ class ACTImplMixin:
         if (
             self.act_whole_decode and attn_metadata is not None and output_scale is None
             and getattr(self, "act_layout_verified", True)
-            # CUDA backends' metadata may ask for more than causal attention (CPU_ATTN's never does)
-            and (not query.is_cuda or (plain_decode_metadata(self, attn_metadata)
-                                       and not torch.cuda.is_current_stream_capturing()))
-            and self.act.decode_whole_layer(query, kv_cache, attn_metadata, output)
+            and plain_causal_metadata(self, attn_metadata)
+            and not (query.is_cuda and torch.cuda.is_current_stream_capturing())
+            and self.act.whole_layer(query, kv_cache, attn_metadata, output)
         ):
             return output
         result = super().forward(
@@ -138,15 +138,17 @@ class ACTImplMixin:
         return result
 
 
-def plain_decode_metadata(impl: Any, metadata: Any) -> bool:
+def plain_causal_metadata(impl: Any, metadata: Any) -> bool:
     """Whether this step's metadata asks the native kernel for nothing but causal attention
-    over the paged cache (what ACT's whole-layer decode computes): no per-sequence or
-    non-causal mask, no multimodal bidirectional prefix, no R-SWA prefix, no cascade, no
-    chunked local attention. Features of the layer itself (softcap, ALiBi, learned sinks,
-    quantised cache) are judged once at construction; DCP is refused at start."""
+    over the paged cache (what ACT's whole-layer kernels compute): no per-sequence or
+    non-causal mask (CPU_ATTN's ``dynamic_causal``), no multimodal bidirectional prefix, no
+    R-SWA prefix, no cascade, no chunked local attention. Features of the layer itself
+    (softcap, ALiBi, learned sinks, quantised cache) are judged once at construction; DCP is
+    refused at start."""
     causal = getattr(metadata, "causal", True)
     return (
         causal is True
+        and getattr(metadata, "dynamic_causal", None) is None
         and getattr(metadata, "mm_prefix_query_range_tensor", None) is None
         and getattr(metadata, "mm_prefix_range_tensor", None) is None
         and getattr(metadata, "rswa_prefix_lens", None) is None

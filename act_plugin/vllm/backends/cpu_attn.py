@@ -58,8 +58,9 @@ class CPUAttentionImplWithLayoutCheck(CPUAttentionBackendImpl):
                                output_block_scale)
 
 
-# Whole-layer decode: the fused CPU kernel computes decode steps whose rows all run ACT arms in
-# one pass (act_plugin.vllm.layer_calibrator.LayerCalibrator.decode_whole_layer) instead of this
-# backend's kernel followed by a second read of the cache.
+# Whole layer: the fused CPU kernel computes steps whose rows all run ACT arms
+# (act_plugin.vllm.layer_calibrator.LayerCalibrator.whole_layer) instead of this backend's kernel
+# followed by a separate calibration pass: decode steps in one read of the cache, steps with
+# prefill rows with each calibrated head's scores computed once.
 ACTCPUAttentionBackend = act_backend(CPUAttentionBackend, cpu_attn_split, impl_base=CPUAttentionImplWithLayoutCheck,
                                      whole_decode=True)

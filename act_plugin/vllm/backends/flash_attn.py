@@ -97,7 +97,7 @@ class FlashAttentionImplWithLSE(FlashAttentionImpl):
         return result
 
 
-# Whole-layer decode (LayerCalibrator.decode_whole_layer): FlashAttentionImpl.forward only reads the
+# Whole-layer decode (LayerCalibrator.whole_layer): FlashAttentionImpl.forward only reads the
 # cache (do_kv_cache_update writes it) and does nothing a skipped call would miss.
 ACTFlashAttentionBackend = act_backend(FlashAttentionBackend, flash_attn_split, impl_base=FlashAttentionImplWithLSE,
                                        whole_decode=True)
