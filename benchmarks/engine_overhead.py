@@ -346,8 +346,8 @@ def _print_summary(args: argparse.Namespace, act: dict, results: dict) -> dict:
     for kind in ("prefill", "decode"):
         whole, spent = a[f"whole_layer_{kind}_s"], a[f"{kind}_s"]
         print(f"{'whole-layer ' + kind:18s}{whole * 1e3 if kind == 'prefill' else 0:12.1f} ms"
-              f"{whole * 1e3 if kind == 'decode' else 0:12.1f} ms   (calibrated layers' attention, calibration included, "
-              f"computed in place of the native kernel: {whole / max(spent, 1e-9) * 100:.1f}% of {kind}; "
+              f"{whole * 1e3 if kind == 'decode' else 0:12.1f} ms   (calibrated layers' attention, calibration "
+              f"included, computed in place of the native kernel: {whole / max(spent, 1e-9) * 100:.1f}% of {kind}; "
               f"{a[f'whole_layer_{kind}_calls']} layer calls)")
     print("  (in steps whose rows all run ACT the calibration is inside the whole-layer time, not in 'calibration "
           "time': its cost there is act / off)")

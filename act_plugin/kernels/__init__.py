@@ -40,7 +40,8 @@ from act_plugin.kernels.row_arms import RowArms
 
 __all__ = [
     "DecodeAttention", "DecodeRows", "LayerAttention", "PagedKernel", "RowArms", "bind_decode_attention",
-    "bind_decode_rows", "bind_layer_attention", "bind_paged", "calibrate_paged", "calibrate_paged_reference", "kernel_name",
+    "bind_decode_rows", "bind_layer_attention", "bind_paged", "calibrate_paged", "calibrate_paged_reference",
+    "kernel_name",
 ]
 
 KERNEL_ENV = "ACT_KERNEL"

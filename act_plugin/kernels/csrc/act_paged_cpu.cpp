@@ -841,6 +841,18 @@ void decode_attention(const at::Tensor& query, const at::Tensor& output, const a
 // Decode rows of the same call go through decode_group_task (all heads of a KV head at once).
 constexpr int64_t kWaveBytes = int64_t{64} << 20;  // packed keys and values held at once (at least one sequence)
 
+// Runs task(t) for t in [0, n) on torch's threads, each thread taking the next task when it
+// is done with one (at::parallel_for splits a range evenly by count, whatever each task costs:
+// calibrated heads' units cost more than plain ones).
+template <typename F>
+void for_each_dynamic(int64_t n, const F& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t);
+  });
+}
+
 struct PackedKV {
   PackedKeys K;
   std::vector<float> V;  // [keys from klo][D]
@@ -882,15 +894,13 @@ void prefill_wave(const Args<T>& a, const std::vector<int64_t>& seqs, int64_t H,
   }
   std::vector<PackedKV> kv(NS * Hkv);
   ScratchUse use(packed * static_cast<int64_t>(sizeof(float)));
-  at::parallel_for(0, NS * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t s = t / Hkv, kvh = t % Hkv, g = seqs[s], L = a.seq_lens(g);
-      pack_keys(a, g, kvh, spans[s].klo, L, kv[t].K);
-      pack_values(a, g, kvh, spans[s].klo, L, kv[t].V);
-    }
+  for_each_dynamic(NS * Hkv, [&](int64_t t) {
+    const int64_t s = t / Hkv, kvh = t % Hkv, g = seqs[s], L = a.seq_lens(g);
+    pack_keys(a, g, kvh, spans[s].klo, L, kv[t].K);
+    pack_values(a, g, kvh, spans[s].klo, L, kv[t].V);
   });
-  // Units of equal causal area; enough of them that at::parallel_for's even split of the
-  // range over the threads is an even split of the work.
+  // Units of equal causal area, several per thread, calibrated heads' first (the costlier
+  // ones start first: the threads then finish together).
   struct Unit {
     int64_t s, h, i0, i1, part;
   };
@@ -906,62 +916,59 @@ void prefill_wave(const Args<T>& a, const std::vector<int64_t>& seqs, int64_t H,
       parts_of[s * H + h] = static_cast<int64_t>(cuts.size()) - 1;
     }
   }
+  std::stable_partition(units.begin(), units.end(), [&](const Unit& w) { return calibrated[w.h] != 0; });
   // Calibrated heads: each row's log-sum-exp and each unit's column sums, kept for step 3.
   std::vector<std::vector<float>> lse(NS * H), cols(units.size());
   for (int64_t s = 0; s < NS; ++s)
     for (int64_t h = 0; h < H; ++h)
       if (calibrated[h]) lse[s * H + h].resize(a.query_lens(seqs[s]));
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+  for_each_dynamic(static_cast<int64_t>(units.size()), [&](int64_t u) {
     std::vector<float> Q, own_lse;
-    for (int64_t u = begin; u < end; ++u) {
-      const Unit& w = units[u];
-      const int64_t g = seqs[w.s], kvh = w.h / qpg, n = w.i1 - w.i0;
-      const RowSpan& rs = spans[w.s];
-      const PackedKV& p = kv[w.s * Hkv + kvh];
-      Q.resize(n * D);
-      load_queries(a, g, w.h, w.i0, w.i1, Q.data());
-      const PlainOutput<T> plain{p.V.data(), a.out + a.query_start(g) * a.o_s0 + w.h * a.o_s1};
-      float* col = nullptr;
-      float* rows_lse;
-      if (calibrated[w.h]) {
-        cols[u].assign(p.K.nk, 0.0f);
-        col = cols[u].data();
-        rows_lse = lse[w.s * H + w.h].data() + w.i0;
-      } else {
-        own_lse.resize(n);
-        rows_lse = own_lse.data();
-      }
-      ScratchUse held(static_cast<int64_t>((Q.capacity() + own_lse.capacity() + (col ? p.K.nk : 0)) * sizeof(float)));
-      rows_pass<T>(a, rs, p.K, Q.data(), w.i0, w.i1, block_elems, rows_lse, col, &plain);
+    const Unit& w = units[u];
+    const int64_t g = seqs[w.s], kvh = w.h / qpg, n = w.i1 - w.i0;
+    const RowSpan& rs = spans[w.s];
+    const PackedKV& p = kv[w.s * Hkv + kvh];
+    Q.resize(n * D);
+    load_queries(a, g, w.h, w.i0, w.i1, Q.data());
+    const PlainOutput<T> plain{p.V.data(), a.out + a.query_start(g) * a.o_s0 + w.h * a.o_s1};
+    float* col = nullptr;
+    float* rows_lse;
+    if (calibrated[w.h]) {
+      cols[u].assign(p.K.nk, 0.0f);
+      col = cols[u].data();
+      rows_lse = lse[w.s * H + w.h].data() + w.i0;
+    } else {
+      own_lse.resize(n);
+      rows_lse = own_lse.data();
     }
+    ScratchUse held(static_cast<int64_t>((Q.capacity() + own_lse.capacity() + (col ? p.K.nk : 0)) * sizeof(float)));
+    rows_pass<T>(a, rs, p.K, Q.data(), w.i0, w.i1, block_elems, rows_lse, col, &plain);
   });
   std::vector<int64_t> pairs;  // (sequence, calibrated head) as s * H + h
   for (int64_t s = 0; s < NS; ++s)
     for (int64_t h = 0; h < H; ++h)
       if (calibrated[h]) pairs.push_back(s * H + h);
-  std::vector<int64_t> first_unit(NS * H, 0);
+  std::vector<int64_t> first_unit(NS * H, 0);  // units of one (sequence, head) stay consecutive
   for (int64_t u = static_cast<int64_t>(units.size()) - 1; u >= 0; --u) first_unit[units[u].s * H + units[u].h] = u;
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
+  for_each_dynamic(static_cast<int64_t>(pairs.size()), [&](int64_t t) {
     std::vector<float> Q;
     std::vector<int64_t> sinks;
     std::vector<uint8_t> is_sink;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t sh = pairs[t], s = sh / H, h = sh % H, g = seqs[s], kvh = h / qpg;
-      const int64_t L = a.seq_lens(g), ql = a.query_lens(g);
-      const PackedKV& p = kv[s * Hkv + kvh];
-      std::vector<float>& col = cols[first_unit[sh]];
-      for (int64_t k = 1; k < parts_of[sh]; ++k) {
-        const std::vector<float>& part = cols[first_unit[sh] + k];
+    const int64_t sh = pairs[t], s = sh / H, h = sh % H, g = seqs[s], kvh = h / qpg;
+    const int64_t L = a.seq_lens(g), ql = a.query_lens(g);
+    const PackedKV& p = kv[s * Hkv + kvh];
+    std::vector<float>& col = cols[first_unit[sh]];
+    for (int64_t k = 1; k < parts_of[sh]; ++k) {
+      const std::vector<float>& part = cols[first_unit[sh] + k];
 #pragma omp simd
-        for (int64_t j = 0; j < p.K.nk; ++j) col[j] += part[j];
-      }
-      find_sinks(spans[s], L, ql, a.tau, col.data(), sinks, is_sink);
-      if (sinks.empty()) continue;
-      Q.resize(ql * D);
-      ScratchUse held(static_cast<int64_t>(Q.capacity() * sizeof(float)));
-      load_queries(a, g, h, 0, ql, Q.data());
-      correct_rows(a, g, h, kvh, ql, spans[s], p.K, Q.data(), lse[sh].data(), sinks, is_sink);
+      for (int64_t j = 0; j < p.K.nk; ++j) col[j] += part[j];
     }
+    find_sinks(spans[s], L, ql, a.tau, col.data(), sinks, is_sink);
+    if (sinks.empty()) return;
+    Q.resize(ql * D);
+    ScratchUse held(static_cast<int64_t>(Q.capacity() * sizeof(float)));
+    load_queries(a, g, h, 0, ql, Q.data());
+    correct_rows(a, g, h, kvh, ql, spans[s], p.K, Q.data(), lse[sh].data(), sinks, is_sink);
   });
 }
 
