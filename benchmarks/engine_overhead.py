@@ -209,7 +209,7 @@ def _curve(runner: StepRunner, tokenizer, args, act_extra: dict) -> list[dict]:
         prompts = _workload(tokenizer, n_seqs, plen, seed=1)
         max_tokens = 1 if kind == "prefill" else args.curve_decode_tokens + 1
         best = {a: float("inf") for a in arms}
-        calib_step = whole_step = float("inf")
+        calib_step = whole_step = native_step = float("inf")
         peak = 0
         name = "?"
         for extra in arms.values():
@@ -218,9 +218,13 @@ def _curve(runner: StepRunner, tokenizer, args, act_extra: dict) -> list[dict]:
             for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
                 if arm == "act":
                     llm.collective_rpc(_scratch_peak, args=(True,))
-                t = runner.run(prompts, max_tokens, arms[arm], profile=arm == "act")
+                t = runner.run(prompts, max_tokens, arms[arm], profile=True)
                 step = t.prefill_s if kind == "prefill" else t.decode_s / max(t.decode_steps, 1)
                 best[arm] = min(best[arm], step)
+                if arm == "off":  # the native kernel in the layers the act arm computes whole
+                    native = t.calib.get(f"{kind}_native_layer", {})
+                    if native.get("calls"):  # no chunked prefill here: one prefill step per prompt
+                        native_step = min(native_step, native["seconds"] / (t.decode_steps if kind == "decode" else 1))
                 if arm == "act":
                     seconds, steps = per_kind(t.calib, kind)
                     if steps:
@@ -230,7 +234,9 @@ def _curve(runner: StepRunner, tokenizer, args, act_extra: dict) -> list[dict]:
                     peak = max(peak, peaks.get(kind, -1))
         rows.append({"kind": kind, "seqs": n_seqs, "prompt_len": plen, "off_ms": best["off"] * 1e3,
                      "act_ms": best["act"] * 1e3, "calib_ms": calib_step * 1e3,
-                     "whole_layer_ms": whole_step * 1e3,
+                     "whole_layer_ms": whole_step * 1e3, "native_layer_ms": native_step * 1e3,
+                     "whole_cost": ((whole_step - native_step) / best["act"]
+                                    if 0 < whole_step < float("inf") and native_step < float("inf") else float("nan")),
                      "share": calib_step / best["act"], "on_minus_off": 1.0 - best["off"] / best["act"],
                      "scratch_peak_bytes": peak, "kernel": name, "load": _load()})
     return rows
@@ -357,17 +363,19 @@ def _print_summary(args: argparse.Namespace, act: dict, results: dict) -> dict:
 def _print_curve(curve: list[dict]) -> None:
     print(f"\ncalibration cost per step (ACT engine, off/on interleaved; kernel: {curve[0]['kernel']})")
     print(f"{'step':26s}{'off ms':>10s}{'act ms':>10s}{'calib ms':>10s}{'share':>8s}{'on-off':>8s}"
-          f"{'whole ms':>10s}{'peak scratch':>14s}  load (1/5/15 min)")
+          f"{'whole ms':>10s}{'native ms':>10s}{'cost':>7s}{'peak scratch':>14s}  load (1/5/15 min)")
     for r in curve:
         what = (f"decode, {r['seqs']} seqs x {r['prompt_len']}" if r["kind"] == "decode"
                 else f"prefill, 1 x {r['prompt_len']} tokens")
         mem = f"{r['scratch_peak_bytes'] / 1024:.0f} KiB" if r["scratch_peak_bytes"] >= 0 else "n/a"
         print(f"{what:26s}{r['off_ms']:10.2f}{r['act_ms']:10.2f}{r['calib_ms']:10.2f}{r['share'] * 100:7.1f}%"
-              f"{r['on_minus_off'] * 100:7.1f}%{r['whole_layer_ms']:10.2f}{mem:>14s}  {r['load']}")
+              f"{r['on_minus_off'] * 100:7.1f}%{r['whole_layer_ms']:10.2f}{r['native_layer_ms']:10.2f}"
+              f"{r['whole_cost'] * 100:6.1f}%{mem:>14s}  {r['load']}")
     print("calib ms: the calibration's own time per calibrated step (plan + separate-pass kernel), accounted in "
-          "the worker; share: of the act step; on-off: 1 - off/act from the two end-to-end timings (the "
-          "calibration's cost where layers are computed whole); whole ms: calibrated layers' attention computed "
-          "in place of the native kernel (steps whose rows all run ACT), calibration included")
+          "the worker; share: of the act step; on-off: 1 - off/act from the two end-to-end timings; whole ms: "
+          "calibrated layers' attention computed by ACT's kernel in place of the native one (steps whose rows all "
+          "run ACT), calibration included; native ms: the native kernel in the same layers for the ACT-off "
+          "requests; cost: (whole - native) / act step, the calibration's share where layers are computed whole")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,10 @@ class LayerCalibrator:
         if plan is not None:
             timer.add("decode" if plan.is_decode_only else "prefill", time.perf_counter() - start)
 
+    def calibrates_layer(self) -> bool:
+        """Whether some profile in force calibrates this layer."""
+        return self.layer_index is not None and self.layer_index in self.head_source.calibrated_layers()
+
     def wants_native_lse(self, plan: StepPlan, device: torch.device) -> bool:
         """Whether a kernel this step runs in this layer reads the native row log-sum-exp:
         an ACT group with prefill rows, or a ``first_token`` group (prefill or decode), whose

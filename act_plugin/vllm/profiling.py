@@ -10,6 +10,9 @@ wall time of
 * ``decode_whole_layer`` / ``prefill_whole_layer``: :meth:`LayerCalibrator.whole_layer`, the
   fused kernel that computes a calibrated layer's whole attention in steps whose rows all run
   ACT (it replaces the native kernel there, so this is attention time, calibration included),
+* ``decode_native_layer`` / ``prefill_native_layer``: the native kernel in the same layers (those
+  a profile in force calibrates) where it runs: the baseline of the whole-layer times, taken
+  from ACT-off requests on the same engine,
 
 by the kind of step (decode-only steps, steps with prefill rows),
 

@@ -117,10 +117,15 @@ class ACTImplMixin:
             and self.act.whole_layer(query, kv_cache, attn_metadata, output)
         ):
             return output
+        timed = timer.enabled and attn_metadata is not None and self.act.calibrates_layer()
+        start = time.perf_counter() if timed else 0.0
         result = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output,
             output_scale=output_scale, output_block_scale=output_block_scale,
         )
+        if timed:  # benchmarks: the native kernel's time in the layers ACT may compute whole
+            decode = getattr(attn_metadata, "max_query_len", 1) == 1
+            timer.add("decode_native_layer" if decode else "prefill_native_layer", time.perf_counter() - start)
         if attn_metadata is None and query.is_cuda:
             reserve_transient_memory(query.device)
         if query.is_cuda and torch.cuda.is_current_stream_capturing():
