@@ -15,6 +15,11 @@
 // o - o_S cancels when N is small (error ~ ulp(o)/N), so rows with N < recompute_below are
 // recomputed from all V columns instead; rows with N <= FLT_EPSILON are left unchanged.
 //
+// Whole layer (layer_attention, module function only): in steps whose rows all run ACT arms the
+// engine skips the native kernel in calibrated layers and this computes every head, prefill and
+// decode rows, plain attention on heads outside the arm's and ACT on its heads, each calibrated
+// head's scores computed once for its output and its statistics (see prefill_wave below).
+//
 // Prefill rows: pass 1 (blocked over rows, never the full q x k matrix) gives each row's
 // log-sum-exp and the column sums; the sinks follow from the column means over the rows
 // that see each key; pass 2 is the same output-space form per row over the sink columns
