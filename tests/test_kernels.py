@@ -280,12 +280,13 @@ def test_whole_layer_decode_leaves_vanishing_rows_plain():
     assert torch.allclose(p.expected(0.4, 0.1), p.output, atol=1e-5)
 
 
-def test_whole_layer_decode_is_unavailable_where_it_cannot_run(monkeypatch):
-    p = make_problem([20], [1], seed=1)
+@pytest.mark.parametrize("bind,query_len", [("bind_decode_attention", 1), ("bind_layer_attention", 20)])
+def test_whole_layer_kernels_are_unavailable_where_they_cannot_run(monkeypatch, bind, query_len):
+    p = make_problem([20], [query_len], seed=1)
     monkeypatch.setenv("ACT_KERNEL", "reference")
-    assert kernels.bind_decode_attention(p.query, p.output, p.key_cache, p.value_cache) is None
+    assert getattr(kernels, bind)(p.query, p.output, p.key_cache, p.value_cache) is None
     monkeypatch.setenv("ACT_KERNEL", "cpu")
-    assert kernels.bind_decode_attention(p.query, p.output.double(), p.key_cache, p.value_cache) is None
+    assert getattr(kernels, bind)(p.query, p.output.double(), p.key_cache, p.value_cache) is None
 
 
 # ----------------------------------------------------------------------------- whole-layer prefill (CPU)
@@ -367,11 +368,3 @@ def test_whole_layer_prefill_equals_native_plus_separate_pass():
     separate = _run(p, 0.4, 0.1)
     whole = _layer_attention(p, [0, 4], 0.4, 0.1)
     assert (whole - separate).abs().max().item() <= 1e-5 * separate.abs().max().item()
-
-
-def test_whole_layer_prefill_is_unavailable_where_it_cannot_run(monkeypatch):
-    p = make_problem([20], [20], seed=1)
-    monkeypatch.setenv("ACT_KERNEL", "reference")
-    assert kernels.bind_layer_attention(p.query, p.output, p.key_cache, p.value_cache) is None
-    monkeypatch.setenv("ACT_KERNEL", "cpu")
-    assert kernels.bind_layer_attention(p.query, p.output.double(), p.key_cache, p.value_cache) is None

@@ -216,6 +216,21 @@ struct Args {
   int64_t window;  // <= 0: none
 };
 
+// The arguments every task reads, from an entry point's tensors.
+template <typename T>
+Args<T> make_args(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
+                  const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                  const at::Tensor& query_start, const at::Tensor& query_lens, const at::Tensor& heads,
+                  const at::Tensor& kv_heads, double scale, double beta, double threshold, double cut,
+                  int64_t window) {
+  return Args<T>{query.data_ptr<T>(), query.stride(0), query.stride(1), query.stride(2),
+                 output.data_ptr<T>(), output.stride(0), output.stride(1), output.stride(2),
+                 Paged<T>(key_cache), Paged<T>(value_cache),
+                 Index(block_table), Index(seq_lens), Index(query_start), Index(query_lens), Index(heads),
+                 Index(kv_heads), query.size(2), static_cast<float>(scale), static_cast<float>(beta),
+                 static_cast<float>(threshold), static_cast<float>(cut), window};
+}
+
 template <typename T>
 inline void load_row(const T* src, int64_t stride, int64_t D, float mul, float* dst) {
   for (int64_t d = 0; d < D; ++d) dst[d] = to_f(src[d * stride]) * mul;
@@ -741,12 +756,8 @@ void run_decode(const at::Tensor& query, const at::Tensor& output, const at::Ten
                 const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
                 const at::Tensor& query_start, const at::Tensor& heads, double scale, double beta, double threshold,
                 int64_t window, int64_t max_seq_len) {
-  Args<T> a{query.data_ptr<T>(), query.stride(0), query.stride(1), query.stride(2),
-            output.data_ptr<T>(), output.stride(0), output.stride(1), output.stride(2),
-            Paged<T>(key_cache), Paged<T>(value_cache),
-            Index(block_table), Index(seq_lens), Index(query_start), Index(seq_lens), Index(heads), Index(heads),
-            query.size(2), static_cast<float>(scale), static_cast<float>(beta), static_cast<float>(threshold),
-            0.0f, window};
+  const Args<T> a = make_args<T>(query, output, key_cache, value_cache, block_table, seq_lens, query_start, seq_lens,
+                                 heads, heads, scale, beta, threshold, 0.0f, window);
   const int64_t H = query.size(1), Hkv = key_cache.size(1), qpg = H / Hkv;
   std::vector<uint8_t> calibrated(H, 0);
   for (int64_t k = 0; k < heads.size(0); ++k) calibrated[a.heads(k)] = 1;
@@ -767,12 +778,8 @@ void run(const at::Tensor& query, const at::Tensor& output, const at::Tensor& ke
          const at::Tensor& query_start, const at::Tensor& query_lens, const at::Tensor& heads,
          const at::Tensor& kv_heads, double scale, double beta, double threshold, int64_t window,
          double recompute_below, int64_t max_query_len, int64_t max_seq_len, int64_t block_elems) {
-  Args<T> a{query.data_ptr<T>(), query.stride(0), query.stride(1), query.stride(2),
-            output.data_ptr<T>(), output.stride(0), output.stride(1), output.stride(2),
-            Paged<T>(key_cache), Paged<T>(value_cache),
-            Index(block_table), Index(seq_lens), Index(query_start), Index(query_lens), Index(heads), Index(kv_heads),
-            query.size(2), static_cast<float>(scale), static_cast<float>(beta), static_cast<float>(threshold),
-            static_cast<float>(recompute_below), window};
+  const Args<T> a = make_args<T>(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                                 heads, kv_heads, scale, beta, threshold, recompute_below, window);
   const int64_t G = block_table.size(0), Hs = heads.size(0), tasks = G * Hs;
   // Small steps stay on the calling thread: a parallel region costs more than a few
   // decode rows, and waits for a descheduled thread on a loaded machine.
@@ -814,17 +821,24 @@ void calibrate_paged(const at::Tensor& query, const at::Tensor& output, const at
 #undef ACT_RUN
 }
 
+// The checks of the whole-layer entry points (op: their name in messages).
+inline void check_whole_layer_args(const char* op, const at::Tensor& query, const at::Tensor& output,
+                                   const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(output.scalar_type() == dt && key_cache.scalar_type() == dt && value_cache.scalar_type() == dt,
+              "act_kernels.", op, ": query, output and caches must share one dtype");
+  TORCH_CHECK(query.dim() == 3 && output.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4,
+              "act_kernels.", op, ": query/output [T, H, D], caches [blocks, kv_heads, block, D]");
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "act_kernels.", op, ": heads not a multiple of KV heads");
+  TORCH_CHECK(query.device().is_cpu(), "act_kernels.", op, " is a CPU kernel");
+}
+
 void decode_attention(const at::Tensor& query, const at::Tensor& output, const at::Tensor& key_cache,
                       const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
                       const at::Tensor& query_start, const at::Tensor& heads, double scale, double beta,
                       double threshold, int64_t window, int64_t max_seq_len) {
+  check_whole_layer_args("decode_attention", query, output, key_cache, value_cache);
   const auto dt = query.scalar_type();
-  TORCH_CHECK(output.scalar_type() == dt && key_cache.scalar_type() == dt && value_cache.scalar_type() == dt,
-              "act_kernels.decode_attention: query, output and caches must share one dtype");
-  TORCH_CHECK(query.dim() == 3 && output.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4,
-              "act_kernels.decode_attention: query/output [T, H, D], caches [blocks, kv_heads, block, D]");
-  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "act_kernels.decode_attention: heads not a multiple of KV heads");
-  TORCH_CHECK(query.device().is_cpu(), "act_kernels.decode_attention is a CPU kernel");
 #define ACT_RUN(T)                                                                                                 \
   run_decode<T>(query, output, key_cache, value_cache, block_table, seq_lens, query_start, heads, scale, beta, threshold, \
                 window, max_seq_len)
@@ -983,12 +997,8 @@ void run_layer(const at::Tensor& query, const at::Tensor& output, const at::Tens
                const at::Tensor& query_start, const at::Tensor& query_lens, const at::Tensor& heads, double scale,
                double beta, double threshold, int64_t window, double recompute_below, int64_t max_seq_len,
                int64_t block_elems) {
-  Args<T> a{query.data_ptr<T>(), query.stride(0), query.stride(1), query.stride(2),
-            output.data_ptr<T>(), output.stride(0), output.stride(1), output.stride(2),
-            Paged<T>(key_cache), Paged<T>(value_cache),
-            Index(block_table), Index(seq_lens), Index(query_start), Index(query_lens), Index(heads), Index(heads),
-            query.size(2), static_cast<float>(scale), static_cast<float>(beta), static_cast<float>(threshold),
-            static_cast<float>(recompute_below), window};
+  const Args<T> a = make_args<T>(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens,
+                                 heads, heads, scale, beta, threshold, recompute_below, window);
   const int64_t H = query.size(1), Hkv = key_cache.size(1), qpg = H / Hkv, G = block_table.size(0);
   std::vector<uint8_t> calibrated(H, 0);
   for (int64_t k = 0; k < heads.size(0); ++k) calibrated[a.heads(k)] = 1;
@@ -1027,13 +1037,8 @@ void layer_attention(const at::Tensor& query, const at::Tensor& output, const at
                      const at::Tensor& query_start, const at::Tensor& query_lens, const at::Tensor& heads,
                      double scale, double beta, double threshold, int64_t window, double recompute_below,
                      int64_t max_seq_len, int64_t block_elems) {
+  check_whole_layer_args("layer_attention", query, output, key_cache, value_cache);
   const auto dt = query.scalar_type();
-  TORCH_CHECK(output.scalar_type() == dt && key_cache.scalar_type() == dt && value_cache.scalar_type() == dt,
-              "act_kernels.layer_attention: query, output and caches must share one dtype");
-  TORCH_CHECK(query.dim() == 3 && output.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4,
-              "act_kernels.layer_attention: query/output [T, H, D], caches [blocks, kv_heads, block, D]");
-  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "act_kernels.layer_attention: heads not a multiple of KV heads");
-  TORCH_CHECK(query.device().is_cpu(), "act_kernels.layer_attention is a CPU kernel");
 #define ACT_RUN(T)                                                                                                 \
   run_layer<T>(query, output, key_cache, value_cache, block_table, seq_lens, query_start, query_lens, heads, scale, \
                beta, threshold, window, recompute_below, max_seq_len, block_elems)
