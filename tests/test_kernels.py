@@ -368,3 +368,31 @@ def test_whole_layer_prefill_equals_native_plus_separate_pass():
     separate = _run(p, 0.4, 0.1)
     whole = _layer_attention(p, [0, 4], 0.4, 0.1)
     assert (whole - separate).abs().max().item() <= 1e-5 * separate.abs().max().item()
+
+
+def test_whole_layer_prefill_result_does_not_depend_on_the_batch_or_threads():
+    """A request's rows come out bit for bit the same alone in the step or with others, and with
+    one thread or two: its units (and so the grouping of its column sums) depend on its own
+    length only, and their partial sums are added in a fixed order."""
+    p = make_problem([700, 300, 40], [700, 300, 40], num_heads=6, num_kv_heads=2, heads=[1, 4], sink_strength=1.5,
+                     seed=31)
+    layer = kernels.bind_layer_attention(p.query, p.output, p.key_cache, p.value_cache)
+    assert layer is not None
+
+    def run(n: int, threads: int) -> torch.Tensor:
+        out = p.output.clone()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            layer(p.query, out, p.key_cache, p.value_cache, p.block_table[:n], p.seq_lens[:n], p.query_start[:n],
+                  p.query_lens[:n], p.heads, p.scale, 0.4, 0.1, p.window, p.max_seq_len)
+        finally:
+            torch.set_num_threads(before)
+        return out
+
+    first = slice(int(p.query_start[0]), int(p.query_start[0]) + 700)
+    alone, batched, one_thread = run(1, 2), run(3, 2), run(3, 1)
+    assert torch.equal(alone[first], batched[first])
+    assert torch.equal(batched, one_thread)
+    exp = p.expected(0.4, 0.1)
+    assert (batched - exp).abs().max().item() <= 2e-4 * exp.abs().max().item()

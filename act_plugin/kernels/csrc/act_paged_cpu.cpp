@@ -859,6 +859,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& output, const a
 //   3. per (sequence, calibrated head): the column sums, the sinks, pass 2 on those rows.
 // Decode rows of the same call go through decode_group_task (all heads of a KV head at once).
 constexpr int64_t kWaveBytes = int64_t{64} << 20;  // packed keys and values held at once (at least one sequence)
+constexpr int64_t kRowsPerUnit = 256;  // a prompt's rows per unit of work, about (at most 16 units per head)
 
 // Runs task(t) for t in [0, n) on torch's threads, each thread taking the next task when it
 // is done with one (at::parallel_for splits a range evenly by count, whatever each task costs:
@@ -918,17 +919,18 @@ void prefill_wave(const Args<T>& a, const std::vector<int64_t>& seqs, int64_t H,
     pack_keys(a, g, kvh, spans[s].klo, L, kv[t].K);
     pack_values(a, g, kvh, spans[s].klo, L, kv[t].V);
   });
-  // Units of equal causal area, several per thread, calibrated heads' first (the costlier
-  // ones start first: the threads then finish together).
+  // Units of equal causal area, calibrated heads' first (the costlier ones start first: the
+  // threads then finish together). A sequence's units depend on its own length only, never on
+  // the batch or the thread count: its column sums are added up in the same groups whatever
+  // else runs in the step, so a request's sinks (and result) do not depend on its batch.
   struct Unit {
     int64_t s, h, i0, i1, part;
   };
   std::vector<Unit> units;
-  const int64_t want = 8 * std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> parts_of(NS * H, 0);  // (sequence, head) -> its number of units
   for (int64_t s = 0; s < NS; ++s) {
     const int64_t ql = a.query_lens(seqs[s]);
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((ql + 119) / 120, (want + NS * H - 1) / (NS * H)));
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(ql / kRowsPerUnit, 16));
     const std::vector<int64_t> cuts = area_chunks(spans[s], ql, chunks);
     for (int64_t h = 0; h < H; ++h) {
       for (size_t c = 0; c + 1 < cuts.size(); ++c) units.push_back(Unit{s, h, cuts[c], cuts[c + 1], static_cast<int64_t>(c)});
