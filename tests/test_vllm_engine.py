@@ -53,12 +53,22 @@ def _prompts(shared_data) -> list[str]:
 @pytest.fixture(scope="module")
 def engine(smollm2_path):
     apply_cpu_defaults()
-    llm = vllm.LLM(
-        model=smollm2_path,
-        seed=0,
-        **cpu_engine_kwargs(max_model_len=1024),
-        additional_config={"act": {"profiles": PROFILES, "default": None}},
-    )
+    # The opt-in whole-layer prefill (ACT_WHOLE_PREFILL=1) for this module's engine: its parity
+    # tests then cover it on the real model; its workers read the setting when they start.
+    before = os.environ.get("ACT_WHOLE_PREFILL")
+    os.environ["ACT_WHOLE_PREFILL"] = "1"
+    try:
+        llm = vllm.LLM(
+            model=smollm2_path,
+            seed=0,
+            **cpu_engine_kwargs(max_model_len=1024),
+            additional_config={"act": {"profiles": PROFILES, "default": None}},
+        )
+    finally:
+        if before is None:
+            os.environ.pop("ACT_WHOLE_PREFILL")
+        else:
+            os.environ["ACT_WHOLE_PREFILL"] = before
     yield llm
     del llm
 
@@ -165,8 +175,8 @@ def test_parity_with_hf_reference(engine, token_prompts, hf_model, profile):
 
 def test_steps_of_act_rows_only_compute_calibrated_layers_whole(engine, token_prompts):
     """The parity above runs through the whole-layer kernels: in steps whose rows all run an
-    ACT arm, calibrated layers skip the native kernel for prefill steps and decode steps alike,
-    and no separate calibration pass runs."""
+    ACT arm, calibrated layers skip the native kernel for prefill steps (this engine opted in)
+    and decode steps alike, and no separate calibration pass runs."""
     # The engine's first step with metadata runs the native kernel once more (CPU_ATTN's layout
     # check, before which ACT never replaces it): not part of what is measured here.
     _run(engine, token_prompts[:1], "a", max_tokens=1)

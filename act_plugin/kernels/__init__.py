@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 KERNEL_ENV = "ACT_KERNEL"
+WHOLE_PREFILL_ENV = "ACT_WHOLE_PREFILL"  # "1": whole-layer prefill on CPU (bind_layer_attention)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 logger = logging.getLogger("act_plugin.kernels")
@@ -249,7 +250,12 @@ def bind_layer_attention(
     query: torch.Tensor, output: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
 ) -> LayerAttention | None:
     """The CPU kernel's whole-layer attention for tensors like these, or None where there is
-    none (not the CPU kernel: CUDA tensors, ``ACT_KERNEL=reference``; mixed or other dtypes).
+    none (not the CPU kernel: CUDA tensors, ``ACT_KERNEL=reference``; mixed or other dtypes)
+    or where it is not switched on: opt-in with ``ACT_WHOLE_PREFILL=1``. It is off by default
+    because it makes a request's result depend on its step: a step with rows of ACT-off
+    requests keeps the native kernel and the separate pass, whose float rounding differs
+    (~1e-5 in log-likelihood on SmolLM2), so an eval's numbers would depend on how its
+    requests were batched (a resumed run, data-parallel replicas).
 
     Like :func:`bind_decode_attention` it computes every query head of the given rows over the
     paged cache with ACT on ``heads``, for prefill rows too: each calibrated head's scores are
@@ -257,6 +263,8 @@ def bind_layer_attention(
     after the native kernel computes them a second time. Heads not in ``heads`` get plain
     attention, equal to the native kernel's within float rounding (not bit for bit).
     """
+    if os.environ.get(WHOLE_PREFILL_ENV, "") != "1":
+        return None
     if kernel_name(query.device) != "cpu" or not _fused_dtypes(query, output, key_cache, value_cache):
         return None
     op = cpu.layer_attention_op()

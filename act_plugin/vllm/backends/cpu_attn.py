@@ -61,6 +61,6 @@ class CPUAttentionImplWithLayoutCheck(CPUAttentionBackendImpl):
 # Whole layer: the fused CPU kernel computes steps whose rows all run ACT arms
 # (act_plugin.vllm.layer_calibrator.LayerCalibrator.whole_layer) instead of this backend's kernel
 # followed by a separate calibration pass: decode steps in one read of the cache, steps with
-# prefill rows with each calibrated head's scores computed once.
+# prefill rows (opt-in: ACT_WHOLE_PREFILL=1) with each calibrated head's scores computed once.
 ACTCPUAttentionBackend = act_backend(CPUAttentionBackend, cpu_attn_split, impl_base=CPUAttentionImplWithLayoutCheck,
                                      whole_decode=True)
