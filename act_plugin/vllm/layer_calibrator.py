@@ -199,6 +199,9 @@ class LayerCalibrator:
         plan = getattr(metadata, PLAN_ATTR, None)
         if plan is None or not plan.covers_step or not plan.groups or plan.rule_groups:
             return False
+        decode_only = plan.is_decode_only
+        if not decode_only and query.device.type != "cpu":
+            return False  # the whole-layer prefill kernel is the CPU kernel's: CUDA prefill keeps the native one
         if kv_cache.numel() == 0 or layer not in self.head_source.calibrated_layers():
             return False
         heads = [self._heads_of(g.arm, layer, query.device) for g in plan.groups]
@@ -206,7 +209,6 @@ class LayerCalibrator:
             return False  # no arm of this step calibrates this layer: the native result, bit for bit
         out = output if output.dim() == 3 else output.view(output.shape[0], self.num_heads, -1)
         bound = self._bind(query, out, kv_cache)
-        decode_only = plan.is_decode_only
         if (bound.decode if decode_only else bound.layer) is None:
             return False
         key_cache, value_cache = bound.key_cache, bound.value_cache

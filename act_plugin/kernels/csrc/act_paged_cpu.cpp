@@ -924,7 +924,7 @@ void prefill_wave(const Args<T>& a, const std::vector<int64_t>& seqs, int64_t H,
   // the batch or the thread count: its column sums are added up in the same groups whatever
   // else runs in the step, so a request's sinks (and result) do not depend on its batch.
   struct Unit {
-    int64_t s, h, i0, i1, part;
+    int64_t s, h, i0, i1;
   };
   std::vector<Unit> units;
   std::vector<int64_t> parts_of(NS * H, 0);  // (sequence, head) -> its number of units
@@ -933,7 +933,7 @@ void prefill_wave(const Args<T>& a, const std::vector<int64_t>& seqs, int64_t H,
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(ql / kRowsPerUnit, 16));
     const std::vector<int64_t> cuts = area_chunks(spans[s], ql, chunks);
     for (int64_t h = 0; h < H; ++h) {
-      for (size_t c = 0; c + 1 < cuts.size(); ++c) units.push_back(Unit{s, h, cuts[c], cuts[c + 1], static_cast<int64_t>(c)});
+      for (size_t c = 0; c + 1 < cuts.size(); ++c) units.push_back(Unit{s, h, cuts[c], cuts[c + 1]});
       parts_of[s * H + h] = static_cast<int64_t>(cuts.size()) - 1;
     }
   }
