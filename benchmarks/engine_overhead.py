@@ -260,8 +260,9 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long setting (CI): figures, no conclusions")
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--whole-prefill", action="store_true",
-                    help="opt in to the CPU whole-layer prefill (ACT_WHOLE_PREFILL=1) for the ACT engine")
+    ap.add_argument("--separate-pass", action="store_true",
+                    help="switch the CPU whole-layer prefill off (ACT_WHOLE_PREFILL=0): ACT-only prefill steps then "
+                         "run the native kernel and the separate calibration pass, as mixed steps always do")
     args = ap.parse_args()
     if args.tiny:
         args.prompts, args.prompt_len, args.decode_tokens, args.repeats = 2, 32, 4, 1
@@ -290,8 +291,8 @@ def _run_engines(args: argparse.Namespace, act: dict) -> dict:
     # The cost curve reads the kernel's scratch peak in the worker by sending it a function
     # (LLM.collective_rpc with a callable needs pickle); local benchmark processes only.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    if args.whole_prefill:  # read by the engines' workers when they start
-        os.environ["ACT_WHOLE_PREFILL"] = "1"
+    # read by the engines' workers when they start
+    os.environ["ACT_WHOLE_PREFILL"] = "0" if args.separate_pass else "1"
     from vllm import LLM
 
     model = ensure_model(args.model)

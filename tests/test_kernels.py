@@ -40,7 +40,7 @@ SCENARIOS = {
 @pytest.fixture(autouse=True)
 def _fused_cpu(monkeypatch):
     monkeypatch.setenv("ACT_KERNEL", "cpu")
-    monkeypatch.setenv("ACT_WHOLE_PREFILL", "1")  # the whole-layer prefill kernel is opt-in
+    monkeypatch.delenv("ACT_WHOLE_PREFILL", raising=False)  # the default: whole-layer prefill on
     if cpu.load() is None:  # pragma: no cover - a machine without a compiler
         pytest.fail(f"the fused CPU kernel did not build: {cpu._state.get('error')}")
 
@@ -288,10 +288,15 @@ def test_whole_layer_kernels_are_unavailable_where_they_cannot_run(monkeypatch, 
     assert getattr(kernels, bind)(p.query, p.output, p.key_cache, p.value_cache) is None
     monkeypatch.setenv("ACT_KERNEL", "cpu")
     assert getattr(kernels, bind)(p.query, p.output.double(), p.key_cache, p.value_cache) is None
-    if bind == "bind_layer_attention":  # opt-in: off unless ACT_WHOLE_PREFILL=1
+    if bind == "bind_layer_attention":  # on by default, off with ACT_WHOLE_PREFILL=0
         assert getattr(kernels, bind)(p.query, p.output, p.key_cache, p.value_cache) is not None
-        monkeypatch.delenv("ACT_WHOLE_PREFILL")
+        monkeypatch.setenv("ACT_WHOLE_PREFILL", "1")
+        assert getattr(kernels, bind)(p.query, p.output, p.key_cache, p.value_cache) is not None
+        monkeypatch.setenv("ACT_WHOLE_PREFILL", "0")
         assert getattr(kernels, bind)(p.query, p.output, p.key_cache, p.value_cache) is None
+        monkeypatch.setenv("ACT_WHOLE_PREFILL", "yes")  # neither: an error naming the setting, never a guess
+        with pytest.raises(ValueError, match="ACT_WHOLE_PREFILL='yes'"):
+            getattr(kernels, bind)(p.query, p.output, p.key_cache, p.value_cache)
 
 
 # ----------------------------------------------------------------------------- whole-layer prefill (CPU)

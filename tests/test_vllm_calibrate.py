@@ -120,8 +120,8 @@ def test_whole_layer_decode_computes_every_head_when_every_row_is_calibrated():
 
 def test_whole_layer_computes_prefill_and_decode_rows_when_every_row_is_calibrated(monkeypatch):
     """A step with prefill rows (one of them after cached keys) and a decode row, every row
-    calibrated: the CPU kernel's whole-layer prefill (opt-in) writes every head of every row."""
-    monkeypatch.setenv("ACT_WHOLE_PREFILL", "1")
+    calibrated: the CPU kernel's whole-layer prefill (the default) writes every head of every row."""
+    monkeypatch.delenv("ACT_WHOLE_PREFILL", raising=False)
     state, prof = _state([0, 3])
     p = _problem([0, 3], seed=8, query_lens=(1, 9, 5))
     first = int(p.query_start.min())  # rows before it belong to other requests
@@ -133,17 +133,17 @@ def test_whole_layer_computes_prefill_and_decode_rows_when_every_row_is_calibrat
     assert not torch.equal(out[first:][:, [0, 3]], p.output[first:][:, [0, 3]])  # calibrated
 
 
-@pytest.mark.parametrize("case", ["rows_without_act", "prefill_rows_reference_kernel", "prefill_rows_not_opted_in",
+@pytest.mark.parametrize("case", ["rows_without_act", "prefill_rows_reference_kernel", "prefill_rows_switched_off",
                                   "no_heads_in_layer"])
 def test_whole_layer_declines_and_writes_nothing(case, monkeypatch):
     """The native kernel keeps the step where ACT may not compute all of it: rows of other
     arms (ACT off) in the step, prefill rows without a whole-layer prefill kernel (the torch
-    reference: ``ACT_KERNEL=reference``; or not opted in with ``ACT_WHOLE_PREFILL=1``), or no
+    reference: ``ACT_KERNEL=reference``; or switched off with ``ACT_WHOLE_PREFILL=0``), or no
     arm of the step calibrating this layer."""
-    if case != "prefill_rows_not_opted_in":
-        monkeypatch.setenv("ACT_WHOLE_PREFILL", "1")
-    else:
+    if case != "prefill_rows_switched_off":
         monkeypatch.delenv("ACT_WHOLE_PREFILL", raising=False)
+    else:
+        monkeypatch.setenv("ACT_WHOLE_PREFILL", "0")
     state, prof = _state([0, 3])
     if case == "no_heads_in_layer":
         other = ACTConfig.from_any({"heads": {LAYER + 1: [1]}, "beta": 0.3, "threshold": 0.1})

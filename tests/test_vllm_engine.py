@@ -37,6 +37,7 @@ PROFILES = {
 GREEDY_STEPS = 32
 TOP_K = 20  # first-step log-probabilities compared (vLLM's default max_logprobs)
 LOGPROB_TOL = 2e-3
+FIRST_STEP: dict = {}  # the worker's profiling snapshot of the engine's first request
 
 
 def _prompts(shared_data) -> list[str]:
@@ -52,23 +53,20 @@ def _prompts(shared_data) -> list[str]:
 
 @pytest.fixture(scope="module")
 def engine(smollm2_path):
+    global FIRST_STEP
     apply_cpu_defaults()
-    # The opt-in whole-layer prefill (ACT_WHOLE_PREFILL=1) for this module's engine: its parity
-    # tests then cover it on the real model; its workers read the setting when they start.
-    before = os.environ.get("ACT_WHOLE_PREFILL")
-    os.environ["ACT_WHOLE_PREFILL"] = "1"
+    llm = vllm.LLM(
+        model=smollm2_path,
+        seed=0,
+        **cpu_engine_kwargs(max_model_len=1024),
+        additional_config={"act": {"profiles": PROFILES, "default": None}},
+    )
+    # What the engine's very first step computed (see test_the_engines_first_step_...).
+    llm.collective_rpc("act_profiling", args=(True,))
     try:
-        llm = vllm.LLM(
-            model=smollm2_path,
-            seed=0,
-            **cpu_engine_kwargs(max_model_len=1024),
-            additional_config={"act": {"profiles": PROFILES, "default": None}},
-        )
+        _run(llm, [list(range(100, 140))], "a", max_tokens=1)
     finally:
-        if before is None:
-            os.environ.pop("ACT_WHOLE_PREFILL")
-        else:
-            os.environ["ACT_WHOLE_PREFILL"] = before
+        FIRST_STEP = llm.collective_rpc("act_profiling", args=(False,))[0]
     yield llm
     del llm
 
@@ -79,13 +77,22 @@ def token_prompts(engine, shared_data):
     return [tok(p)["input_ids"] for p in _prompts(shared_data)]
 
 
-def _run(llm, token_prompts, arm, max_tokens=GREEDY_STEPS, logprobs=20):
+def _run(llm, token_prompts, arm, max_tokens=GREEDY_STEPS, logprobs=20, with_off_rows=False):
+    """Greedy tokens and first-step top log-probabilities of each prompt under ``arm``;
+    ``with_off_rows``: each prompt also sent with ACT off in the same call, so every step mixes
+    ACT and ACT-off rows (the native kernel and the separate calibration pass)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     extra = {} if arm is None else {"act": arm}
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, extra_args=extra)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_prompts], sp, use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=t) for t in token_prompts]
+    if with_off_rows:
+        off = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args={"act": "off"})
+        outs = llm.generate(prompts + prompts, [sp] * len(prompts) + [off] * len(prompts),
+                            use_tqdm=False)[: len(prompts)]
+    else:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
     result = []
     for o in outs:
         c = o.outputs[0]
@@ -94,16 +101,21 @@ def _run(llm, token_prompts, arm, max_tokens=GREEDY_STEPS, logprobs=20):
     return result
 
 
-def _engine_logprobs_of(llm, token_prompts, arm, token_ids):
+def _engine_logprobs_of(llm, token_prompts, arm, token_ids, with_off_rows=False):
     """The engine's first-step log-probability of each of ``token_ids[i]`` (one list per
-    prompt) after prompt ``i``, whether or not it is in the engine's own top-k."""
+    prompt) after prompt ``i``, whether or not it is in the engine's own top-k
+    (``with_off_rows``: as in :func:`_run`)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     extra = {} if arm is None else {"act": arm}
     params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), extra_args=extra)
               for ids in token_ids]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_prompts], params, use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=t) for t in token_prompts]
+    if with_off_rows:
+        off = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"act": "off"})
+        params, prompts = params + [off] * len(prompts), prompts + prompts
+    outs = llm.generate(prompts, params, use_tqdm=False)[: len(token_prompts)]
     return [{tid: lp.logprob for tid, lp in o.outputs[0].logprobs[0].items()} for o in outs]
 
 
@@ -159,27 +171,35 @@ def _assert_parity(engine_top, engine_of_ref_top, ref_first, ref_top, label):
     assert diffs[worst] < LOGPROB_TOL, f"{label}: max |dlogprob| {diffs[worst]} (token {worst})"
 
 
-@pytest.mark.parametrize("profile", ["a", "b"])
-def test_parity_with_hf_reference(engine, token_prompts, hf_model, profile):
-    got = _run(engine, token_prompts, profile)
+# "whole": every row of every step runs the arm, so calibrated layers are computed whole by
+# ACT's kernels; "separate_pass": ACT-off rows share every step, so the native kernel runs and
+# the separate calibration pass overwrites the calibrated heads.
+@pytest.mark.parametrize("profile,path", [("a", "whole"), ("b", "whole"), ("a", "separate_pass")])
+def test_parity_with_hf_reference(engine, token_prompts, hf_model, profile, path):
+    mixed = path == "separate_pass"
+    engine.collective_rpc("act_profiling", args=(True,))
+    try:
+        got = _run(engine, token_prompts, profile, with_off_rows=mixed)
+    finally:
+        snap = engine.collective_rpc("act_profiling", args=(False,))[0]
+    ran = {"whole": "prefill_whole_layer", "separate_pass": "prefill"}[path]
+    assert snap.get(ran, {}).get("calls", 0) >= 13, snap  # the path under test computed the prefill
+    assert {"whole": "prefill", "separate_pass": "prefill_whole_layer"}[path] not in snap, snap
     cfg = ACTConfig.from_any(PROFILES[profile])
     refs = [_hf_reference(hf_model, ids, cfg) for ids in token_prompts]
     ref_tops = [ref_first.topk(TOP_K).indices.tolist() for ref_first, _ in refs]
-    engine_of_ref_tops = _engine_logprobs_of(engine, token_prompts, profile, ref_tops)
+    engine_of_ref_tops = _engine_logprobs_of(engine, token_prompts, profile, ref_tops, with_off_rows=mixed)
     for ids, out, (ref_first, ref_tokens), ref_top, fetched in zip(token_prompts, got, refs, ref_tops,
                                                                     engine_of_ref_tops):
-        label = f"profile {profile}, prompt of {len(ids)} tokens"
+        label = f"profile {profile} ({path}), prompt of {len(ids)} tokens"
         _assert_parity(out["first_logprobs"], fetched, ref_first, ref_top, label)
         assert out["tokens"] == ref_tokens, f"{label}: greedy tokens differ from the HF reference"
 
 
 def test_steps_of_act_rows_only_compute_calibrated_layers_whole(engine, token_prompts):
     """The parity above runs through the whole-layer kernels: in steps whose rows all run an
-    ACT arm, calibrated layers skip the native kernel for prefill steps (this engine opted in)
-    and decode steps alike, and no separate calibration pass runs."""
-    # The engine's first step with metadata runs the native kernel once more (CPU_ATTN's layout
-    # check, before which ACT never replaces it): not part of what is measured here.
-    _run(engine, token_prompts[:1], "a", max_tokens=1)
+    ACT arm, calibrated layers skip the native kernel for prefill steps and decode steps alike,
+    and no separate calibration pass runs."""
     engine.collective_rpc("act_profiling", args=(True,))
     try:
         _run(engine, token_prompts, "a", max_tokens=4)
@@ -188,6 +208,17 @@ def test_steps_of_act_rows_only_compute_calibrated_layers_whole(engine, token_pr
     assert snap.get("prefill_whole_layer", {}).get("calls", 0) >= 26, snap  # layers 2-27, at least one step
     assert snap.get("decode_whole_layer", {}).get("calls", 0) >= 26, snap
     assert "prefill" not in snap and "decode" not in snap, snap  # no separate pass ran a kernel
+
+
+def test_the_engines_first_step_is_computed_like_every_later_one(engine):
+    """The engine's first step (CPU_ATTN's cache-layout check runs in it) takes the whole-layer
+    path like any later ACT-only step: were it to run the native kernel and the separate pass,
+    a request's result would depend on whether it came first (a resumed eval's first piece
+    would differ in the last bits from the uninterrupted run's)."""
+    assert FIRST_STEP.get("prefill_whole_layer", {}).get("calls", 0) == 26, FIRST_STEP  # layers 2-27
+    assert "prefill" not in FIRST_STEP, FIRST_STEP  # no separate pass
+    # the native kernel ran in one layer ACT calibrates: 29, which only profile 'b' calibrates
+    assert FIRST_STEP.get("prefill_native_layer", {}).get("calls", 0) == 1, FIRST_STEP
 
 
 def test_parity_check_fails_on_a_shifted_token():

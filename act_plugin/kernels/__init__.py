@@ -41,11 +41,11 @@ from act_plugin.kernels.row_arms import RowArms
 __all__ = [
     "DecodeAttention", "DecodeRows", "LayerAttention", "PagedKernel", "RowArms", "bind_decode_attention",
     "bind_decode_rows", "bind_layer_attention", "bind_paged", "calibrate_paged", "calibrate_paged_reference",
-    "kernel_name",
+    "kernel_name", "whole_prefill_enabled",
 ]
 
 KERNEL_ENV = "ACT_KERNEL"
-WHOLE_PREFILL_ENV = "ACT_WHOLE_PREFILL"  # "1": whole-layer prefill on CPU (bind_layer_attention)
+WHOLE_PREFILL_ENV = "ACT_WHOLE_PREFILL"  # "0": no whole-layer prefill on CPU (bind_layer_attention)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 logger = logging.getLogger("act_plugin.kernels")
@@ -246,24 +246,36 @@ def bind_decode_attention(
 LayerAttention = Callable[..., None]
 
 
+def whole_prefill_enabled() -> bool:
+    """Whether steps with prefill rows may use the CPU kernel's whole-layer attention: on
+    unless ``ACT_WHOLE_PREFILL=0``; any value but ``0`` and ``1`` is an error (never a silent
+    choice of path)."""
+    value = os.environ.get(WHOLE_PREFILL_ENV, "").strip()
+    if value in ("", "1"):
+        return True
+    if value == "0":
+        return False
+    raise ValueError(f"{WHOLE_PREFILL_ENV}={value!r}: expected '1' (default: whole-layer prefill on CPU) or '0' "
+                     "(the native kernel and a separate calibration pass)")
+
+
 def bind_layer_attention(
     query: torch.Tensor, output: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
 ) -> LayerAttention | None:
     """The CPU kernel's whole-layer attention for tensors like these, or None where there is
     none (not the CPU kernel: CUDA tensors, ``ACT_KERNEL=reference``; mixed or other dtypes)
-    or where it is not switched on: opt-in with ``ACT_WHOLE_PREFILL=1``. It is off by default
-    because with it on an eval's resumed run moved ACT log-likelihoods by up to 3.6e-5 against
-    the uninterrupted run (the separate pass keeps them within 1e-5; cause not pinned down:
-    a step with rows of ACT-off requests keeps the native kernel and the separate pass, whose
-    float rounding differs, so a request's result may depend on its batch).
+    or where it is switched off with ``ACT_WHOLE_PREFILL=0`` (then steps with prefill rows run
+    the native kernel and the separate pass, as steps that mix ACT-off rows always do).
 
     Like :func:`bind_decode_attention` it computes every query head of the given rows over the
     paged cache with ACT on ``heads``, for prefill rows too: each calibrated head's scores are
     computed once, for its output and its column statistics together, where a separate pass
     after the native kernel computes them a second time. Heads not in ``heads`` get plain
-    attention, equal to the native kernel's within float rounding (not bit for bit).
+    attention, equal to the native kernel's within float rounding (not bit for bit): a
+    request's result can differ in the last bits between a step whose rows all run ACT (this
+    kernel) and one shared with ACT-off rows (the native kernel and the separate pass).
     """
-    if os.environ.get(WHOLE_PREFILL_ENV, "") != "1":
+    if not whole_prefill_enabled():
         return None
     if kernel_name(query.device) != "cpu" or not _fused_dtypes(query, output, key_cache, value_cache):
         return None

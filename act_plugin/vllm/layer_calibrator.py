@@ -12,7 +12,7 @@ Steps whose every row runs an ACT arm skip the native kernel in calibrated layer
 :meth:`LayerCalibrator.whole_layer` computes every head of the layer with ACT on the configured
 heads in the same pass. Decode steps do so on the backends that allow it (CPU_ATTN, FLASH_ATTN,
 TRITON_ATTN, FLASHINFER; :func:`act_plugin.kernels.bind_decode_attention`: the cache is read
-once), steps with prefill rows on CPU_ATTN where opted in (``ACT_WHOLE_PREFILL=1``,
+once), steps with prefill rows on CPU_ATTN unless switched off (``ACT_WHOLE_PREFILL=0``,
 :func:`act_plugin.kernels.bind_layer_attention`: each calibrated head's scores are computed
 once, for its output and its column statistics).
 The uncalibrated heads of such a layer then equal the native result within float rounding, not

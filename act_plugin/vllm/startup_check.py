@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from act_plugin.kernels import whole_prefill_enabled
 from act_plugin.vllm.layer_support import check_profiles_against_layers, describe_layer
 from act_plugin.vllm.worker_state import WorkerState, init_worker_state
 
@@ -39,6 +40,7 @@ def run_startup_check(vllm_config: Any) -> None:
         if _done:
             return
         state = init_worker_state(vllm_config)
+        whole_prefill_enabled()  # a bad ACT_WHOLE_PREFILL refuses the engine here, not in its first step
         ctx = vllm_config.compilation_config.static_forward_context
         rows = [describe_layer(name, module) for name, module in ctx.items()]
         check_profiles_against_layers(state.engine_cfg, rows, holds=state.pp.holds, where=state.where())

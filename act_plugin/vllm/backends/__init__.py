@@ -107,11 +107,18 @@ class ACTImplMixin:
             and f.kv_cache_dtype == "auto"
         )
 
+    def act_layout_ready(self, layer: Any, kv_cache: torch.Tensor) -> bool:
+        """Whether ACT reads this backend's cache layout, checked before a step first decides
+        to compute a layer whole (a backend that must check it at run time overrides this in
+        its native ``Impl`` base; raises when ACT cannot read it)."""
+        base = getattr(super(), "act_layout_ready", None)
+        return True if base is None else base(layer, kv_cache)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         if (
             self.act_whole_decode and attn_metadata is not None and output_scale is None
-            and getattr(self, "act_layout_verified", True)
+            and self.act_layout_ready(layer, kv_cache)
             and plain_causal_metadata(self, attn_metadata)
             and not (query.is_cuda and torch.cuda.is_current_stream_capturing())
             and self.act.whole_layer(query, kv_cache, attn_metadata, output)

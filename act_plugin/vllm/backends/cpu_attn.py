@@ -44,16 +44,21 @@ def verify_cpu_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: 
 class CPUAttentionImplWithLayoutCheck(CPUAttentionBackendImpl):
     """The native impl, checking once that ACT reads the cache layout of the ISA in use."""
 
-    # Until the check has run, ACT never computes a layer in place of this kernel.
-    act_layout_verified = False
+    def act_layout_ready(self, layer, kv_cache: torch.Tensor) -> bool:
+        """Check (once) that ACT reads the cache layout of the ISA the metadata builder chose
+        for ``layer``; raises if it cannot. Called before the first step decides between ACT's
+        whole-layer kernel and this one, so that the engine's first step takes the same path
+        as every later one: a request's result never depends on whether it ran first (a
+        resumed eval's first step would otherwise differ from the uninterrupted run's)."""
+        if not getattr(self, "_act_layout_checked", False):
+            verify_cpu_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
+            self._act_layout_checked = True
+        return True
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if attn_metadata is not None and not getattr(self, "_act_layout_checked", False):
-            # The ISA is chosen by the metadata builder; check our reader against it once.
-            verify_cpu_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
-            self._act_layout_checked = True
-            self.act_layout_verified = True
+        if attn_metadata is not None:  # also without ACT's whole-layer path (steps mixing rules)
+            self.act_layout_ready(layer, kv_cache)
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                output_block_scale)
 
@@ -61,6 +66,6 @@ class CPUAttentionImplWithLayoutCheck(CPUAttentionBackendImpl):
 # Whole layer: the fused CPU kernel computes steps whose rows all run ACT arms
 # (act_plugin.vllm.layer_calibrator.LayerCalibrator.whole_layer) instead of this backend's kernel
 # followed by a separate calibration pass: decode steps in one read of the cache, steps with
-# prefill rows (opt-in: ACT_WHOLE_PREFILL=1) with each calibrated head's scores computed once.
+# prefill rows (unless ACT_WHOLE_PREFILL=0) with each calibrated head's scores computed once.
 ACTCPUAttentionBackend = act_backend(CPUAttentionBackend, cpu_attn_split, impl_base=CPUAttentionImplWithLayoutCheck,
                                      whole_decode=True)
