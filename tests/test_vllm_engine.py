@@ -390,6 +390,24 @@ def test_fp8_kv_cache_is_refused_at_engine_start(smollm2_path):
         )
 
 
+def test_bad_whole_prefill_setting_refuses_the_engine(monkeypatch):
+    from types import SimpleNamespace
+
+    from act_plugin.vllm.config_hook import ACTEngineError, _check_supported
+
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(use_mla=False), cache_config=SimpleNamespace(cache_dtype="auto"),
+        speculative_config=None, parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        use_v2_model_runner=False,
+    )
+    for ok in ("0", "1", ""):
+        monkeypatch.setenv("ACT_WHOLE_PREFILL", ok)
+        _check_supported(cfg)
+    monkeypatch.setenv("ACT_WHOLE_PREFILL", "true")
+    with pytest.raises(ACTEngineError, match=r"ACT_WHOLE_PREFILL='true': expected '1' .* or '0'"):
+        _check_supported(cfg)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

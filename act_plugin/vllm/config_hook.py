@@ -16,7 +16,7 @@ from typing import Any
 
 from act_plugin.capabilities import SUPPORTED_KV_CACHE_DTYPES
 from act_plugin.config import ACTEngineConfig
-from act_plugin.kernels import KERNEL_ENV
+from act_plugin.kernels import KERNEL_ENV, whole_prefill_enabled
 from act_plugin.vllm.backend_registry import BACKEND_HINT, wrapped_backend_names
 from act_plugin.vllm.config_source import ADDITIONAL_CONFIG_KEY, act_explicitly_off, read_engine_settings
 from act_plugin.vllm.frontend_state import frontend_state
@@ -225,6 +225,10 @@ def _check_supported(vllm_config: Any) -> None:
         )
     if vllm_config.speculative_config is not None:
         raise ACTEngineError("ACT does not support speculative decoding; remove the speculative config")
+    try:  # read again by each worker's start-up check (workers may run elsewhere, e.g. under Ray)
+        whole_prefill_enabled()
+    except ValueError as e:
+        raise ACTEngineError(str(e)) from None
     if vllm_config.parallel_config.pipeline_parallel_size > 1 and vllm_config.use_v2_model_runner:
         # Model Runner V2 tells custom logits processors (the routers) about a request only on
         # the last pipeline stage; the earlier stages would not know its arm. The V1 runner
