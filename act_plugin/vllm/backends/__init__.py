@@ -82,6 +82,8 @@ class ACTImplMixin:
     # Set by act_impl(): the backend lets ACT compute whole decode steps of calibrated layers
     # in place of the native kernel (LayerCalibrator.whole_layer).
     act_whole_decode_backend: bool = False
+    # Set in __init__: the native base's act_layout_ready, or None where it has none.
+    _act_layout_ready: Any = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -99,6 +101,10 @@ class ACTImplMixin:
             sliding_window=_window(impl),
             kv_split=type(self).act_kv_split,
         )
+        # A native Impl base that must check at run time that ACT reads its cache layout
+        # (CPU_ATTN) has ``act_layout_ready(layer, kv_cache)``: run before a step first decides
+        # to compute a layer whole; found once here, not per call.
+        self._act_layout_ready = getattr(super(), "act_layout_ready", None)
         f = self.act_features
         # Only where the fused kernel computes exactly what the native one does: plain causal
         # decoder self-attention (windows allowed) over an unquantised cache.
@@ -107,18 +113,11 @@ class ACTImplMixin:
             and f.kv_cache_dtype == "auto"
         )
 
-    def act_layout_ready(self, layer: Any, kv_cache: torch.Tensor) -> bool:
-        """Whether ACT reads this backend's cache layout, checked before a step first decides
-        to compute a layer whole (a backend that must check it at run time overrides this in
-        its native ``Impl`` base; raises when ACT cannot read it)."""
-        base = getattr(super(), "act_layout_ready", None)
-        return True if base is None else base(layer, kv_cache)
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         if (
             self.act_whole_decode and attn_metadata is not None and output_scale is None
-            and self.act_layout_ready(layer, kv_cache)
+            and (self._act_layout_ready is None or self._act_layout_ready(layer, kv_cache))
             and plain_causal_metadata(self, attn_metadata)
             and not (query.is_cuda and torch.cuda.is_current_stream_capturing())
             and self.act.whole_layer(query, kv_cache, attn_metadata, output)
